@@ -1,0 +1,209 @@
+"""Exporter unit tests: heartbeat parsing, folding into job progress, the served /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from metrics_prometheus import PROMTOOL
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from launcher.metrics import MetricsExporter, serve_command
+from launcher.metrics_history import HeartbeatError, HeartbeatTail, JobProgress, parse_event
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER = ROOT / "tests" / "metrics_tiny_trainer.py"
+
+
+def ev(kind: str, ts: float, rank: int = 0, attempt: int = 0, **fields):
+    return {"event": kind, "ts": ts, "rank": rank, "attempt": attempt, **fields}
+
+
+def start(ts, attempt=0, rank=0, world=2, micro=4, accum=2, gb=16, resumed=0):
+    return ev(
+        "start", ts, rank, attempt, world_size=world, micro_batch=micro, grad_accum=accum,
+        global_batch=gb, resumed_step=resumed,
+    )
+
+
+def step(ts, n, attempt=0, rank=0, loss=2.0, ips=10.0, secs=0.5):
+    return ev(
+        "step", ts, rank, attempt, step=n, epoch=0, loss=loss, lr=0.1, images_per_second=ips,
+        step_seconds=secs, samples_seen=16 * n,
+    )
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def write_lines(path: Path, events: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        for e in events:
+            fh.write(json.dumps(e) + "\n")
+
+
+def test_parse_event_names_the_bad_field_and_place():
+    with pytest.raises(HeartbeatError, match=r"f\.jsonl:3: field 'loss' must be a number"):
+        parse_event({**step(1.0, 1), "loss": "high"}, "f.jsonl:3")
+    with pytest.raises(HeartbeatError, match="missing field 'world_size'"):
+        bad = start(1.0)
+        del bad["world_size"]
+        parse_event(bad)
+    with pytest.raises(HeartbeatError, match="'rank' must be an integer"):
+        parse_event({**step(1.0, 1), "rank": 0.5})
+    with pytest.raises(HeartbeatError, match="'status' must be 'ok' or 'error'"):
+        parse_event(ev("done", 1.0, status="maybe"))
+    # A kind added by a newer train loop is skipped, not an error.
+    assert parse_event(ev("profile", 1.0)) is None
+
+
+def test_tail_waits_for_half_written_lines_and_skips_garbage(tmp_path):
+    path = tmp_path / "rank-0.jsonl"
+    tail = HeartbeatTail(path)
+    assert tail.read_new() == []  # file not there yet
+    line = json.dumps(start(1.0))
+    path.write_text(line[:20], encoding="utf-8")
+    assert tail.read_new() == []
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line[20:] + "\n{not json\n" + json.dumps(step(2.0, 1)) + "\n")
+    got = tail.read_new()
+    assert [e.kind for e in got] == ["start", "step"]
+    assert tail.bad_lines == 1
+    assert tail.read_new() == []
+
+
+def test_progress_restart_shrink_recovery_and_goodput():
+    p = JobProgress()
+    # Attempt 0 on 2 ranks: steps 1..3 of 1 s each, checkpoint at 2, dies after 3.
+    events = [start(100.0), start(100.0, rank=1)]
+    for n in (1, 2, 3):
+        events += [step(100.0 + n, n, ips=8.0), step(100.0 + n, n, rank=1, ips=8.0, loss=2.5)]
+    events.append(ev("checkpoint", 102.5, step=2, path="c2", save_seconds=0.3, ok=True))
+    # Attempt 1 on 1 rank with accumulation 4 resumes from step 2 and redoes step 3.
+    events.append(start(110.0, attempt=1, world=1, accum=4, resumed=2))
+    events += [step(112.0, 3, attempt=1, ips=9.0), step(113.0, 4, attempt=1, ips=9.0)]
+    for e in events:
+        p.apply(parse_event(e))
+    assert p.restarts == 1
+    assert p.state == "running"
+    assert p.current_start.world_size == 1 and p.current_start.grad_accum == 4
+    # Failed attempt's last sign of life was at 103 s, training resumed at 112 s.
+    assert p.recovery_seconds() == [pytest.approx(9.0)]
+    # Kept steps 1..4 at 0.5 s each over 13 s of wall time; step 3 counts once.
+    assert p.goodput_ratio() == pytest.approx(2.0 / 13.0)
+    # Only the live attempt's rank counts towards job throughput.
+    assert p.total_images_per_second() == pytest.approx(9.0)
+    p.apply(parse_event(ev("done", 114.0, attempt=1, step=4, status="ok")))
+    assert p.state == "succeeded"
+
+
+def test_recovering_state_between_attempts():
+    p = JobProgress()
+    for e in (start(1.0), step(2.0, 1), start(5.0, attempt=1)):
+        p.apply(parse_event(e))
+    assert p.state == "recovering"
+
+
+def test_exporter_metrics_reflect_the_heartbeats(tmp_path):
+    hb = tmp_path / "hb"
+    hb.mkdir()
+    write_lines(hb / "a0-r0.jsonl", [start(100.0), step(101.0, 1, loss=2.3, ips=30.0)])
+    write_lines(hb / "a0-r1.jsonl", [start(100.0, rank=1), step(101.0, 1, rank=1, ips=20.0)])
+    exp = MetricsExporter()
+    exp.watch("demo-job", hb, submitted_ts=95.0)
+    got = samples(generate_latest(exp.registry).decode())
+    j = (("job_name", "demo-job"),)
+    assert got[("fleet_train_loss", (("job_name", "demo-job"), ("rank", "0")))] == 2.3
+    assert got[("fleet_job_devices", j)] == 2
+    assert got[("fleet_job_global_batch", j)] == 16
+    assert got[("fleet_queue_wait_seconds", j)] == 5.0
+    assert got[("fleet_jobs", (("state", "running"),))] == 1
+    assert got[("fleet_devices", (("state", "used"),))] == 2
+    assert got[("fleet_job_restarts_total", j)] == 0
+    # Lines appended later show up at the next scrape without re-reading old ones.
+    write_lines(hb / "a1-r0.jsonl", [start(110.0, attempt=1, world=1, accum=4)])
+    write_lines(hb / "a1-r0.jsonl", [step(111.0, 2, attempt=1, ips=25.0)])
+    got = samples(generate_latest(exp.registry).decode())
+    assert got[("fleet_job_restarts_total", j)] == 1
+    assert got[("fleet_job_devices", j)] == 1
+    assert got[("fleet_job_grad_accum", j)] == 4
+    # Rank 1 belonged to the old attempt and no longer reports throughput.
+    ips = {k: v for k, v in got.items() if k[0] == "fleet_train_images_per_second"}
+    assert ips == {("fleet_train_images_per_second", (*j, ("rank", "0"))): 25.0}
+
+
+def test_exporter_serves_on_loopback_only(tmp_path):
+    write_lines(tmp_path / "r0.jsonl", [start(1.0), step(2.0, 1)])
+    exp = MetricsExporter()
+    exp.watch("loop", tmp_path)
+    port = exp.serve(port=0)
+    try:
+        assert exp._server.server_address[0] == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert 'fleet_train_step{job_name="loop"} 1.0' in text
+    finally:
+        exp.close()
+
+
+def test_serve_command_rejects_bad_watch_before_serving(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(serve_command, ["--watch", f"Bad_Name={tmp_path}", "--port", "0"])
+    assert res.exit_code != 0 and "DNS-1123" in res.output
+    res = runner.invoke(serve_command, ["--watch", f"ok={tmp_path / 'missing'}", "--port", "0"])
+    assert res.exit_code != 0 and "does not exist" in res.output
+    res = runner.invoke(serve_command, ["--watch", "no-equals-sign", "--port", "0"])
+    assert res.exit_code != 0 and "JOB=DIR" in res.output
+
+
+def run_tiny(tmp: Path, attempt: int, steps: int, world: int = 1, accum: int = 2) -> None:
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "FLEET_ATTEMPT": str(attempt),
+            "FLEET_GLOBAL_BATCH": "32",
+            "FLEET_MICRO_BATCH": str(32 // (world * accum)),
+            "FLEET_GRAD_ACCUM": str(accum),
+            "FLEET_CHECKPOINT_DIR": str(tmp / "ckpt"),
+            "FLEET_HEARTBEAT": str(tmp / "hb" / f"attempt-{attempt}-rank-{rank}.jsonl"),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(TRAINER), "--rank", str(rank), "--world-size", str(world),
+                 "--steps", str(steps), "--ckpt-every", "3", "--val-every", "3"],
+                env=env,
+            )
+        )
+    for p in procs:
+        assert p.wait(timeout=60) == 0
+
+
+@pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"), reason="promtool not installed")
+def test_promtool_check_metrics_passes_on_a_real_run(tmp_path):
+    (tmp_path / "hb").mkdir()
+    run_tiny(tmp_path, attempt=0, steps=6, world=2, accum=1)
+    run_tiny(tmp_path, attempt=1, steps=9)
+    exp = MetricsExporter()
+    exp.watch("tiny", tmp_path / "hb")
+    text = generate_latest(exp.registry).decode()
+    got = samples(text)
+    assert got[("fleet_job_restarts_total", (("job_name", "tiny"),))] == 1
+    assert got[("fleet_train_step", (("job_name", "tiny"),))] == 9
+    res = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip() == "" and res.stderr.strip() == "", "promtool lint findings"
