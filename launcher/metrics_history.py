@@ -82,10 +82,17 @@ class DoneEvent(Event):
     error: str | None
 
 
+_NON_FINITE = {"nan", "inf", "-inf", "infinity", "-infinity"}
+
+
 def _num(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in obj:
         raise HeartbeatError(f"{where}: missing field {key!r}")
     value = obj[key]
+    # JSON has no NaN/inf, so the train loop writes a diverged loss as a string;
+    # it must still show up (as NaN) rather than vanish as a bad line.
+    if kind is float and isinstance(value, str) and value.lower() in _NON_FINITE:
+        return float(value)
     # bool is an int subclass in Python; a JSON true is never a valid number here.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise HeartbeatError(f"{where}: field {key!r} must be a number, got {value!r}")

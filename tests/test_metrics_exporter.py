@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +66,8 @@ def test_parse_event_names_the_bad_field_and_place():
         parse_event({**step(1.0, 1), "rank": 0.5})
     with pytest.raises(HeartbeatError, match="'status' must be 'ok' or 'error'"):
         parse_event(ev("done", 1.0, status="maybe"))
+    # A diverged loss arrives as the string "nan" (JSON has no NaN) and is kept.
+    assert math.isnan(parse_event({**step(1.0, 1), "loss": "nan"}).loss)
     # A kind added by a newer train loop is skipped, not an error.
     assert parse_event(ev("profile", 1.0)) is None
 
