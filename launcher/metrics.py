@@ -33,7 +33,19 @@ log = logging.getLogger(__name__)
 JOB_LABEL = "job_name"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9464
-JOB_STATES = ("pending", "running", "recovering", "succeeded", "failed")
+JOB_STATES = ("pending", "running", "recovering", "succeeded", "failed", "cancelled")
+# The controller's finer state machine (launcher/lifecycle.py) folded into the
+# states a fleet dashboard shows.
+CONTROLLER_STATES = {
+    "PENDING": "pending",
+    "SCHEDULING": "pending",
+    "RUNNING": "running",
+    "RESTARTING": "recovering",
+    "RESIZING": "recovering",
+    "SUCCEEDED": "succeeded",
+    "FAILED": "failed",
+    "CANCELLED": "cancelled",
+}
 DEVICE_STATES = ("used", "free")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -61,6 +73,25 @@ class FleetSnapshot:
     job_states: dict[str, str] = field(default_factory=dict)
     # Unix time each job was submitted: queue wait = first start - submitted.
     submitted_ts: dict[str, float] = field(default_factory=dict)
+
+
+def snapshot_from_controller(
+    jobs: list[dict[str, object]], cluster: dict[str, object] | None = None
+) -> FleetSnapshot:
+    """FleetSnapshot from the controller's ``list_jobs()`` and ``cluster()`` answers."""
+    snap = FleetSnapshot()
+    if cluster and isinstance(cluster.get("devices"), int):
+        snap.devices_total = int(cluster["devices"])
+    for job in jobs:
+        job_id = str(job.get("id", ""))
+        state = CONTROLLER_STATES.get(str(job.get("state", "")))
+        if not job_id or state is None:
+            continue
+        snap.job_states[job_id] = state
+        created = job.get("created")
+        if isinstance(created, int | float) and created > 0:
+            snap.submitted_ts[job_id] = float(created)
+    return snap
 
 
 @dataclass
@@ -95,6 +126,21 @@ class FleetCollector(Collector):
         self._jobs: dict[str, WatchedJob] = {}
         self._lock = threading.Lock()
         self._fleet = fleet
+        self._homes: list[Path] = []
+
+    def watch_home(self, home: Path) -> None:
+        """Follow every job under ``home``/jobs/<job-id>/ (the launcher's layout), new ones too."""
+        with self._lock:
+            self._homes.append(Path(home))
+
+    def _discover(self) -> None:
+        for home in self._homes:
+            jobs_dir = home / "jobs"
+            if not jobs_dir.is_dir():
+                continue
+            for d in sorted(jobs_dir.iterdir()):
+                if d.is_dir() and d.name not in self._jobs and _DNS1123.match(d.name):
+                    self._jobs[d.name] = WatchedJob(d.name, d)
 
     def watch(self, job: str, root: Path, submitted_ts: float | None = None) -> None:
         """Follow the heartbeat files under ``root`` (file or directory) as ``job``."""
@@ -118,6 +164,7 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snapshot = self._fleet() if self._fleet else FleetSnapshot()
         with self._lock:
+            self._discover()
             for job in self._jobs.values():
                 job.poll()
             yield from _families(list(self._jobs.values()), snapshot)
@@ -272,6 +319,9 @@ class MetricsExporter:
     def watch(self, job: str, root: Path, submitted_ts: float | None = None) -> None:
         self.collector.watch(job, root, submitted_ts)
 
+    def watch_home(self, home: Path) -> None:
+        self.collector.watch_home(home)
+
     def serve(self, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST) -> int:
         """Serve /metrics on host:port (port 0 = pick a free one); returns the port."""
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
@@ -303,9 +353,14 @@ def _parse_watch(value: str) -> tuple[str, Path]:
     "--watch",
     "watches",
     multiple=True,
-    required=True,
     metavar="JOB=DIR",
     help="Job name and the directory (or file) holding its ranks' heartbeat *.jsonl files.",
+)
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="A fleet state directory: follow every job under HOME/jobs/ (new ones too).",
 )
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
@@ -323,6 +378,7 @@ def _parse_watch(value: str) -> tuple[str, Path]:
 )
 def serve_command(
     watches: tuple[str, ...],
+    home: Path | None,
     host: str,
     port: int,
     devices_total: int | None,
@@ -333,8 +389,12 @@ def serve_command(
     snapshot = FleetSnapshot(devices_total=devices_total)
     exporter = MetricsExporter(fleet=lambda: snapshot)
     # Validate every --watch before serving anything: nothing half-started.
+    if not watches and home is None:
+        raise click.UsageError("give --home and/or at least one --watch JOB=DIR")
     for name, root in [_parse_watch(v) for v in watches]:
         exporter.watch(name, root)
+    if home is not None:
+        exporter.watch_home(home)
     bound = exporter.serve(port=port, host=host)
     # The bound port on stdout lets a caller that asked for port 0 find us.
     click.echo(f"serving fleet metrics on http://{host}:{bound}/metrics")

@@ -394,11 +394,23 @@ class Series:
 
     t: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
+    attempt: list[int] = field(default_factory=list)
 
-    def add(self, t: float, y: float) -> None:
+    def add(self, t: float, y: float, attempt: int = 0) -> None:
         if math.isfinite(y):
             self.t.append(t)
             self.y.append(y)
+            self.attempt.append(attempt)
+
+    def segments(self) -> list[tuple[list[float], list[float]]]:
+        """One (t, y) run per attempt, so a plot does not bridge a restart gap."""
+        out: list[tuple[list[float], list[float]]] = []
+        for i, (t, y) in enumerate(zip(self.t, self.y, strict=True)):
+            if i == 0 or self.attempt[i] != self.attempt[i - 1]:
+                out.append(([], []))
+            out[-1][0].append(t)
+            out[-1][1].append(y)
+        return out
 
     def __len__(self) -> int:
         return len(self.t)
@@ -438,7 +450,7 @@ class RunHistory:
         s = Series()
         for e in self._steps():
             if e.rank == lead:
-                s.add(e.ts - self.t0, e.loss)
+                s.add(e.ts - self.t0, e.loss, e.attempt)
         return s
 
     def lr(self) -> Series:
@@ -446,26 +458,26 @@ class RunHistory:
         s = Series()
         for e in self._steps():
             if e.rank == lead:
-                s.add(e.ts - self.t0, e.lr)
+                s.add(e.ts - self.t0, e.lr, e.attempt)
         return s
 
     def images_per_second(self) -> Series:
         """Job total per optimizer step: the sum over the ranks that reported it."""
         totals: dict[tuple[int, int], list[float]] = {}
         for e in self._steps():
-            entry = totals.setdefault((e.attempt, e.step), [e.ts, 0.0])
+            entry = totals.setdefault((e.attempt, e.step), [e.ts, 0.0, e.attempt])
             entry[0] = max(entry[0], e.ts)
             entry[1] += e.images_per_second
         s = Series()
-        for ts, total in sorted(totals.values()):
-            s.add(ts - self.t0, total)
+        for ts, total, attempt in sorted(totals.values()):
+            s.add(ts - self.t0, total, int(attempt))
         return s
 
     def top1(self) -> Series:
         s = Series()
         for e in self.events:
             if isinstance(e, ValEvent):
-                s.add(e.ts - self.t0, e.top1)
+                s.add(e.ts - self.t0, e.top1, e.attempt)
         return s
 
     def starts(self) -> list[StartEvent]:

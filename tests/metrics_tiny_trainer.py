@@ -44,8 +44,10 @@ def main() -> None:
     if micro * accum * args.world_size != global_batch:
         raise SystemExit("FLEET_MICRO_BATCH * FLEET_GRAD_ACCUM * world size != FLEET_GLOBAL_BATCH")
     ckpt_dir = Path(os.environ["FLEET_CHECKPOINT_DIR"])
+    hb_path = Path(os.environ["FLEET_HEARTBEAT"])
+    hb_path.parent.mkdir(parents=True, exist_ok=True)
     # Open for the whole run: every line is appended and flushed as it happens.
-    hb = Path(os.environ["FLEET_HEARTBEAT"]).open("a", encoding="utf-8")  # noqa: SIM115
+    hb = hb_path.open("a", encoding="utf-8")  # noqa: SIM115
 
     def beat(event: str, **fields: object) -> None:
         rec = {"event": event, "ts": time.time(), "rank": args.rank, "attempt": attempt}

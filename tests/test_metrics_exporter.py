@@ -50,6 +50,7 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def write_lines(path: Path, events: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         for e in events:
             fh.write(json.dumps(e) + "\n")
@@ -210,3 +211,31 @@ def test_promtool_check_metrics_passes_on_a_real_run(tmp_path):
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip() == "" and res.stderr.strip() == "", "promtool lint findings"
+
+
+def test_watch_home_follows_new_jobs_and_controller_states(tmp_path):
+    from launcher.metrics import snapshot_from_controller
+
+    jobs = tmp_path / "jobs"
+    write_lines(jobs / "a-1" / "attempt-0" / "rank-0.heartbeat.jsonl", [start(10.0), step(11.0, 1)])
+    jobs.joinpath("Not_A_Job").mkdir()
+    controller_jobs = [
+        {"id": "a-1", "state": "RESTARTING", "created": 5.0},
+        {"id": "queued-2", "state": "PENDING", "created": 9.0},
+        {"id": "odd-3", "state": "SOMETHING_NEW"},
+    ]
+    exp = MetricsExporter(
+        fleet=lambda: snapshot_from_controller(controller_jobs, {"devices": 8, "free": 6})
+    )
+    exp.watch_home(tmp_path)
+    got = samples(generate_latest(exp.registry).decode())
+    assert got[("fleet_train_step", (("job_name", "a-1"),))] == 1
+    assert got[("fleet_queue_wait_seconds", (("job_name", "a-1"),))] == 5.0
+    assert got[("fleet_jobs", (("state", "recovering"),))] == 1
+    assert got[("fleet_jobs", (("state", "pending"),))] == 1
+    assert got[("fleet_devices", (("state", "free"),))] == 6
+    assert not any(lab and ("job_name", "Not_A_Job") in lab for _, lab in got)
+    # A job that appears after the exporter started is picked up at the next scrape.
+    write_lines(jobs / "b-2" / "attempt-0" / "rank-0.heartbeat.jsonl", [start(20.0)])
+    got = samples(generate_latest(exp.registry).decode())
+    assert got[("fleet_job_devices", (("job_name", "b-2"),))] == 2
