@@ -73,6 +73,9 @@ class FleetSnapshot:
     job_states: dict[str, str] = field(default_factory=dict)
     # Unix time each job was submitted: queue wait = first start - submitted.
     submitted_ts: dict[str, float] = field(default_factory=dict)
+    # Restarts the controller counted, including attempts that died before
+    # their ranks wrote a heartbeat.
+    restarts: dict[str, int] = field(default_factory=dict)
 
 
 def snapshot_from_controller(
@@ -91,6 +94,9 @@ def snapshot_from_controller(
         created = job.get("created")
         if isinstance(created, int | float) and created > 0:
             snap.submitted_ts[job_id] = float(created)
+        restarts = job.get("restarts")
+        if isinstance(restarts, int) and restarts >= 0:
+            snap.restarts[job_id] = restarts
     return snap
 
 
@@ -162,7 +168,13 @@ class FleetCollector(Collector):
             return self._jobs[job].progress
 
     def collect(self) -> Iterator[Metric]:
-        snapshot = self._fleet() if self._fleet else FleetSnapshot()
+        snapshot = FleetSnapshot()
+        if self._fleet is not None:
+            try:
+                snapshot = self._fleet()
+            except Exception:  # a busy or restarting controller must not blank job metrics
+                log.warning("fleet snapshot failed; serving heartbeat-derived metrics only",
+                            exc_info=True)
         with self._lock:
             self._discover()
             for job in self._jobs.values():
@@ -269,7 +281,8 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
             counts[job_state] += 1
         if job_state in ("running", "recovering") and start is not None:
             used_devices += start.world_size
-        restarts.add_metric([name], p.restarts)
+        # Both counts only grow, so their max is a valid counter.
+        restarts.add_metric([name], max(p.restarts, snap.restarts.get(name, 0)))
         if p.last_checkpoint_ok is not None:
             ckpt_s.add_metric([name], p.last_checkpoint_ok.save_seconds)
             ckpt_step.add_metric([name], p.last_checkpoint_ok.step)
@@ -332,6 +345,25 @@ class MetricsExporter:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def start_fleet_exporter(
+    home: Path,
+    list_jobs: Callable[[], list[dict[str, object]]],
+    cluster: Callable[[], dict[str, object]] | None = None,
+    port: int = DEFAULT_PORT,
+    host: str = DEFAULT_HOST,
+) -> MetricsExporter:
+    """What the controller runs: every job under ``home``/jobs plus its own job table.
+
+    ``list_jobs``/``cluster`` are the controller's methods of the same names.
+    """
+    exporter = MetricsExporter(
+        fleet=lambda: snapshot_from_controller(list_jobs(), cluster() if cluster else None)
+    )
+    exporter.watch_home(home)
+    exporter.serve(port=port, host=host)
+    return exporter
 
 
 def _parse_watch(value: str) -> tuple[str, Path]:

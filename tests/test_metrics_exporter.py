@@ -239,3 +239,33 @@ def test_watch_home_follows_new_jobs_and_controller_states(tmp_path):
     write_lines(jobs / "b-2" / "attempt-0" / "rank-0.heartbeat.jsonl", [start(20.0)])
     got = samples(generate_latest(exp.registry).decode())
     assert got[("fleet_job_devices", (("job_name", "b-2"),))] == 2
+
+
+def test_controller_exporter_survives_a_failing_controller(tmp_path):
+    from launcher.metrics import start_fleet_exporter
+
+    write_lines(tmp_path / "jobs" / "c-1" / "attempt-0" / "rank-0.heartbeat.jsonl",
+                [start(10.0), step(11.0, 1)])
+    calls = {"n": 0}
+
+    def list_jobs():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("controller busy")
+        # The controller counted 2 restarts whose ranks never got to heartbeat.
+        return [{"id": "c-1", "state": "RUNNING", "created": 1.0, "restarts": 2}]
+
+    exp = start_fleet_exporter(tmp_path, list_jobs, port=0)
+    try:
+        port = exp._server.server_address[1]
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            first = samples(r.read().decode())
+        assert first[("fleet_train_step", (("job_name", "c-1"),))] == 1
+        assert first[("fleet_job_restarts_total", (("job_name", "c-1"),))] == 0
+        with urllib.request.urlopen(url, timeout=5) as r:
+            second = samples(r.read().decode())
+        assert second[("fleet_job_restarts_total", (("job_name", "c-1"),))] == 2
+        assert second[("fleet_queue_wait_seconds", (("job_name", "c-1"),))] == 9.0
+    finally:
+        exp.close()
