@@ -1,0 +1,914 @@
+"""Kubernetes side of the fleet controller (KubeRay RayCluster on Ascend nodes).
+
+What the controller calls:
+
+    kube = KubeClient.from_environment(namespace=None)     # in-cluster, else kubeconfig
+    pods = map_ray_nodes_to_pods(ray.nodes(), kube.list_cluster_pods("fleet-ray"))
+    watcher = PodWatcher(kube, "fleet-ray"); watcher.start()
+    for failure in watcher.failures(timeout=1.0): ...      # WorkerFailure, typed reason
+    watcher.latest()                                  # pod -> last failure (`fleet status`)
+    scale_worker_group(kube, "fleet-ray", "npu", replicas=3)
+    request_workers(kube, "fleet-ray", "npu", count=1)      # grow, capped by maxReplicas
+    release_idle_workers(kube, "fleet-ray", "npu", ["fleet-ray-npu-worker-abcde"])
+
+Every API call goes through KubeClient.call, which owns the error policy:
+403 -> RBACError naming the verb and resource to grant; timeouts, dropped
+connections, 429 and 5xx -> retried with capped exponential backoff, then
+KubeUnavailable; 409 on a patch -> re-read and re-apply (scale_worker_group).
+Watches resume from the last resourceVersion they saw (bookmarks advance it);
+410 Gone -> list again.
+
+The command line (`python -m launcher.k8s ...`) runs the controller keeper of
+the fleet-controller Deployment, its probe, and a diagnostic `watch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import enum
+import json
+import logging
+import os
+import queue
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RAY_GROUP = "ray.io"
+RAY_VERSION = "v1"
+RAY_PLURAL = "rayclusters"
+# Labels KubeRay puts on every pod it creates.
+LABEL_CLUSTER = "ray.io/cluster"
+LABEL_GROUP = "ray.io/group"
+LABEL_NODE_TYPE = "ray.io/node-type"
+# What a rank writes to the pod's termination log when a chip fails health checks.
+DEVICE_UNHEALTHY_MARK = "ascend-device-unhealthy"
+ASCEND_RESOURCE_PREFIX = "huawei.com/ascend"
+
+
+@dataclass(frozen=True)
+class RbacRule:
+    group: str
+    resource: str
+    verbs: tuple[str, ...]
+
+
+# Exactly what this module calls; k8s/base/rbac.yaml grants these and nothing
+# more (tests/test_k8s_manifests.py keeps the two equal).
+REQUIRED_RBAC: tuple[RbacRule, ...] = (
+    RbacRule("", "pods", ("get", "list", "watch")),
+    RbacRule("", "events", ("list", "watch")),
+    RbacRule(RAY_GROUP, RAY_PLURAL, ("get", "patch")),
+)
+
+
+# ---------------------------------------------------------------- errors
+
+
+class KubeError(RuntimeError):
+    """An API call failed in a way retrying will not fix."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class RBACError(KubeError):
+    """403: the service account lacks a permission; says which one to grant."""
+
+    def __init__(self, verb: str, resource: str, group: str, namespace: str, detail: str):
+        api_group = group or '""'
+        super().__init__(
+            f"forbidden: cannot {verb} {resource}"
+            + (f".{group}" if group else "")
+            + f" in namespace {namespace}: the Role bound to this service account needs "
+            f"apiGroups [{api_group}] resources [{resource}] verbs [{verb}] "
+            f"(k8s/base/rbac.yaml). API server said: {detail}",
+            status=403,
+        )
+        self.verb, self.resource, self.group, self.namespace = verb, resource, group, namespace
+
+
+class KubeUnavailable(KubeError):
+    """The API server did not answer usefully within the retry budget."""
+
+
+class NotFound(KubeError):
+    pass
+
+
+class Conflict(KubeError):
+    """409 that survived every re-read (someone else keeps writing the object)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+    # (connect, read) seconds for one request; a watch adds its own duration.
+    request_timeout: tuple[float, float] = (5.0, 30.0)
+
+    def delay(self, attempt: int) -> float:
+        # Full jitter: many controllers restarting together must not retry in step.
+        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**attempt))  # noqa: S311
+
+
+_RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+def _status_message(body: str | bytes | None) -> str:
+    """The message of a metav1.Status body, else the body itself (shortened)."""
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    try:
+        status = json.loads(body or "")
+        if isinstance(status, dict) and status.get("message"):
+            return str(status["message"])
+    except ValueError:
+        pass
+    return (body or "").strip()[:300]
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import urllib3.exceptions
+
+    return (
+        urllib3.exceptions.TimeoutError,
+        urllib3.exceptions.ProtocolError,
+        urllib3.exceptions.NewConnectionError,
+        urllib3.exceptions.MaxRetryError,
+        ConnectionError,
+        TimeoutError,
+    )
+
+
+# ---------------------------------------------------------------- client
+
+
+class KubeClient:
+    """The kubernetes client's APIs plus this project's error and retry policy."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        namespace: str,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        from kubernetes import client
+
+        self.api_client = api_client
+        self.namespace = namespace
+        self.retry = retry or RetryPolicy()
+        self.sleep = sleep
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    @classmethod
+    def from_environment(
+        cls,
+        namespace: str | None = None,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> KubeClient:
+        """In-cluster config when running in a pod, else ~/.kube/config (or KUBECONFIG)."""
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        in_cluster = kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ
+        if in_cluster:
+            config.load_incluster_config(client_configuration=configuration)
+            ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+            namespace = namespace or os.environ.get("FLEET_K8S_NAMESPACE") or (
+                ns_file.read_text().strip() if ns_file.is_file() else None)
+        else:
+            try:
+                config.load_kube_config(config_file=kubeconfig, context=context,
+                                        client_configuration=configuration)
+            except (config.ConfigException, OSError) as exc:
+                raise KubeError(
+                    f"no Kubernetes configuration: not in a pod and kubeconfig "
+                    f"{kubeconfig or os.environ.get('KUBECONFIG', '~/.kube/config')} "
+                    f"could not be loaded ({exc}); pass --kubeconfig or set KUBECONFIG"
+                ) from exc
+            if namespace is None:
+                _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+                namespace = (active or {}).get("context", {}).get("namespace")
+        return cls.for_configuration(configuration, namespace or "ascend-fleet", retry)
+
+    @classmethod
+    def for_configuration(cls, configuration: Any, namespace: str,
+                          retry: RetryPolicy | None = None) -> KubeClient:
+        from kubernetes import client
+
+        # This module retries by its own policy; urllib3's silent retries would
+        # multiply the delays and hide which call was slow.
+        configuration.retries = False
+        return cls(client.ApiClient(configuration), namespace, retry)
+
+    @classmethod
+    def for_url(cls, url: str, namespace: str, retry: RetryPolicy | None = None) -> KubeClient:
+        """A client for a plain-HTTP API endpoint (tests' fake server, kubectl proxy)."""
+        from kubernetes import client
+
+        configuration = client.Configuration()
+        configuration.host = url
+        return cls.for_configuration(configuration, namespace, retry)
+
+    def call(self, verb: str, resource: str, fn: Callable[..., Any], *args: Any,
+             group: str = "", **kwargs: Any) -> Any:
+        """Run one API call under the retry policy; raw urllib3 response back."""
+        from kubernetes.client.exceptions import ApiException
+
+        if not any(r.group == group and r.resource == resource and verb in r.verbs
+                   for r in REQUIRED_RBAC):
+            # A call outside REQUIRED_RBAC would fail on a real cluster with 403.
+            raise AssertionError(f"{verb} {resource} is not in launcher.k8s.REQUIRED_RBAC")
+        kwargs.setdefault("_request_timeout", self.retry.request_timeout)
+        transient = _transient_errors()
+        last: str = ""
+        for attempt in range(self.retry.attempts):
+            try:
+                return fn(*args, _preload_content=False, **kwargs)
+            except ApiException as exc:
+                detail = _status_message(exc.body) or str(exc.reason)
+                if exc.status == 403:
+                    raise RBACError(verb, resource, group, self.namespace, detail) from exc
+                if exc.status == 404:
+                    raise NotFound(f"{resource} not found: {detail}", 404) from exc
+                if exc.status == 409:
+                    raise Conflict(detail, 409) from exc
+                if exc.status not in _RETRY_STATUSES:
+                    raise KubeError(f"{verb} {resource}: HTTP {exc.status}: {detail}",
+                                    exc.status) from exc
+                last = f"HTTP {exc.status}: {detail}"
+            except transient as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if attempt + 1 < self.retry.attempts:
+                delay = self.retry.delay(attempt)
+                log.warning("%s %s failed (%s); retry %d/%d in %.1fs", verb, resource, last,
+                            attempt + 1, self.retry.attempts - 1, delay)
+                self.sleep(delay)
+        raise KubeUnavailable(
+            f"{verb} {resource} in namespace {self.namespace} failed "
+            f"{self.retry.attempts} times; last error: {last}")
+
+    def call_json(self, verb: str, resource: str, fn: Callable[..., Any], *args: Any,
+                  group: str = "", **kwargs: Any) -> dict[str, Any]:
+        resp = self.call(verb, resource, fn, *args, group=group, **kwargs)
+        try:
+            return json.loads(resp.data)
+        finally:
+            resp.release_conn()
+
+    # -- the calls REQUIRED_RBAC lists
+
+    def list_cluster_pods(self, cluster: str, group: str | None = None) -> list[dict[str, Any]]:
+        return self.list_pods(_selector(cluster, group))["items"]
+
+    def list_pods(self, label_selector: str | None = None) -> dict[str, Any]:
+        return self.call_json("list", "pods", self.core.list_namespaced_pod, self.namespace,
+                              label_selector=label_selector)
+
+    def get_pod(self, name: str) -> dict[str, Any]:
+        return self.call_json("get", "pods", self.core.read_namespaced_pod, name, self.namespace)
+
+    def get_raycluster(self, name: str) -> dict[str, Any]:
+        return self.call_json("get", RAY_PLURAL, self.custom.get_namespaced_custom_object,
+                              RAY_GROUP, RAY_VERSION, self.namespace, RAY_PLURAL, name,
+                              group=RAY_GROUP)
+
+    def patch_raycluster(self, name: str, merge_patch: dict[str, Any]) -> dict[str, Any]:
+        return self.call_json("patch", RAY_PLURAL, self.custom.patch_namespaced_custom_object,
+                              RAY_GROUP, RAY_VERSION, self.namespace, RAY_PLURAL, name,
+                              merge_patch, group=RAY_GROUP)
+
+
+def _selector(cluster: str, group: str | None = None) -> str:
+    selector = f"{LABEL_CLUSTER}={cluster}"
+    return selector + (f",{LABEL_GROUP}={group}" if group else "")
+
+
+# ---------------------------------------------------------------- ray node -> pod
+
+
+@dataclass(frozen=True)
+class PodRef:
+    name: str
+    uid: str
+    node_name: str | None
+    pod_ip: str | None
+    group: str | None
+    phase: str | None
+
+
+def pod_ref(pod: Mapping[str, Any]) -> PodRef:
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
+    labels = meta.get("labels") or {}
+    return PodRef(name=meta.get("name", ""), uid=meta.get("uid", ""),
+                  node_name=spec.get("nodeName"), pod_ip=status.get("podIP"),
+                  group=labels.get(LABEL_GROUP), phase=status.get("phase"))
+
+
+@dataclass
+class NodeMapping:
+    by_node_id: dict[str, PodRef] = field(default_factory=dict)
+    unmatched_nodes: list[str] = field(default_factory=list)
+    pods_without_node: list[str] = field(default_factory=list)
+
+
+def map_ray_nodes_to_pods(ray_nodes: Iterable[Mapping[str, Any]],
+                          pods: Iterable[Mapping[str, Any]]) -> NodeMapping:
+    """Match `ray.nodes()` entries to KubeRay pods.
+
+    A Ray node inside a pod reports the pod IP as NodeManagerAddress, and the pod
+    name as its hostname; the IP is tried first because a hostname can be
+    truncated, the name second because a dead node's IP may be reused."""
+    refs = [pod_ref(p) for p in pods]
+    by_ip = {r.pod_ip: r for r in refs if r.pod_ip}
+    by_name = {r.name: r for r in refs}
+    out = NodeMapping()
+    for node in ray_nodes:
+        node_id = str(node.get("NodeID", ""))
+        alive = bool(node.get("Alive", True))
+        # A dead node's IP may already belong to its replacement pod.
+        ref = by_ip.get(node.get("NodeManagerAddress")) if alive else None
+        ref = ref or by_name.get(node.get("NodeManagerHostname"))
+        if ref is None:
+            out.unmatched_nodes.append(node_id)
+        else:
+            out.by_node_id[node_id] = ref
+    matched = {r.name for r in out.by_node_id.values()}
+    out.pods_without_node = sorted(r.name for r in refs if r.name not in matched)
+    return out
+
+
+# ---------------------------------------------------------------- failure reasons
+
+
+class FailureReason(enum.StrEnum):
+    OOM_KILLED = "OOMKilled"
+    EVICTED = "Evicted"
+    NODE_NOT_READY = "NodeNotReady"
+    DEVICE_UNHEALTHY = "AscendDeviceUnhealthy"
+    IMAGE_PULL = "ImagePullFailed"
+    CRASH_LOOP = "CrashLoopBackOff"
+    CONTAINER_ERROR = "ContainerError"
+    PREEMPTED = "Preempted"
+    UNSCHEDULABLE = "Unschedulable"
+    DELETED = "Deleted"
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    pod: str
+    reason: FailureReason
+    message: str
+    node: str | None = None
+    container: str | None = None
+    exit_code: int | None = None
+    restart_count: int = 0
+    source: str = "pod"  # "pod" status or "event"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pod": self.pod, "reason": str(self.reason), "message": self.message,
+                "node": self.node, "container": self.container, "exit_code": self.exit_code,
+                "restart_count": self.restart_count, "source": self.source}
+
+
+_IMAGE_PULL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                       "ErrImageNeverPull"}
+_DEVICE_TEXT = re.compile(r"(ascend|davinci|\bnpu\b)[^\n]*(unhealthy|fault|error)|"
+                          r"(unhealthy|fault)[^\n]*(ascend|davinci|\bnpu\b)", re.IGNORECASE)
+_DISRUPTION = {
+    "DeletionByTaintManager": FailureReason.NODE_NOT_READY,
+    "TerminationByKubelet": FailureReason.EVICTED,
+    "EvictionByEvictionAPI": FailureReason.EVICTED,
+    "PreemptionByScheduler": FailureReason.PREEMPTED,
+}
+
+
+def _container_states(status: Mapping[str, Any]) -> Iterator[tuple[dict, dict, dict]]:
+    for cs in [*(status.get("initContainerStatuses") or []),
+               *(status.get("containerStatuses") or [])]:
+        yield cs, cs.get("state") or {}, cs.get("lastState") or {}
+
+
+def classify_pod(pod: Mapping[str, Any]) -> WorkerFailure | None:
+    """Why this pod's worker is dead or dying, or None while it is healthy."""
+    meta, status = pod.get("metadata", {}), pod.get("status", {}) or {}
+    name, node = meta.get("name", ""), (pod.get("spec") or {}).get("nodeName")
+
+    def failure(reason: FailureReason, message: str, cs: Mapping[str, Any] | None = None,
+                exit_code: int | None = None) -> WorkerFailure:
+        return WorkerFailure(pod=name, reason=reason, message=message, node=node,
+                             container=(cs or {}).get("name"), exit_code=exit_code,
+                             restart_count=int((cs or {}).get("restartCount") or 0))
+
+    pod_reason, pod_message = status.get("reason") or "", status.get("message") or ""
+    states = list(_container_states(status))
+    # The rank's own verdict on its chips beats whatever exit it caused.
+    for cs, state, last in states:
+        for term in (state.get("terminated"), last.get("terminated")):
+            if term and (term.get("message") or "").lstrip().startswith(DEVICE_UNHEALTHY_MARK):
+                return failure(FailureReason.DEVICE_UNHEALTHY, term["message"].strip(), cs,
+                               term.get("exitCode"))
+    if pod_reason == "UnexpectedAdmissionError" and ASCEND_RESOURCE_PREFIX in pod_message.lower():
+        # The kubelet could not hand over the chips the device plugin promised.
+        return failure(FailureReason.DEVICE_UNHEALTHY, pod_message)
+    if pod_reason == "Evicted":
+        return failure(FailureReason.EVICTED, pod_message or "evicted by the kubelet")
+    if pod_reason == "NodeLost":
+        return failure(FailureReason.NODE_NOT_READY, pod_message or "node lost")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            reason = _DISRUPTION.get(cond.get("reason", ""))
+            if reason is not None:
+                return failure(reason, cond.get("message") or cond.get("reason", ""))
+    for cs, state, last in states:
+        for term in (state.get("terminated"), last.get("terminated")):
+            if term and term.get("reason") == "OOMKilled":
+                return failure(FailureReason.OOM_KILLED,
+                               f"container {cs.get('name')} exceeded its memory limit",
+                               cs, term.get("exitCode"))
+    for cs, state, last in states:
+        waiting = state.get("waiting") or {}
+        if waiting.get("reason") in _IMAGE_PULL_WAITING:
+            return failure(FailureReason.IMAGE_PULL,
+                           f"{waiting['reason']}: {waiting.get('message') or cs.get('image')}", cs)
+        if waiting.get("reason") == "CrashLoopBackOff":
+            term = last.get("terminated") or {}
+            return failure(FailureReason.CRASH_LOOP,
+                           f"restarting after exit code {term.get('exitCode')}"
+                           + (f": {term['message'].strip()[:500]}" if term.get("message") else ""),
+                           cs, term.get("exitCode"))
+    for cs, state, _last in states:
+        term = state.get("terminated") or {}
+        if term and term.get("exitCode", 0) != 0:
+            return failure(FailureReason.CONTAINER_ERROR,
+                           f"exit code {term.get('exitCode')} ({term.get('reason') or 'Error'})"
+                           + (f": {term['message'].strip()[:500]}" if term.get("message") else ""),
+                           cs, term.get("exitCode"))
+    return None
+
+
+def classify_event(event: Mapping[str, Any]) -> WorkerFailure | None:
+    """A core/v1 Event about a pod, read as a failure reason (None if it is not one)."""
+    obj = event.get("involvedObject") or event.get("regarding") or {}
+    if obj.get("kind") != "Pod":
+        return None
+    reason = event.get("reason") or ""
+    message = (event.get("message") or event.get("note") or "").strip()
+    node = (event.get("source") or {}).get("host")
+    kind: FailureReason | None = None
+    if reason == "Evicted":
+        kind = FailureReason.EVICTED
+    elif reason in {"NodeNotReady", "TaintManagerEviction"}:
+        kind = FailureReason.NODE_NOT_READY
+    elif reason in {"Failed", "BackOff", "ErrImagePull"} and "pull" in message.lower():
+        kind = FailureReason.IMAGE_PULL
+    elif reason in {"Preempted", "Preempting"}:
+        kind = FailureReason.PREEMPTED
+    elif reason == "FailedScheduling":
+        kind = FailureReason.UNSCHEDULABLE
+    elif event.get("type") == "Warning" and _DEVICE_TEXT.search(f"{reason} {message}"):
+        kind = FailureReason.DEVICE_UNHEALTHY
+    if kind is None:
+        return None
+    return WorkerFailure(pod=obj.get("name", ""), reason=kind, message=message or reason,
+                         node=node, source="event")
+
+
+# ---------------------------------------------------------------- watch
+
+
+@dataclass
+class WatchStats:
+    lists: int = 0
+    watches: int = 0
+    bookmarks: int = 0
+    expired: int = 0  # 410 Gone -> re-list
+    reconnects: int = 0  # dropped connections / transient errors
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str  # ADDED, MODIFIED, DELETED; LISTED and SYNCED come from a (re-)list
+    object: dict[str, Any]
+
+
+class ResourceWatch:
+    """List, then watch, one namespaced collection; resume from the last
+    resourceVersion seen (events or bookmarks), re-list after 410 Gone."""
+
+    def __init__(self, kube: KubeClient, resource: str, list_fn: Callable[..., Any], *,
+                 label_selector: str | None = None, field_selector: str | None = None,
+                 watch_seconds: int = 60, max_failures: int = 8):
+        self.kube, self.resource, self.list_fn = kube, resource, list_fn
+        self.label_selector, self.field_selector = label_selector, field_selector
+        self.watch_seconds, self.max_failures = watch_seconds, max_failures
+        self.resource_version: str | None = None
+        self.stats = WatchStats()
+
+    def _list(self) -> Iterator[WatchEvent]:
+        body = self.kube.call_json("list", self.resource, self.list_fn, self.kube.namespace,
+                                   label_selector=self.label_selector,
+                                   field_selector=self.field_selector)
+        self.stats.lists += 1
+        self.resource_version = body.get("metadata", {}).get("resourceVersion")
+        items = body.get("items", [])
+        for item in items:
+            yield WatchEvent("LISTED", item)
+        # Tells the consumer the list is complete: whatever it knew and the list
+        # lacks was deleted while no watch was open (after a 410, say).
+        yield WatchEvent("SYNCED", {"names": [i["metadata"]["name"] for i in items]})
+
+    def _open(self) -> Any:
+        connect, read = self.kube.retry.request_timeout
+        return self.kube.call(
+            "watch", self.resource, self.list_fn, self.kube.namespace,
+            label_selector=self.label_selector, field_selector=self.field_selector,
+            watch=True, allow_watch_bookmarks=True, resource_version=self.resource_version,
+            timeout_seconds=self.watch_seconds,
+            # The server ends the watch after watch_seconds; a read stalled well
+            # past that means the connection is dead, not quiet.
+            _request_timeout=(connect, self.watch_seconds + read))
+
+    def events(self, stop: threading.Event, deadline: float | None = None
+               ) -> Iterator[WatchEvent]:
+        """Events until stop is set or the deadline (time.monotonic) passes."""
+        transient = _transient_errors()
+        failures = 0
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            if self.resource_version is None:
+                yield from self._list()
+            try:
+                resp = self._open()
+                self.stats.watches += 1
+                try:
+                    for line in _lines(resp):
+                        if stop.is_set():
+                            return
+                        event = json.loads(line)
+                        etype, obj = event.get("type"), event.get("object") or {}
+                        if etype == "ERROR":
+                            if obj.get("code") == 410:
+                                self.stats.expired += 1
+                                log.info("watch %s: %s; listing again", self.resource,
+                                         obj.get("message"))
+                                self.resource_version = None
+                                break
+                            raise KubeError(f"watch {self.resource}: {obj.get('message')}",
+                                            obj.get("code"))
+                        rv = (obj.get("metadata") or {}).get("resourceVersion")
+                        if rv:
+                            self.resource_version = rv
+                        if etype == "BOOKMARK":
+                            self.stats.bookmarks += 1
+                            continue
+                        failures = 0
+                        yield WatchEvent(etype, obj)
+                finally:
+                    resp.release_conn()
+            except KubeError as exc:
+                if exc.status != 410:
+                    raise
+                self.stats.expired += 1
+                self.resource_version = None
+            except transient as exc:
+                failures += 1
+                self.stats.reconnects += 1
+                if failures >= self.max_failures:
+                    raise KubeUnavailable(
+                        f"watch {self.resource} dropped {failures} times in a row: {exc}"
+                    ) from exc
+                delay = self.kube.retry.delay(failures)
+                log.warning("watch %s dropped (%s); resuming from resourceVersion %s in %.1fs",
+                            self.resource, exc, self.resource_version, delay)
+                stop.wait(delay)
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    buf = b""
+    for chunk in resp.stream(4096, decode_content=True):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+
+
+class PodWatcher:
+    """Watches a RayCluster's pods and the namespace's pod events; turns them
+    into WorkerFailure records (each once per pod, reason and restart)."""
+
+    def __init__(self, kube: KubeClient, cluster: str, *, watch_seconds: int = 60):
+        self.kube, self.cluster = kube, cluster
+        self._pods = ResourceWatch(kube, "pods", kube.core.list_namespaced_pod,
+                                   label_selector=_selector(cluster), watch_seconds=watch_seconds)
+        self._events = ResourceWatch(kube, "events", kube.core.list_namespaced_event,
+                                     field_selector="involvedObject.kind=Pod",
+                                     watch_seconds=watch_seconds)
+        self._queue: queue.Queue[WorkerFailure] = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._seen: set[tuple[str, str, int]] = set()
+        self._latest: dict[str, WorkerFailure] = {}
+        self._known_pods: dict[str, str | None] = {}  # name -> node
+        self._expected_deletions: set[str] = set()
+        self._threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    @property
+    def stats(self) -> dict[str, WatchStats]:
+        return {"pods": self._pods.stats, "events": self._events.stats}
+
+    def expect_deletion(self, pod_names: Iterable[str]) -> None:
+        """Pods the controller released on purpose: their deletion is no failure."""
+        with self._lock:
+            self._expected_deletions.update(pod_names)
+
+    def start(self) -> PodWatcher:
+        for name, target in (("pods", self._run_pods), ("events", self._run_events)):
+            t = threading.Thread(target=self._guard, args=(target,), name=f"k8s-watch-{name}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def failures(self, timeout: float) -> Iterator[WorkerFailure]:
+        """Failures seen so far and those arriving within timeout seconds."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                yield self._queue.get(timeout=max(end - time.monotonic(), 0.001))
+            except queue.Empty:
+                return
+
+    def latest(self) -> dict[str, WorkerFailure]:
+        """The last failure per pod, for `fleet status`."""
+        with self._lock:
+            return dict(self._latest)
+
+    def _guard(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except Exception as exc:  # surfaced through .errors; the thread must not die silently
+            log.error("pod watcher stopped: %s", exc)
+            self.errors.append(exc)
+
+    def _report(self, failure: WorkerFailure) -> None:
+        key = (failure.pod, str(failure.reason), failure.restart_count)
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.add(key)
+            if failure.node is None and self._known_pods.get(failure.pod):
+                failure = dataclasses.replace(failure, node=self._known_pods[failure.pod])
+            self._latest[failure.pod] = failure
+        self._queue.put(failure)
+
+    def _run_pods(self) -> None:
+        for ev in self._pods.events(self._stop):
+            if ev.type == "SYNCED":
+                listed = set(ev.object["names"])
+                with self._lock:
+                    gone = [n for n in self._known_pods if n not in listed]
+                for name in gone:
+                    self._pod_gone(name)
+                continue
+            pod = ev.object
+            name = pod.get("metadata", {}).get("name", "")
+            with self._lock:
+                self._known_pods[name] = (pod.get("spec") or {}).get("nodeName")
+            failure = classify_pod(pod)
+            if failure is not None:
+                self._report(failure)
+            if ev.type == "DELETED":
+                self._pod_gone(name)
+
+    def _pod_gone(self, name: str) -> None:
+        with self._lock:
+            node = self._known_pods.pop(name, None)
+            unexplained = name not in self._expected_deletions and name not in self._latest
+            self._expected_deletions.discard(name)
+        if unexplained:
+            self._report(WorkerFailure(pod=name, reason=FailureReason.DELETED,
+                                       message="pod deleted", node=node))
+
+    def _run_events(self) -> None:
+        prefix = f"{self.cluster}-"
+        for ev in self._events.events(self._stop):
+            failure = classify_event(ev.object)
+            if failure is None or not failure.pod.startswith(prefix):
+                continue
+            self._report(failure)
+
+
+# ---------------------------------------------------------------- scaling
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    group: str
+    replicas_before: int
+    replicas: int
+    attempts: int
+
+
+def _group_index(cluster: Mapping[str, Any], group: str) -> int:
+    groups = cluster.get("spec", {}).get("workerGroupSpecs") or []
+    for i, g in enumerate(groups):
+        if g.get("groupName") == group:
+            return i
+    names = [g.get("groupName") for g in groups]
+    raise KubeError(f"RayCluster {cluster.get('metadata', {}).get('name')} has no worker "
+                    f"group {group!r} (groups: {names})")
+
+
+def _patch_group(kube: KubeClient, cluster: str, group: str,
+                 change: Callable[[dict[str, Any]], None], max_conflicts: int = 5) -> ScaleResult:
+    """Re-read, change one worker group, write back guarded by resourceVersion.
+
+    The merge patch carries metadata.resourceVersion, so a concurrent writer
+    (KubeRay's autoscaler, another controller) yields 409 instead of a lost
+    update, and the change is re-applied to the fresh object."""
+    for attempt in range(1, max_conflicts + 1):
+        obj = kube.get_raycluster(cluster)
+        groups = copy.deepcopy(obj["spec"]["workerGroupSpecs"])
+        index = _group_index(obj, group)
+        before = int(groups[index].get("replicas", 0))
+        change(groups[index])
+        patch = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+                 # A merge patch replaces lists whole: send every group.
+                 "spec": {"workerGroupSpecs": groups}}
+        try:
+            kube.patch_raycluster(cluster, patch)
+        except Conflict as exc:
+            log.info("RayCluster %s changed under us (%s); re-reading", cluster, exc)
+            continue
+        return ScaleResult(group, before, int(groups[index]["replicas"]), attempt)
+    raise Conflict(f"RayCluster {cluster} kept changing: gave up after {max_conflicts} "
+                   "conflicting writes", 409)
+
+
+def _bounds(g: Mapping[str, Any]) -> tuple[int, int]:
+    return int(g.get("minReplicas", 0)), int(g.get("maxReplicas", 2**31 - 1))
+
+
+def scale_worker_group(kube: KubeClient, cluster: str, group: str, replicas: int) -> ScaleResult:
+    """Set a worker group's replicas; out of [minReplicas, maxReplicas] is an error."""
+    if replicas < 0:
+        raise ValueError(f"replicas must be >= 0, got {replicas}")
+
+    def change(g: dict[str, Any]) -> None:
+        low, high = _bounds(g)
+        if not low <= replicas <= high:
+            raise ValueError(f"replicas {replicas} for worker group {group!r} is outside "
+                             f"minReplicas..maxReplicas = {low}..{high} of RayCluster {cluster}")
+        g["replicas"] = replicas
+
+    return _patch_group(kube, cluster, group, change)
+
+
+def request_workers(kube: KubeClient, cluster: str, group: str, count: int) -> ScaleResult:
+    """Grow by up to count pods (capped by maxReplicas): a job wants more servers."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+
+    def change(g: dict[str, Any]) -> None:
+        g["replicas"] = min(int(g.get("replicas", 0)) + count, _bounds(g)[1])
+
+    return _patch_group(kube, cluster, group, change)
+
+
+def release_idle_workers(kube: KubeClient, cluster: str, group: str,
+                         pod_names: Iterable[str], watcher: PodWatcher | None = None
+                         ) -> ScaleResult:
+    """Shrink the group by exactly these pods (KubeRay's scaleStrategy.workersToDelete),
+    so an idle server goes, not a random busy one."""
+    wanted = sorted(set(pod_names))
+    members = {p["metadata"]["name"] for p in kube.list_cluster_pods(cluster, group)}
+    strangers = [n for n in wanted if n not in members]
+    if strangers:
+        raise ValueError(f"pods {strangers} are not workers of group {group!r} of RayCluster "
+                         f"{cluster}")
+    if not wanted:
+        raise ValueError("no pods to release")
+    if watcher is not None:
+        watcher.expect_deletion(wanted)
+
+    def change(g: dict[str, Any]) -> None:
+        low, _ = _bounds(g)
+        target = int(g.get("replicas", 0)) - len(wanted)
+        if target < low:
+            raise ValueError(f"releasing {len(wanted)} pods would leave {target} replicas in "
+                             f"group {group!r}, below minReplicas {low}")
+        g["replicas"] = target
+        g.setdefault("scaleStrategy", {})["workersToDelete"] = wanted
+
+    return _patch_group(kube, cluster, group, change)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def keep_controller(ray_address: str, interval_s: float, alive_file: Path,
+                    max_loops: int | None = None, stop: threading.Event | None = None,
+                    ensure_argv: list[str] | None = None) -> int:
+    """Run `fleet up --address ADDR` every interval: it starts the controller
+    actor only if it is missing (after a head restart), resuming its jobs."""
+    argv = ensure_argv or ["fleet", "up", "--address", ray_address]
+    stop = stop or threading.Event()
+    loops = failures = 0
+    while not stop.is_set() and (max_loops is None or loops < max_loops):
+        loops += 1
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True,  # noqa: S603
+                                  timeout=max(interval_s * 8, 120), check=False)
+            ok = proc.returncode == 0
+            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            ok, detail = False, [str(exc)]
+        failures = 0 if ok else failures + 1
+        if not ok:
+            log.warning("%s failed (%d in a row): %s", " ".join(argv), failures, detail[0])
+        alive_file.parent.mkdir(parents=True, exist_ok=True)
+        alive_file.write_text(json.dumps({"ts": time.time(), "ok": ok, "failures": failures}))
+        if max_loops is None or loops < max_loops:
+            stop.wait(interval_s)
+    return 0 if failures == 0 else 1
+
+
+def probe(alive_file: Path, max_age_s: float) -> int:
+    try:
+        age = time.time() - alive_file.stat().st_mtime
+    except OSError:
+        print(f"{alive_file} missing: keeper loop has not run yet", file=sys.stderr)
+        return 1
+    if age > max_age_s:
+        print(f"{alive_file} is {age:.0f}s old (> {max_age_s:.0f}s): keeper loop stuck",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.k8s",
+                                     description="Kubernetes helpers of ascend-fleet.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    keep = sub.add_parser("keep-controller", help="keep the controller actor running")
+    keep.add_argument("--ray-address", required=True)
+    keep.add_argument("--interval", type=float, default=15.0)
+    keep.add_argument("--alive-file", type=Path, default=Path("/tmp/keeper-alive"))  # noqa: S108
+    keep.add_argument("--max-loops", type=int, default=None)
+    prb = sub.add_parser("probe", help="exit 1 if the keeper loop is stuck")
+    prb.add_argument("--alive-file", type=Path, default=Path("/tmp/keeper-alive"))  # noqa: S108
+    prb.add_argument("--max-age", type=float, default=120.0)
+    watch = sub.add_parser("watch", help="print worker failures as JSON lines")
+    watch.add_argument("--raycluster", default=os.environ.get("FLEET_K8S_RAYCLUSTER", "fleet-ray"))
+    watch.add_argument("--namespace", default=None)
+    watch.add_argument("--kubeconfig", default=None)
+    watch.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.cmd == "keep-controller":
+        return keep_controller(args.ray_address, args.interval, args.alive_file, args.max_loops)
+    if args.cmd == "probe":
+        return probe(args.alive_file, args.max_age)
+    try:
+        kube = KubeClient.from_environment(args.namespace, args.kubeconfig)
+        watcher = PodWatcher(kube, args.raycluster).start()
+        for failure in watcher.failures(args.seconds):
+            print(json.dumps(failure.to_json()), flush=True)
+        watcher.stop()
+        if watcher.errors:
+            raise watcher.errors[0]
+    except KubeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""launcher/k8s.py against the fake API server on 127.0.0.1 (tests/k8s_fake)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from k8s_fake import objects as o
+from k8s_fake.server import FakeKubeAPI, Fault, forbidden, status_body
+
+from launcher import k8s
+from launcher.k8s import FailureReason as R
+
+FAST_RETRY = k8s.RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05,
+                             request_timeout=(1.0, 0.5))
+
+
+@pytest.fixture
+def fake():
+    api = FakeKubeAPI(bookmark_interval_s=0.1)
+    api.url = api.start()
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def kube(fake):
+    return k8s.KubeClient.for_url(fake.url, o.NAMESPACE, FAST_RETRY)
+
+
+@pytest.fixture
+def watcher(kube):
+    w = k8s.PodWatcher(kube, o.CLUSTER, watch_seconds=2)
+    yield w
+    w.stop()
+
+
+def collect(w: k8s.PodWatcher, count: int, timeout: float = 5.0) -> list[k8s.WorkerFailure]:
+    got: list[k8s.WorkerFailure] = []
+    end = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < end:
+        got += list(w.failures(timeout=0.05))
+    assert not w.errors, w.errors
+    return got
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- pod watch
+
+
+def test_watcher_reports_why_each_worker_died(fake, watcher):
+    fake.put("pods", o.pod("fleet-ray-npu-worker-ok"))
+    watcher.start()
+    wait_until(lambda: watcher.stats["pods"].watches >= 1 and watcher.stats["events"].watches)
+    fake.put("pods", o.oom_killed("fleet-ray-npu-worker-oom"))
+    fake.put("pods", o.evicted("fleet-ray-npu-worker-evict"))
+    fake.put("pods", o.node_lost("fleet-ray-npu-worker-lost"))
+    fake.put("pods", o.device_unhealthy("fleet-ray-npu-worker-chip"))
+    fake.put("pods", o.image_pull("fleet-ray-npu-worker-pull"))
+    fake.put("events", o.event("ev-1", "fleet-ray-npu-worker-ok", "NodeNotReady",
+                               "Node is not ready"))
+    # Another cluster's pod in the same namespace is none of our business.
+    fake.put("events", o.event("ev-2", "other-job-worker-x", "Evicted", "low on memory"))
+
+    got = {(f.pod, f.reason) for f in collect(watcher, 6)}
+    assert got == {
+        ("fleet-ray-npu-worker-oom", R.OOM_KILLED),
+        ("fleet-ray-npu-worker-evict", R.EVICTED),
+        ("fleet-ray-npu-worker-lost", R.NODE_NOT_READY),
+        ("fleet-ray-npu-worker-chip", R.DEVICE_UNHEALTHY),
+        ("fleet-ray-npu-worker-pull", R.IMAGE_PULL),
+        ("fleet-ray-npu-worker-ok", R.NODE_NOT_READY),
+    }
+    latest = watcher.latest()
+    assert latest["fleet-ray-npu-worker-chip"].message.startswith("ascend-device-unhealthy")
+    # The event carried no node; the watcher knows the pod's node from the pod watch.
+    assert latest["fleet-ray-npu-worker-ok"].node == "atlas-01"
+    assert list(watcher.failures(timeout=0.3)) == []  # each reported once
+
+
+def test_same_pod_failing_again_after_restart_is_reported_again(fake, watcher):
+    watcher.start()
+    wait_until(lambda: watcher.stats["pods"].watches >= 1)
+    fake.put("pods", o.oom_killed("fleet-ray-npu-worker-a", restarts=1))
+    fake.put("pods", o.oom_killed("fleet-ray-npu-worker-a", restarts=1))  # same status again
+    fake.put("pods", o.oom_killed("fleet-ray-npu-worker-a", restarts=2))
+    got = collect(watcher, 2)
+    assert [(f.reason, f.restart_count) for f in got] == [(R.OOM_KILLED, 1), (R.OOM_KILLED, 2)]
+    assert list(watcher.failures(timeout=0.3)) == []
+
+
+def test_deleted_pod_is_a_failure_unless_the_controller_released_it(fake, watcher):
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
+    fake.put("pods", o.pod("fleet-ray-npu-worker-b"))
+    watcher.start()
+    wait_until(lambda: watcher.stats["pods"].watches >= 1)
+    watcher.expect_deletion(["fleet-ray-npu-worker-b"])
+    fake.delete("pods", "fleet-ray-npu-worker-b")
+    fake.delete("pods", "fleet-ray-npu-worker-a")
+    got = collect(watcher, 1)
+    assert [(f.pod, f.reason, f.node) for f in got] == [
+        ("fleet-ray-npu-worker-a", R.DELETED, "atlas-01")]
+    assert list(watcher.failures(timeout=0.3)) == []
+
+
+def test_watch_resumes_from_last_resource_version_after_dropped_connection(fake, watcher):
+    # The first pod watch breaks after one event, mid-stream, without a final chunk.
+    fake.add_fault(Fault("GET", r"/pods$", watch=True, drop_after_events=1))
+    watcher.start()
+    wait_until(lambda: watcher.stats["pods"].watches >= 1)
+    first = fake.put("pods", o.oom_killed("fleet-ray-npu-worker-a"))
+    fake.put("pods", o.evicted("fleet-ray-npu-worker-b"))
+    fake.put("pods", o.image_pull("fleet-ray-npu-worker-c"))
+    got = collect(watcher, 3)
+    assert sorted(f.pod for f in got) == [f"fleet-ray-npu-worker-{x}" for x in "abc"]
+    stats = watcher.stats["pods"]
+    assert stats.reconnects == 1 and stats.lists == 1, stats  # resumed, not re-listed
+    resumed = fake.watch_requests("pods")[1]
+    assert resumed.query["resourceVersion"] == first["metadata"]["resourceVersion"]
+    assert list(watcher.failures(timeout=0.3)) == []  # nothing replayed twice
+
+
+def test_bookmarks_advance_the_resume_point(fake, kube):
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
+    watch = k8s.ResourceWatch(kube, "pods", kube.core.list_namespaced_pod,
+                              label_selector="ray.io/cluster=fleet-ray", watch_seconds=1)
+    stop = threading.Event()
+    listed_rv = None
+    for ev in watch.events(stop, deadline=time.monotonic() + 0.5):
+        if ev.type == "SYNCED":
+            listed_rv = watch.resource_version
+            # Unrelated writes (events) move the store's resourceVersion on.
+            for i in range(3):
+                fake.put("events", o.event(f"noise-{i}", "x", "Pulled", "ok", type_="Normal"))
+    assert watch.stats.bookmarks >= 1
+    assert int(watch.resource_version) > int(listed_rv)
+    # The next watch starts where the last bookmark left off, not at the list.
+    for _ in watch.events(stop, deadline=time.monotonic() + 0.2):
+        pass
+    assert fake.watch_requests("pods")[-1].query["resourceVersion"] != listed_rv
+
+
+def test_410_gone_relists_and_reports_pods_deleted_meanwhile(fake, kube, watcher):
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
+    fake.put("pods", o.pod("fleet-ray-npu-worker-b"))
+    # The first watch breaks before it can deliver b's deletion; the reconnect
+    # arrives late, after compaction made the watcher's resourceVersion too old.
+    fake.add_fault(Fault("GET", r"/pods$", watch=True, drop_after_events=0))
+    fake.add_fault(Fault("GET", r"/pods$", watch=True, delay_s=0.3))
+    watcher.start()
+    wait_until(lambda: watcher.stats["pods"].watches >= 1)
+    fake.delete("pods", "fleet-ray-npu-worker-b")
+    fake.compact()
+    got = collect(watcher, 1)
+    assert [(f.pod, f.reason) for f in got] == [("fleet-ray-npu-worker-b", R.DELETED)]
+    stats = watcher.stats["pods"]
+    assert (stats.reconnects, stats.expired, stats.lists) == (1, 1, 2), stats
+    assert list(watcher.failures(timeout=0.3)) == []
+
+
+def test_unexpected_watch_error_is_raised_not_swallowed(fake, kube):
+    fake.add_fault(Fault("GET", r"/events$", watch=True, status=500, times=10))
+    watch = k8s.ResourceWatch(kube, "events", kube.core.list_namespaced_event, watch_seconds=1)
+    with pytest.raises(k8s.KubeUnavailable, match="watch events .* failed 4 times"):
+        for _ in watch.events(threading.Event(), deadline=time.monotonic() + 5):
+            pass
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_403_names_the_rbac_verb_and_resource(fake, kube):
+    fake.put("rayclusters", o.raycluster())
+    fake.add_fault(Fault("GET", r"/rayclusters/", status=403,
+                         body=forbidden("get", "rayclusters", o.NAMESPACE, "ray.io")))
+    with pytest.raises(k8s.RBACError) as err:
+        k8s.scale_worker_group(kube, o.CLUSTER, "npu", 3)
+    msg = str(err.value)
+    assert "cannot get rayclusters.ray.io in namespace ascend-fleet" in msg
+    assert "apiGroups [ray.io] resources [rayclusters] verbs [get]" in msg
+    assert err.value.verb == "get" and err.value.resource == "rayclusters"
+    assert len(fake.requests) == 1  # a permission error is not retried
+
+
+def test_403_on_watch_names_watch_pods(fake, kube, watcher):
+    fake.add_fault(Fault("GET", r"/pods$", watch=True, status=403,
+                         body=forbidden("watch", "pods", o.NAMESPACE)))
+    watcher.start()
+    wait_until(lambda: watcher.errors)
+    assert isinstance(watcher.errors[0], k8s.RBACError)
+    assert 'apiGroups [""] resources [pods] verbs [watch]' in str(watcher.errors[0])
+
+
+def test_409_retries_with_the_fresh_object(fake, kube):
+    fake.put("rayclusters", o.raycluster(replicas=2))
+    # Someone else (KubeRay, another controller) writes between our read and write.
+    fake.add_fault(Fault("PATCH", r"/rayclusters/", status=409, body=status_body(
+        409, "Conflict", "the object has been modified; please apply your changes to the "
+        "latest version and try again")))
+    result = k8s.request_workers(kube, o.CLUSTER, "npu", 1)
+    assert result.attempts == 2 and result.replicas == 3
+    methods = [r.method for r in fake.requests]
+    assert methods == ["GET", "PATCH", "GET", "PATCH"]
+    assert fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"][0]["replicas"] == 3
+
+
+def test_patch_with_stale_resource_version_conflicts_and_scale_rereads(fake, kube):
+    fake.put("rayclusters", o.raycluster(replicas=2))
+    stale = kube.get_raycluster(o.CLUSTER)
+    # A real concurrent change: the other group is resized by someone else.
+    current = fake.objects["rayclusters"][o.CLUSTER]
+    current["spec"]["workerGroupSpecs"][1]["replicas"] = 0
+    fake.put("rayclusters", current)
+    with pytest.raises(k8s.Conflict):
+        kube.patch_raycluster(o.CLUSTER, {"metadata": stale["metadata"],
+                                          "spec": {"workerGroupSpecs": []}})
+    k8s.scale_worker_group(kube, o.CLUSTER, "npu", 4)
+    groups = fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"]
+    # Our change applied and the other writer's change kept.
+    assert [(g["groupName"], g["replicas"]) for g in groups] == [("npu", 4), ("cpu", 0)]
+
+
+def test_slow_responses_are_retried_with_backoff(fake, kube):
+    fake.put("rayclusters", o.raycluster())
+    fake.add_fault(Fault("GET", r"/rayclusters/", delay_s=1.0, times=2))  # read timeout 0.5 s
+    sleeps: list[float] = []
+    kube.sleep = sleeps.append
+    assert kube.get_raycluster(o.CLUSTER)["metadata"]["name"] == o.CLUSTER
+    assert len(sleeps) == 2 and all(0 <= s <= FAST_RETRY.max_delay_s for s in sleeps)
+    assert len([r for r in fake.requests if r.method == "GET"]) == 3
+
+
+def test_timeouts_give_up_after_the_retry_budget(fake, kube):
+    fake.put("rayclusters", o.raycluster())
+    fake.add_fault(Fault("GET", r"/rayclusters/", delay_s=0.8, times=10))
+    start = time.monotonic()
+    with pytest.raises(k8s.KubeUnavailable, match="get rayclusters .* failed 4 times"):
+        kube.get_raycluster(o.CLUSTER)
+    assert time.monotonic() - start < 4.0
+
+
+def test_503_is_retried(fake, kube):
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
+    fake.add_fault(Fault("GET", r"/pods$", status=503, times=2))
+    assert [p["metadata"]["name"] for p in kube.list_cluster_pods(o.CLUSTER)] == [
+        "fleet-ray-npu-worker-a"]
+
+
+# ---------------------------------------------------------------- scaling
+
+
+def test_scale_outside_bounds_names_the_field_and_writes_nothing(fake, kube):
+    fake.put("rayclusters", o.raycluster(replicas=2, max_replicas=4))
+    with pytest.raises(ValueError, match=r"minReplicas\.\.maxReplicas = 0\.\.4"):
+        k8s.scale_worker_group(kube, o.CLUSTER, "npu", 5)
+    with pytest.raises(k8s.KubeError, match=r"no worker group 'gpu' \(groups: \['npu', 'cpu'\]"):
+        k8s.scale_worker_group(kube, o.CLUSTER, "gpu", 1)
+    assert [r.method for r in fake.requests] == ["GET", "GET"]
+
+
+def test_request_workers_is_capped_by_max_replicas(fake, kube):
+    fake.put("rayclusters", o.raycluster(replicas=3, max_replicas=4))
+    result = k8s.request_workers(kube, o.CLUSTER, "npu", 5)
+    assert (result.replicas_before, result.replicas) == (3, 4)
+
+
+def test_release_idle_workers_names_the_pods_to_delete(fake, kube, watcher):
+    fake.put("rayclusters", o.raycluster(replicas=3))
+    for x in "abc":
+        fake.put("pods", o.pod(f"fleet-ray-npu-worker-{x}"))
+    result = k8s.release_idle_workers(kube, o.CLUSTER, "npu",
+                                      ["fleet-ray-npu-worker-c", "fleet-ray-npu-worker-a"],
+                                      watcher=watcher)
+    assert (result.replicas_before, result.replicas) == (3, 1)
+    group = fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"][0]
+    assert group["scaleStrategy"]["workersToDelete"] == [
+        "fleet-ray-npu-worker-a", "fleet-ray-npu-worker-c"]
+    with pytest.raises(ValueError, match="not workers of group 'npu'"):
+        k8s.release_idle_workers(kube, o.CLUSTER, "npu", ["someone-else"])
+
+
+def test_every_request_is_covered_by_the_role(fake, kube, watcher):
+    """Drive every operation, then map each HTTP request the fake saw to an RBAC
+    (verb, resource): all must be in REQUIRED_RBAC, which the Role grants."""
+    fake.put("rayclusters", o.raycluster(replicas=2))
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
+    watcher.start()
+    fake.put("pods", o.oom_killed("fleet-ray-npu-worker-a"))
+    collect(watcher, 1)
+    k8s.request_workers(kube, o.CLUSTER, "npu", 1)
+    k8s.release_idle_workers(kube, o.CLUSTER, "npu", ["fleet-ray-npu-worker-a"])
+    kube.get_pod("fleet-ray-npu-worker-a")
+    granted = {(r.group, r.resource, v) for r in k8s.REQUIRED_RBAC for v in r.verbs}
+    used = set()
+    for req in fake.requests:
+        group = "ray.io" if req.path.startswith("/apis/ray.io/") else ""
+        parts = req.path.rstrip("/").split("/")
+        collection_request = parts[-1] in {"pods", "events", "rayclusters"}
+        resource = parts[-1] if collection_request else parts[-2]
+        verb = {"PATCH": "patch"}.get(req.method) or (
+            ("watch" if req.query.get("watch") == "true" else "list")
+            if collection_request else "get")
+        used.add((group, resource, verb))
+    assert used <= granted, used - granted
+    assert used == granted  # and the Role grants nothing this module never uses
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_kubeconfig_outside_a_pod(fake, tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = tmp_path / "config"
+    cfg.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{fake.url}"}}}}]
+users: [{{name: me, user: {{token: not-a-secret}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: me, namespace: {o.NAMESPACE}}}}}]
+current-context: fake
+""")
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
+    kube = k8s.KubeClient.from_environment(kubeconfig=str(cfg), retry=FAST_RETRY)
+    assert kube.namespace == o.NAMESPACE
+    assert len(kube.list_cluster_pods(o.CLUSTER)) == 1
+
+
+def test_missing_kubeconfig_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(k8s.KubeError, match="pass --kubeconfig or set KUBECONFIG"):
+        k8s.KubeClient.from_environment(kubeconfig=str(tmp_path / "nope"))
+
+
+def test_in_cluster_config_uses_the_service_account(tmp_path, monkeypatch):
+    from kubernetes.config import incluster_config
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("sa-token")
+    ca.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("FLEET_K8S_NAMESPACE", "team-a")
+    kube = k8s.KubeClient.from_environment()  # builds the client, sends nothing
+    cfg = kube.api_client.configuration
+    assert cfg.host == "https://10.96.0.1:443" and cfg.ssl_ca_cert == str(ca)
+    assert cfg.get_api_key_with_prefix("BearerToken").lower() == "bearer sa-token"
+    assert kube.namespace == "team-a" and cfg.retries is False
