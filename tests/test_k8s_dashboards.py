@@ -1,0 +1,63 @@
+"""The Grafana dashboards ConfigMap in k8s/ carries exactly the generated dashboards/*.json.
+
+kustomize will not read ../../dashboards/ (files outside a kustomization root are
+refused by default), so k8s/sync_dashboards.py keeps copies in k8s/base/dashboards/;
+this test fails when a copy drifts from its source."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("k8s_sync_dashboards",
+                                               ROOT / "k8s" / "sync_dashboards.py")
+sync = importlib.util.module_from_spec(_spec)
+sys.modules["k8s_sync_dashboards"] = sync
+_spec.loader.exec_module(sync)
+
+MISSING = [n for n in sync.DASHBOARDS if not (sync.SOURCE_DIR / n).is_file()]
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"dashboards/{', '.join(MISSING)} not generated yet "
+                    "(python -m dashboards.generate); nothing to compare the k8s copies with")
+def test_k8s_copies_match_generated_dashboards():
+    assert sync.stale_copies() == [], "run: python k8s/sync_dashboards.py"
+    assert sync.main(["--check"]) == 0
+
+
+@pytest.mark.skipif(bool(MISSING) or not shutil.which("kubectl"),
+                    reason="needs generated dashboards/*.json and kubectl")
+def test_rendered_configmap_carries_the_dashboards():
+    import subprocess
+
+    import yaml
+
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "base")],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    cm = next(o for o in yaml.safe_load_all(out)
+              if o and o["kind"] == "ConfigMap" and o["metadata"]["name"]
+              == "fleet-grafana-dashboards")
+    for name in sync.DASHBOARDS:
+        assert json.loads(cm["data"][name]) == json.loads((sync.SOURCE_DIR / name).read_text())
+
+
+def test_check_mode_detects_drift(tmp_path, monkeypatch):
+    src, dst = tmp_path / "dashboards", tmp_path / "copies"
+    src.mkdir()
+    for name in sync.DASHBOARDS:
+        (src / name).write_text(json.dumps({"title": name}) + "\n")
+    monkeypatch.setattr(sync, "SOURCE_DIR", src)
+    monkeypatch.setattr(sync, "COPY_DIR", dst)
+    assert sync.main(["--check"]) == 1  # no copies yet
+    assert sync.main([]) == 0
+    assert sync.main(["--check"]) == 0
+    (src / "fleet.json").write_text('{"title": "changed"}\n')
+    assert sync.stale_copies() == ["fleet.json"]
+    (src / "fleet.json").unlink()
+    assert sync.main(["--check"]) == 2  # a missing source is an error, not "in sync"

@@ -1,0 +1,290 @@
+"""k8s/: every overlay renders with kustomize and every object passes the pinned
+Kubernetes schemas, the vendored CRD schemas and the pod policy; the validator
+itself is shown to catch each kind of mistake."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher import k8s as kmod
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("k8s_validate", ROOT / "k8s" / "validate.py")
+validate = importlib.util.module_from_spec(_spec)
+sys.modules["k8s_validate"] = validate  # dataclasses look their module up there
+_spec.loader.exec_module(validate)
+
+if not (shutil.which("kubectl") or shutil.which("kustomize")):
+    # CI must render for real: there a missing kubectl is a failure, not a skip.
+    if os.environ.get("CI"):
+        raise RuntimeError("kubectl is needed to render k8s/: apt-get install -y kubernetes-client")
+    pytest.skip("no kubectl/kustomize on PATH (apt-get install -y kubernetes-client)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: validate.render(ROOT / "k8s" / "overlays" / name)
+            for name in validate.OVERLAYS}
+
+
+def one(objects, kind, name=None):
+    found = [o for o in objects if o["kind"] == kind
+             and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} objects"
+    return found[0]
+
+
+@pytest.mark.parametrize("overlay", validate.OVERLAYS)
+def test_overlay_passes_schemas_and_policy(overlay):
+    objects, problems = validate.check_overlay(ROOT / "k8s" / "overlays" / overlay)
+    assert problems == []
+    kinds = sorted({o["kind"] for o in objects})
+    assert kinds == ["ConfigMap", "Deployment", "Namespace", "NetworkPolicy",
+                     "PersistentVolumeClaim", "PodMonitor", "RayCluster", "Role", "RoleBinding",
+                     "Service", "ServiceAccount", "ServiceMonitor"]
+
+
+def test_validate_script_exit_code():
+    assert validate.main([]) == 0
+    assert validate.main(["no-such-overlay"]) == 2
+
+
+def test_everything_lands_in_the_fleet_namespace(rendered):
+    for objects in rendered.values():
+        for obj in objects:
+            if obj["kind"] == "Namespace":
+                assert obj["metadata"]["name"] == "ascend-fleet"
+                assert obj["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == \
+                    "restricted"
+            else:
+                assert obj["metadata"]["namespace"] == "ascend-fleet", obj["metadata"]
+
+
+# ---------------------------------------------------------------- Ascend specifics
+
+
+def test_ascend_worker_group_requests_and_advertises_8_npus(rendered):
+    rc = one(rendered["ascend-910"], "RayCluster")
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    spec = group["template"]["spec"]
+    res = spec["containers"][0]["resources"]
+    assert res["limits"]["huawei.com/Ascend910"] == 8
+    assert res["requests"]["huawei.com/Ascend910"] == 8
+    assert validate.ray_resources_argument(group["rayStartParams"]["resources"]) == {"NPU": 8}
+    assert spec["nodeSelector"] == {"accelerator": "huawei-Ascend910"}
+    assert {"key": "huawei.com/Ascend910", "operator": "Exists", "effect": "NoSchedule"} in \
+        spec["tolerations"]
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
+    assert group["maxReplicas"] == 64
+    assert one(rendered["ascend-910"], "PersistentVolumeClaim", "fleet-checkpoints")[
+        "spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_cpu_dev_has_no_ascend_hardware(rendered):
+    rc = one(rendered["cpu-dev"], "RayCluster")
+    text = json.dumps(rc)
+    assert "huawei.com" not in text and "nodeSelector" not in text
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    assert validate.ray_resources_argument(group["rayStartParams"]["resources"]) == {"NPU": 2}
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ('"{\\"NPU\\": 8}"', True),      # what the manifests use
+    ("'{\"NPU\": 8}'", True),        # KubeRay's own form when it adds the key itself
+    ('{"NPU": 8}', False),           # bare JSON: the shell splits it and ray start dies
+    ('"{NPU: 8}"', False),           # not JSON
+])
+def test_ray_start_resources_quoting(value, ok):
+    if ok:
+        assert validate.ray_resources_argument(value) == {"NPU": 8}
+        # KubeRay itself trims quotes and parses the rest as JSON to merge its own keys.
+        assert json.loads(value.strip("'\"` ").replace('\\"', '"')) == {"NPU": 8}
+    else:
+        with pytest.raises(ValueError):
+            validate.ray_resources_argument(value)
+
+
+def test_raycluster_rule_catches_a_mismatched_npu_advert(rendered):
+    rc = copy.deepcopy(one(rendered["ascend-910"], "RayCluster"))
+    rc["spec"]["workerGroupSpecs"][0]["rayStartParams"]["resources"] = '"{\\"NPU\\": 4}"'
+    assert any("advertises NPU=4" in str(v) for v in validate.raycluster_rules(rc))
+    rc["spec"]["workerGroupSpecs"][0]["rayStartParams"]["resources"] = '{"NPU": 8}'
+    assert any("splits into" in str(v) for v in validate.raycluster_rules(rc))
+    rc = copy.deepcopy(one(rendered["ascend-910"], "RayCluster"))
+    rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["volumes"][1]["emptyDir"] = {}
+    assert any("Memory emptyDir" in str(v) for v in validate.raycluster_rules(rc))
+
+
+# ---------------------------------------------------------------- the validator can fail
+
+
+def test_schema_validation_rejects_broken_objects(rendered):
+    objects = rendered["ascend-910"]
+    rc = copy.deepcopy(one(objects, "RayCluster"))
+    rc["spec"]["workerGroupSpecs"][0]["replica"] = 3  # typo
+    rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"][
+        "limits"]["cpu"] = ["4"]
+    errors = validate.schema_errors(rc)
+    assert any("'replica' was unexpected" in e for e in errors)
+    assert any("limits/cpu" in e for e in errors)
+
+    dep = copy.deepcopy(one(objects, "Deployment"))
+    dep["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}
+    assert any("'livenessprobe' was unexpected" in e for e in validate.schema_errors(dep))
+
+    svc = copy.deepcopy(one(objects, "Service", "fleet-api"))
+    svc["spec"]["ports"][0]["port"] = "ten thousand"
+    assert any("is not of type 'integer'" in e for e in validate.schema_errors(svc))
+
+    pm = copy.deepcopy(one(objects, "PodMonitor"))
+    pm["spec"]["podMetricsEndpoint"] = pm["spec"].pop("podMetricsEndpoints")
+    assert any("'podMetricsEndpoint' was unexpected" in e for e in validate.schema_errors(pm))
+
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert "no schema for apiVersion example.com/v1" in validate.schema_errors(unknown)[0]
+
+
+@pytest.mark.parametrize(("breakage", "rule"), [
+    (lambda c, p: p["securityContext"].update(runAsUser=0), "non-root"),
+    (lambda c, p: c["securityContext"].update(allowPrivilegeEscalation=True),
+     "allowPrivilegeEscalation"),
+    (lambda c, p: c["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "drop ALL"),
+    (lambda c, p: c["securityContext"].update(readOnlyRootFilesystem=False), "readOnlyRoot"),
+    (lambda c, p: c["resources"].pop("limits"), "resources.limits.cpu"),
+    (lambda c, p: c.update(image="ascend-fleet:latest"), "pinned"),
+    (lambda c, p: c.update(image="ascend-fleet"), "pinned"),
+    (lambda c, p: c.pop("readinessProbe"), "readinessProbe must be set"),
+    (lambda c, p: p["securityContext"].pop("seccompProfile"), "seccompProfile"),
+    (lambda c, p: p.update(volumes=[{"name": "h", "hostPath": {"path": "/"}}]), "hostPath"),
+    (lambda c, p: c["resources"]["requests"].update({"huawei.com/Ascend910": 4}),
+     "must equal its limit"),
+])
+def test_policy_catches_each_violation(rendered, breakage, rule):
+    rc = one(rendered["ascend-910"], "RayCluster")
+    template = copy.deepcopy(rc["spec"]["workerGroupSpecs"][0]["template"])
+    assert validate.pod_policy("worker", template) == []
+    breakage(template["spec"]["containers"][0], template["spec"])
+    violations = [str(v) for v in validate.pod_policy("worker", template)]
+    assert any(rule in v for v in violations), violations
+
+
+# ---------------------------------------------------------------- wiring between objects
+
+
+def test_role_grants_exactly_what_launcher_k8s_uses(rendered):
+    for objects in rendered.values():
+        role = one(objects, "Role", "fleet-controller")
+        granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+                   for r in rule["resources"] for v in rule["verbs"]}
+        needed = {(r.group, r.resource, v) for r in kmod.REQUIRED_RBAC for v in r.verbs}
+        assert granted == needed
+        binding = one(objects, "RoleBinding", "fleet-controller")
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fleet-controller",
+                                        "namespace": "ascend-fleet"}]
+
+
+def test_only_the_controller_pods_get_an_api_token(rendered):
+    objects = rendered["ascend-910"]
+    rc = one(objects, "RayCluster")
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert head["serviceAccountName"] == "fleet-controller"
+    assert worker["serviceAccountName"] == "fleet-worker"
+    assert worker["automountServiceAccountToken"] is False
+    assert one(objects, "ServiceAccount", "fleet-worker")["automountServiceAccountToken"] is False
+
+
+def test_services_and_monitors_point_at_real_ports(rendered):
+    objects = rendered["ascend-910"]
+    rc = one(objects, "RayCluster")
+    head_c = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    worker_c = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    head_ports = {p["name"] for p in head_c["ports"]}
+    for svc in (one(objects, "Service", "fleet-api"), one(objects, "Service", "fleet-metrics")):
+        # KubeRay labels its pods ray.io/cluster=<RayCluster name>, ray.io/node-type=head.
+        assert svc["spec"]["selector"] == {"ray.io/cluster": rc["metadata"]["name"],
+                                           "ray.io/node-type": "head"}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= head_ports
+    sm = one(objects, "ServiceMonitor")
+    metrics_svc = one(objects, "Service", "fleet-metrics")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= \
+        metrics_svc["metadata"]["labels"].items()
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= \
+        {p["name"] for p in metrics_svc["spec"]["ports"]}
+    pm = one(objects, "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"]["ray.io/cluster"] == rc["metadata"]["name"]
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= \
+        {p["name"] for p in worker_c["ports"]}
+    # Probes hit ports the containers serve.
+    assert head_c["readinessProbe"]["httpGet"]["port"] == 8265
+    assert worker_c["readinessProbe"]["httpGet"]["port"] in {p["containerPort"]
+                                                             for p in worker_c["ports"]}
+    dep = one(objects, "Deployment", "fleet-controller")
+    assert dep["spec"]["selector"]["matchLabels"].items() <= \
+        dep["spec"]["template"]["metadata"]["labels"].items()
+    # The keeper talks to KubeRay's head service, named after the RayCluster.
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--ray-address=ray://{rc['metadata']['name']}-head-svc:10001" in args
+
+
+def test_every_claim_exists_and_the_job_store_is_on_a_volume(rendered):
+    for objects in rendered.values():
+        claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+        rc = one(objects, "RayCluster")
+        templates = [t for _, t in validate.pod_templates(rc)]
+        templates += [one(objects, "Deployment")["spec"]["template"]]
+        used = {v["persistentVolumeClaim"]["claimName"] for t in templates
+                for v in t["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+        assert used == claims
+        head = rc["spec"]["headGroupSpec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+        state_volume = next(v for v in head["volumes"] if v["name"] == mounts[env[
+            "FLEET_STATE_DIR"]])
+        assert state_volume["persistentVolumeClaim"]["claimName"] == "fleet-state"
+
+
+def test_network_policy_denies_by_default_and_allows_the_fleet(rendered):
+    objects = rendered["ascend-910"]
+    deny = one(objects, "NetworkPolicy", "default-deny-ingress")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    scrape = one(objects, "NetworkPolicy", "allow-prometheus-scrape")
+    ports = {p["port"] for rule in scrape["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {8080}
+
+
+def test_dashboards_configmap_is_labelled_for_the_grafana_sidecar(rendered):
+    for objects in rendered.values():
+        cm = one(objects, "ConfigMap", "fleet-grafana-dashboards")
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert set(cm["data"]) == {"training.json", "fleet.json"}
+        for text in cm["data"].values():
+            assert json.loads(text)["title"]
+
+
+# ---------------------------------------------------------------- image
+
+
+def test_dockerfile_matches_the_pods():
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    assert validate._pinned(base) and "latest" not in base
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user == ["1000:1000"]  # numeric: the kubelet can check runAsNonRoot
+    assert "ray[default,client]==2.60.0" in text  # probes need the dashboard agent
+    ray_version = one(validate.render(ROOT / "k8s" / "overlays" / "cpu-dev"),
+                      "RayCluster")["spec"]["rayVersion"]
+    assert f"=={ray_version}" in text
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"ray=={ray_version}"' in pyproject  # image, manifests and package agree
