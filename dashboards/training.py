@@ -90,16 +90,21 @@ def build() -> Dashboard:
         )
         .with_row(Row("Throughput"))
         .with_panel(
-            graph("Throughput", "Images per second: job total and per rank.", "none")
+            graph(
+                "Throughput",
+                "Images per second of the whole job (global batch / step time), as each "
+                "rank timed it; a slow rank shows up below the others.",
+                "none",
+            )
             .with_target(
                 query(
-                    f"sum by ({JOB_LABEL}) (fleet_train_images_per_second{{{SEL}}})",
-                    "total",
+                    f"avg by ({JOB_LABEL}) (fleet_train_images_per_second{{{SEL}}})",
+                    "job",
                     "A",
                 )
             )
             .with_target(
-                query(f"fleet_train_images_per_second{{{SEL}}}", "rank {{rank}}", "B")
+                query(f"fleet_train_images_per_second{{{SEL}}}", "as timed by rank {{rank}}", "B")
             )
         )
         .with_panel(

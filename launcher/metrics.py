@@ -192,7 +192,7 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
     loss = _gauge("fleet_train_loss", "Training loss of the rank's last optimizer step.", jr)
     ips = _gauge(
         "fleet_train_images_per_second",
-        "Training throughput of the rank at its last step (sum over ranks = job total).",
+        "Job throughput (global batch / step time) as timed by the rank at its last step.",
         jr,
     )
     step_s = _gauge("fleet_train_step_seconds", "Wall time of the rank's last optimizer step.", jr)

@@ -370,13 +370,20 @@ class JobProgress:
         useful = sum(self.step_seconds_by_step.values())
         return min(max(useful / (self.last_ts - self.first_ts), 0.0), 1.0)
 
-    def total_images_per_second(self) -> float:
+    def job_images_per_second(self) -> float:
+        """Mean over the live attempt's ranks.
+
+        Each rank reports the job's throughput (global batch / its step time),
+        not its share: ranks step in lockstep, so summing would count the
+        same images once per rank.
+        """
         current = self.current_attempt
         if current is None:
             return 0.0
-        return sum(
+        live = [
             s.images_per_second for s in self.last_step.values() if s.attempt == current.attempt
-        )
+        ]
+        return sum(live) / len(live) if live else 0.0
 
 
 def read_events(paths: Iterable[Path]) -> list[Event]:
@@ -462,15 +469,16 @@ class RunHistory:
         return s
 
     def images_per_second(self) -> Series:
-        """Job total per optimizer step: the sum over the ranks that reported it."""
-        totals: dict[tuple[int, int], list[float]] = {}
+        """Job throughput per optimizer step: mean of the ranks' reports (see JobProgress)."""
+        per_step: dict[tuple[int, int], list[float]] = {}
         for e in self._steps():
-            entry = totals.setdefault((e.attempt, e.step), [e.ts, 0.0, e.attempt])
+            entry = per_step.setdefault((e.attempt, e.step), [e.ts, 0.0, 0.0, e.attempt])
             entry[0] = max(entry[0], e.ts)
             entry[1] += e.images_per_second
+            entry[2] += 1
         s = Series()
-        for ts, total, attempt in sorted(totals.values()):
-            s.add(ts - self.t0, total, int(attempt))
+        for ts, total, n, attempt in sorted(per_step.values()):
+            s.add(ts - self.t0, total / n, int(attempt))
         return s
 
     def top1(self) -> Series:

@@ -72,7 +72,7 @@ def render(history: RunHistory, out: Path) -> PlotResult:
         drawn["Loss and learning rate"] = len(loss) + len(lr)
 
         ips = history.images_per_second()
-        ax_ips.set_title("Throughput (images/s, all ranks)")
+        ax_ips.set_title("Throughput (images/s, whole job)")
         if len(ips):
             _lines(ax_ips, ips, "tab:green", "images/s")
             # From zero, so a 5% dip does not look like a collapse.

@@ -108,7 +108,7 @@ def test_progress_restart_shrink_recovery_and_goodput():
     # Kept steps 1..4 at 0.5 s each over 13 s of wall time; step 3 counts once.
     assert p.goodput_ratio() == pytest.approx(2.0 / 13.0)
     # Only the live attempt's rank counts towards job throughput.
-    assert p.total_images_per_second() == pytest.approx(9.0)
+    assert p.job_images_per_second() == pytest.approx(9.0)
     p.apply(parse_event(ev("done", 114.0, attempt=1, step=4, status="ok")))
     assert p.state == "succeeded"
 
