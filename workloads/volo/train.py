@@ -1,0 +1,521 @@
+"""Train VOLO with MindCV's recipe flags; one process per rank.
+
+    python -m workloads.volo.train -c workloads/volo/configs/volo_tiny_digits.yaml \
+        --data_dir data/digits [--ckpt_save_dir ckpt] [--epochs N]
+
+Standalone, under ``msrun --worker_num N`` or under the fleet agent (MS_* + FLEET_* env).
+Each optimizer step consumes one global batch G = devices x micro-batch x accumulation of a
+sample order fixed by (seed, epoch) (see sampling.py); gradients are averaged over
+accumulation micro-steps and ranks, then AdamW steps with the LR of that optimizer step
+(MindCV's warmup + cosine). Rank 0 checkpoints every ``ckpt_save_steps`` steps, at the
+epoch cadence and at the end; every start resumes from the newest checkpoint that verifies.
+
+Exit status: 0 done, 2 bad configuration or data, 3 checkpoint refused (recipe changed),
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workloads.volo.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointState,
+    RecipeMismatchError,
+    check_resumable,
+    latest_valid,
+    read_state,
+)
+from workloads.volo.config import ConfigError, env_override, parse_args, recipe_dict, recipe_hash
+from workloads.volo.data import (
+    DataError,
+    TrainAugment,
+    eval_dataset,
+    mix_batch,
+    scan_image_folder,
+    train_dataset,
+)
+from workloads.volo.report import Heartbeat, log
+from workloads.volo.sampling import GlobalBatchSampler, LayoutError, resolve_layout
+
+__all__ = ["lr_at", "main"]
+
+EXIT_CONFIG = 2
+EXIT_RECIPE = 3
+_MIX_TAG = 0x6D6978  # separates the mixup random stream from the per-sample one
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedule, indexed by optimizer step (MindCV's create_scheduler, per-step form)
+
+
+def lr_at(step: int, *, steps_per_epoch: int, lr: float, scheduler: str, min_lr: float,
+          warmup_epochs: int, warmup_factor: float, decay_epochs: int, epochs: int,
+          num_cycles: int = 1, cycle_decay: float = 1.0) -> float:
+    """LR for 0-based optimizer step ``step``: linear warmup from lr*warmup_factor to lr over
+    ``warmup_epochs``, then cosine from lr to min_lr over ``decay_epochs`` (then min_lr)."""
+    warm = warmup_epochs * steps_per_epoch
+    if step < warm:
+        frac = min(step / steps_per_epoch, warmup_epochs) / warmup_epochs
+        return lr * warmup_factor + frac * (lr - lr * warmup_factor)
+    i = step - warm
+    if scheduler == "constant":
+        return lr
+    if scheduler not in ("cosine_decay", "warmup_cosine_decay"):
+        raise ConfigError(f"scheduler {scheduler!r} is not supported by this workload; "
+                          "use cosine_decay or constant")
+    per_cycle = decay_epochs * steps_per_epoch
+    cycle, j = divmod(i, per_cycle) if per_cycle else (num_cycles, 0)
+    main_steps = (epochs - warmup_epochs) * steps_per_epoch
+    if cycle >= num_cycles or i >= main_steps:
+        return min_lr
+    lr_max = lr * cycle_decay**cycle
+    t = min(j / steps_per_epoch, decay_epochs)
+    return min_lr + 0.5 * (lr_max - min_lr) * (1.0 + math.cos(math.pi * t / decay_epochs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Run plan: everything decided before any MindSpore work
+
+
+@dataclass
+class Plan:
+    args: argparse.Namespace
+    layout: Any  # BatchLayout
+    num_classes: int
+    train_index: Any
+    val_index: Any | None
+    num_samples: int  # train images used per epoch (all, or the first num_samples)
+    steps_per_epoch: int
+    total_steps: int  # schedule length: epoch_size epochs
+    stop_step: int  # where this invocation stops (max_steps or total)
+    recipe: dict
+    recipe_hash: str
+    ckpt_dir: Path
+
+
+def _check_supported(args: argparse.Namespace) -> list[str]:
+    """Settings this workload cannot honour are errors; ones that do not change the maths on
+    CPU are warnings (returned)."""
+    if args.model.startswith("volo") is False:
+        raise ConfigError(f"model {args.model!r} is not a VOLO model; this workload trains VOLO")
+    if args.opt not in ("adamw", "adam", "sgd", "momentum"):
+        raise ConfigError(f"opt {args.opt!r} is not supported here; use adamw, adam, momentum "
+                          "or sgd")
+    if args.loss != "CE":
+        raise ConfigError(f"loss {args.loss!r} is not supported here; use CE")
+    if args.scheduler not in ("cosine_decay", "warmup_cosine_decay", "constant"):
+        raise ConfigError(f"scheduler {args.scheduler!r} is not supported here; use "
+                          "cosine_decay (with warmup_epochs) or constant")
+    if args.warmup_epochs < 0 or args.epoch_size < 1:
+        raise ConfigError("epoch_size must be >= 1 and warmup_epochs >= 0")
+    if args.scheduler != "constant" and args.decay_epochs < 1:
+        raise ConfigError("decay_epochs must be >= 1 for cosine_decay")
+    warnings = []
+    if args.ema:
+        warnings.append("ema=True is not implemented by this workload; training without EMA")
+    if args.aug_repeats > 1:
+        warnings.append("aug_repeats is not implemented; ignored")
+    if args.clip_grad:
+        warnings.append("clip_grad is not implemented; ignored")
+    if args.layer_decay:
+        warnings.append("layer_decay is not implemented; ignored")
+    return warnings
+
+
+def make_plan(args: argparse.Namespace, world_size: int) -> Plan:
+    layout = resolve_layout(world_size, args.batch_size, args.gradient_accumulation_steps,
+                            args.global_batch)
+    train_index = scan_image_folder(Path(args.data_dir) / args.train_split)
+    val_index = None
+    if args.val_while_train:
+        val_index = scan_image_folder(Path(args.data_dir) / args.val_split)
+        if val_index.classes != train_index.classes:
+            raise DataError(f"class folders of {val_index.root} differ from {train_index.root}")
+    num_classes = args.num_classes or len(train_index.classes)
+    if num_classes < len(train_index.classes):
+        raise ConfigError(f"num_classes={num_classes} but {train_index.root} has "
+                          f"{len(train_index.classes)} class folders")
+    n = len(train_index) if args.num_samples is None else min(args.num_samples, len(train_index))
+    steps_per_epoch = n // layout.global_batch
+    if steps_per_epoch < 1:
+        raise LayoutError(f"{train_index.root} has {n} images, fewer than one global batch "
+                          f"({layout.global_batch})")
+    total = steps_per_epoch * args.epoch_size
+    stop = total if args.max_steps is None else min(total, args.max_steps)
+    recipe = recipe_dict(args, layout.global_batch)
+    return Plan(args, layout, num_classes, train_index, val_index, n, steps_per_epoch, total, stop,
+                recipe, recipe_hash(args, layout.global_batch), Path(args.ckpt_save_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# MindSpore pieces
+
+
+def _set_threads(n: int | None) -> None:
+    # Ray starts rank processes with OMP_NUM_THREADS=1; the rank's share of cores comes from
+    # FLEET_NUM_THREADS and must be set before MindSpore spins up its pools.
+    if n:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def _configure_mindspore(args: argparse.Namespace) -> None:
+    import mindspore as ms
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # the step functions are compiled with ms.jit
+    ms.set_device(args.device_target)
+    if args.num_threads:
+        ms.set_context(runtime_num_threads=args.num_threads)
+    if args.deterministic:
+        # not every backend accepts it; CPU kernels are deterministic for a fixed thread count
+        with contextlib.suppress(RuntimeError, ValueError, TypeError):
+            ms.set_deterministic(True)
+    ms.set_seed(args.seed)
+
+
+class Trainer:
+    """Model, optimizer and the compiled micro-step / update functions."""
+
+    def __init__(self, plan: Plan, world_size: int):
+        import mindspore as ms
+        from mindspore import nn, ops
+
+        from workloads.volo import create_model
+        from workloads.volo.distributed import MeanAllReduce
+
+        args = plan.args
+        self.ms, self.ops = ms, ops
+        overrides: dict[str, Any] = {}
+        if args.drop_rate is not None:
+            overrides["drop_rate"] = args.drop_rate
+        if args.drop_path_rate is not None:
+            overrides["drop_path_rate"] = args.drop_path_rate
+        try:
+            self.net = create_model(args.model, num_classes=plan.num_classes,
+                                    checkpoint_path=args.ckpt_path or None, **overrides)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"model {args.model!r}: {e}") from e
+        self.net.set_train(True)
+        params = self.net.trainable_params()
+        if args.weight_decay_filter in ("auto", "norm_and_bias"):
+            decay = [p for p in params if len(p.shape) > 1 and "bias" not in p.name]
+            no_decay = [p for p in params if not (len(p.shape) > 1 and "bias" not in p.name)]
+            groups: Any = [{"params": decay, "weight_decay": args.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}]
+        else:
+            groups = params
+        lr0 = ms.Tensor(args.lr, ms.float32)
+        if args.opt == "adamw":
+            self.opt = nn.AdamWeightDecay(groups, learning_rate=lr0, weight_decay=args.weight_decay,
+                                          eps=1e-8)
+        elif args.opt == "adam":
+            self.opt = nn.Adam(groups, learning_rate=lr0, weight_decay=args.weight_decay)
+        else:
+            self.opt = nn.Momentum(groups, learning_rate=lr0,
+                                   momentum=args.momentum if args.opt == "momentum" else 0.0,
+                                   weight_decay=args.weight_decay, use_nesterov=args.use_nesterov)
+        self.reducer = MeanAllReduce(world_size)
+        net, opt = self.net, self.opt
+
+        def loss_fn(x, t):
+            logp = ops.log_softmax(net(x), -1)
+            return -(logp * t).sum(-1).mean()
+
+        grad_fn = ms.value_and_grad(loss_fn, None, opt.parameters)
+
+        def micro(x, t):
+            return grad_fn(x, t)
+
+        def update(grads):
+            return opt(grads)
+
+        compiled = args.mode == 0
+        self._micro = ms.jit(micro) if compiled else micro
+        self._update = ms.jit(update) if compiled else update
+
+    # -- state -----------------------------------------------------------------------------
+    def state_params(self) -> list:
+        """Model parameters (their own names, so validate/export load them directly) plus the
+        optimizer's state (moments, step counter, LR); BN running stats included."""
+        seen, out = set(), []
+        for p in list(self.net.get_parameters()) + list(self.opt.get_parameters()):
+            if p.name not in seen:
+                seen.add(p.name)
+                out.append(p)
+        return out
+
+    def load(self, model_ckpt: Path) -> None:
+        ms = self.ms
+        data = ms.load_checkpoint(str(model_ckpt))
+        missing = [p.name for p in self.state_params() if p.name not in data]
+        if missing:
+            raise CheckpointError(f"{model_ckpt} lacks {len(missing)} parameters "
+                                  f"(e.g. {', '.join(missing[:3])}); it was made by another model")
+        for p in self.state_params():
+            p.set_data(data[p.name])
+
+    def set_lr(self, lr: float) -> None:
+        self.opt.learning_rate.set_data(self.ms.Tensor(lr, self.ms.float32))
+
+    # -- one optimizer step ----------------------------------------------------------------
+    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        ms = self.ms
+        acc = None
+        loss_sum = 0.0
+        for x, t in micro_batches:
+            loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
+            loss_sum += float(loss.asnumpy())
+            acc = list(grads) if acc is None else [a + g for a, g in zip(acc, grads, strict=True)]
+        a = len(micro_batches)
+        mean_loss = ms.Tensor(np.array([loss_sum / a], np.float32))
+        reduced = self.reducer([g / a for g in acc] + [mean_loss])
+        self._update(ms.mutable(tuple(reduced[:-1])))  # mutable: no recompile per step
+        return float(reduced[-1].asnumpy()[0])
+
+    def evaluate(self, dataset: Any, source: Any) -> tuple[float, float, float, int]:
+        """(top1, top5, loss, images) over all ranks' shards."""
+        ms = self.ms
+        self.net.set_train(False)
+        stats = np.zeros(4, np.float64)  # correct1, correct5, loss sum, count
+        try:
+            for images, labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
+                logits = self.net(ms.Tensor(images)).asnumpy().astype(np.float64)
+                stats += _batch_stats(logits, labels)
+        except RuntimeError as e:
+            if source.error is not None:
+                raise source.error from e
+            raise
+        finally:
+            self.net.set_train(True)
+        if self.reducer.world_size > 1:
+            red = self.reducer([ms.Tensor(stats.astype(np.float32))])[0]
+            stats = red.asnumpy().astype(np.float64) * self.reducer.world_size
+        n = max(stats[3], 1.0)
+        return stats[0] / n * 100.0, stats[1] / n * 100.0, stats[2] / n, int(round(stats[3]))
+
+
+def _batch_stats(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    loss = -logp[np.arange(len(labels)), labels].sum()
+    k = min(5, logits.shape[-1])
+    topk = np.argsort(-logits, -1)[:, :k]
+    c1 = (topk[:, 0] == labels).sum()
+    c5 = (topk == labels[:, None]).any(-1).sum()
+    return np.array([c1, c5, loss, len(labels)], np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def _resume(plan: Plan, trainer: Trainer, rank_world: int) -> int:
+    args = plan.args
+    if args.resume == "never":
+        return 0
+    if args.resume != "auto":
+        path = Path(args.resume)
+        from workloads.volo.checkpoint import verify
+
+        reason = verify(path)
+        if reason is not None:
+            raise CheckpointError(f"--resume {path}: {reason}")
+    else:
+        path = latest_valid(plan.ckpt_dir, warn=lambda m: log(f"warning: {m}"))
+        if path is None:
+            return 0
+    state = read_state(path)
+    check_resumable(state, path, plan.recipe_hash, plan.recipe, args.force)
+    trainer.load(path / "model.ckpt")
+    log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, "
+        f"world size {state.world_size} -> {rank_world}")
+    return state.step
+
+
+def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
+    args, lay = plan.args, plan.layout
+    trainer = Trainer(plan, world_size)
+    start = _resume(plan, trainer, world_size)
+    sampler = GlobalBatchSampler(plan.num_samples, lay, args.seed, args.shuffle)
+    augment = TrainAugment(
+        image_size=args.image_resize, scale=tuple(args.scale), ratio=tuple(args.ratio),
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.auto_augment, interpolation=args.interpolation,
+        mean=tuple(args.mean), std=tuple(args.std), re_prob=args.re_prob,
+        re_scale=tuple(args.re_scale), re_ratio=tuple(args.re_ratio),
+        re_max_attempts=args.re_max_attempts)
+    lr_kw = dict(steps_per_epoch=plan.steps_per_epoch, lr=args.lr, scheduler=args.scheduler,
+                 min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+                 warmup_factor=args.warmup_factor, decay_epochs=args.decay_epochs,
+                 epochs=args.epoch_size, num_cycles=args.num_cycles, cycle_decay=args.cycle_decay)
+
+    ckpt = CheckpointManager(plan.ckpt_dir, keep_last=max(1, args.keep_checkpoint_max),
+                             on_saved=lambda ev: hb.emit("checkpoint", **ev))
+    if rank == 0:
+        ckpt.clean_stale()
+    hb.emit("start", world_size=world_size, micro_batch=lay.micro_batch,
+            grad_accum=lay.grad_accum, global_batch=lay.global_batch, resumed_step=start,
+            total_steps=plan.total_steps, stop_step=plan.stop_step)
+    log(f"rank {rank}/{world_size}: G={lay.global_batch} = {world_size} x {lay.micro_batch} x "
+        f"{lay.grad_accum}, {plan.steps_per_epoch} steps/epoch, steps {start}->{plan.stop_step}")
+
+    val = None
+    if plan.val_index is not None:
+        val = (plan.val_index, dict(image_size=args.image_resize, crop_pct=args.crop_pct,
+                                    interpolation=args.interpolation, mean=args.mean,
+                                    std=args.std, batch_size=max(lay.micro_batch, 32), rank=rank,
+                                    world_size=world_size,
+                                    num_workers=args.num_parallel_workers))
+    last_val: dict[str, float] = {}
+
+    def save(step: int, block: bool = False) -> None:
+        if rank != 0:
+            return
+        state = CheckpointState(
+            step=step, epoch=step // plan.steps_per_epoch,
+            samples_seen=step * lay.global_batch, global_batch=lay.global_batch,
+            world_size=world_size, micro_batch=lay.micro_batch, grad_accum=lay.grad_accum,
+            seed=args.seed, recipe_hash=plan.recipe_hash, model=args.model,
+            rng={"scheme": "counter", "sample": "numpy default_rng([seed, epoch, index])",
+                 "mix": f"numpy default_rng([seed, {_MIX_TAG}, step, chunk])",
+                 "order": "numpy default_rng([seed, epoch]).permutation"},
+            recipe=plan.recipe, top1=last_val.get("top1"), top5=last_val.get("top5"),
+            val_loss=last_val.get("loss"))
+        import mindspore as ms
+
+        params = trainer.state_params()
+        ckpt.save(state, lambda p: ms.save_checkpoint(params, str(p)), block=block)
+
+    def validate(step: int) -> None:
+        if val is None:
+            return
+        index, kw = val
+        ds, src = eval_dataset(index, **kw)
+        top1, top5, loss, n = trainer.evaluate(ds, src)
+        last_val.update(top1=top1, top5=top5, loss=loss)
+        hb.emit("val", step=step, top1=round(top1, 4), top5=round(top5, 4),
+                loss=round(loss, 6), images=n)
+
+    step = start
+    steps_saved_at = start
+    t_train = 0.0
+    while step < plan.stop_step:
+        epoch = step // plan.steps_per_epoch
+        seg_end = min((epoch + 1) * plan.steps_per_epoch, plan.stop_step)
+        stream = sampler.rank_stream(step, seg_end, rank)
+        ds, src = train_dataset(plan.train_index, stream, np.full(len(stream), epoch),
+                                augment, lay.micro_batch, args.seed,
+                                num_workers=args.num_parallel_workers)
+        it = ds.create_tuple_iterator(num_epochs=1, output_numpy=True)
+        try:
+            while step < seg_end:
+                t0 = time.perf_counter()
+                micro = []
+                for k in range(lay.grad_accum):
+                    images, labels = next(it)
+                    chunk = k * world_size + rank
+                    rng = np.random.default_rng([args.seed, _MIX_TAG, step, chunk])
+                    micro.append(mix_batch(images, labels.astype(np.int64), plan.num_classes,
+                                           args.label_smoothing, args.mixup, args.cutmix,
+                                           args.cutmix_prob, rng))
+                lr = lr_at(step, **lr_kw)
+                trainer.set_lr(lr)
+                loss = trainer.step(micro)
+                dt = time.perf_counter() - t0
+                t_train += dt
+                step += 1
+                fields: dict[str, Any] = dict(
+                    step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
+                    images_per_second=round(lay.global_batch / dt, 2),
+                    step_seconds=round(dt, 4), samples_seen=step * lay.global_batch)
+                if rank == 0:
+                    fields["sample_hash"] = sampler.sample_hash(sampler.step_indices(step - 1))
+                hb.emit("step", **fields)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr")
+                epoch_end = step % plan.steps_per_epoch == 0
+                ep_done = step // plan.steps_per_epoch
+                if epoch_end and ep_done % max(1, args.val_interval) == 0:
+                    validate(step)
+                by_steps = args.ckpt_save_steps and step % args.ckpt_save_steps == 0
+                by_epoch = (args.ckpt_save_steps is None and epoch_end
+                            and ep_done % max(1, args.ckpt_save_interval) == 0)
+                if (by_steps or by_epoch) and step < plan.stop_step:
+                    save(step)
+                    steps_saved_at = step
+        except RuntimeError as e:
+            if src.error is not None:
+                raise src.error from e
+            raise
+        finally:
+            del it
+    if step != steps_saved_at or not any(plan.ckpt_dir.glob("step-*")):
+        save(step, block=True)
+    ckpt.wait()
+    if rank == 0 and ckpt.saves:
+        log(f"checkpoint: {ckpt.saves} saves, training thread blocked "
+            f"{ckpt.total_blocking_seconds:.3f}s, writer busy {ckpt.total_save_seconds:.3f}s, "
+            f"train {t_train:.2f}s")
+    hb.emit("done", step=step, status="ok", train_seconds=round(t_train, 3),
+            ckpt_blocking_seconds=round(ckpt.total_blocking_seconds, 4),
+            ckpt_save_seconds=round(ckpt.total_save_seconds, 4), **(
+                {f"val_{k}": v for k, v in last_val.items()}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    hb: Heartbeat | None = None
+    try:
+        args = parse_args(argv)
+        env_override(args, os.environ)
+        _set_threads(args.num_threads)
+        warnings = _check_supported(args)
+        from workloads.volo.distributed import init_ranks, wants_cluster
+
+        world = int(os.environ.get("MS_WORKER_NUM", "1")) if wants_cluster(
+            args.distribute, os.environ) else 1
+        plan = make_plan(args, world)  # every check that can fail early, before joining
+        _configure_mindspore(args)
+        ranks = init_ranks()  # the MS_SCHED process stays in here until the job ends
+        if ranks.world_size != world:
+            raise ConfigError(f"MS_WORKER_NUM={world} but the cluster has {ranks.world_size} "
+                              "workers")
+        hb = Heartbeat(os.environ.get("FLEET_HEARTBEAT"), ranks.rank,
+                       int(os.environ.get("FLEET_ATTEMPT", "0")), echo=sys.stderr)
+        for w in warnings:
+            if ranks.rank == 0:
+                log(f"warning: {w}")
+        return run(plan, ranks.rank, ranks.world_size, hb)
+    except (ConfigError, DataError, LayoutError) as e:
+        log(f"error: {e}")
+        if hb is not None:
+            hb.emit("done", step=0, status="error", error=str(e))
+        return EXIT_CONFIG
+    except RecipeMismatchError as e:
+        log(f"error: {e}")
+        if hb is not None:
+            hb.emit("done", step=0, status="error", error=str(e))
+        return EXIT_RECIPE
+    except (CheckpointError, FloatingPointError) as e:
+        log(f"error: {e}")
+        if hb is not None:
+            hb.emit("done", step=0, status="error", error=str(e))
+        return 1
+    finally:
+        if hb is not None:
+            hb.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
