@@ -835,10 +835,11 @@ def release_idle_workers(kube: KubeClient, cluster: str, group: str,
 
 def keep_controller(ray_address: str, interval_s: float, alive_file: Path,
                     max_loops: int | None = None, stop: threading.Event | None = None,
-                    ensure_argv: list[str] | None = None) -> int:
-    """Run `fleet up --address ADDR` every interval: it starts the controller
-    actor only if it is missing (after a head restart), resuming its jobs."""
-    argv = ensure_argv or ["fleet", "up", "--address", ray_address]
+                    ensure_argv: list[str] | None = None, home: str = "/var/lib/fleet") -> int:
+    """Run `fleet --address ADDR --home HOME up` every interval: it pings the
+    controller actor and creates it only if it is missing (after a head restart);
+    the new actor resumes every job from the store under HOME (the head's volume)."""
+    argv = ensure_argv or ["fleet", "--address", ray_address, "--home", home, "up"]
     stop = stop or threading.Event()
     loops = failures = 0
     while not stop.is_set() and (max_loops is None or loops < max_loops):
@@ -880,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     keep = sub.add_parser("keep-controller", help="keep the controller actor running")
     keep.add_argument("--ray-address", required=True)
     keep.add_argument("--interval", type=float, default=15.0)
+    keep.add_argument("--home", default="/var/lib/fleet",
+                      help="the controller's state directory, on the head pod's volume")
     keep.add_argument("--alive-file", type=Path, default=Path("/tmp/keeper-alive"))  # noqa: S108
     keep.add_argument("--max-loops", type=int, default=None)
     prb = sub.add_parser("probe", help="exit 1 if the keeper loop is stuck")
@@ -893,7 +896,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.cmd == "keep-controller":
-        return keep_controller(args.ray_address, args.interval, args.alive_file, args.max_loops)
+        return keep_controller(args.ray_address, args.interval, args.alive_file, args.max_loops,
+                               home=args.home)
     if args.cmd == "probe":
         return probe(args.alive_file, args.max_age)
     try:

@@ -353,3 +353,23 @@ def test_in_cluster_config_uses_the_service_account(tmp_path, monkeypatch):
     assert cfg.host == "https://10.96.0.1:443" and cfg.ssl_ca_cert == str(ca)
     assert cfg.get_api_key_with_prefix("BearerToken").lower() == "bearer sa-token"
     assert kube.namespace == "team-a" and cfg.retries is False
+
+
+def test_watch_command_prints_failures_as_json_lines(fake, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = tmp_path / "config"
+    cfg.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{fake.url}"}}}}]
+users: [{{name: me, user: {{}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: me, namespace: {o.NAMESPACE}}}}}]
+current-context: fake
+""")
+    fake.put("pods", o.evicted("fleet-ray-npu-worker-a"))
+    rc = k8s.main(["watch", "--kubeconfig", str(cfg), "--raycluster", o.CLUSTER,
+                   "--seconds", "0.5"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 0
+    assert [(x["pod"], x["reason"]) for x in lines] == [("fleet-ray-npu-worker-a", "Evicted")]

@@ -251,8 +251,12 @@ def test_every_claim_exists_and_the_job_store_is_on_a_volume(rendered):
         env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
         mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
         state_volume = next(v for v in head["volumes"] if v["name"] == mounts[env[
-            "FLEET_STATE_DIR"]])
+            "FLEET_HOME"]])
         assert state_volume["persistentVolumeClaim"]["claimName"] == "fleet-state"
+        # The keeper creates the controller actor with that same home.
+        keeper_args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0][
+            "args"]
+        assert f"--home={env['FLEET_HOME']}" in keeper_args
 
 
 def test_network_policy_denies_by_default_and_allows_the_fleet(rendered):

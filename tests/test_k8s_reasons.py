@@ -141,3 +141,26 @@ def test_every_call_path_is_checked_against_required_rbac(monkeypatch):
     kube = k8s.KubeClient.for_url("http://127.0.0.1:9", "ns")
     with pytest.raises(AssertionError, match="delete pods is not in"):
         kube.call("delete", "pods", lambda **_: None)
+
+
+def test_keeper_command_is_one_the_fleet_cli_accepts(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from launcher import cli
+
+    seen: list[list[str]] = []
+
+    def fake_run(argv, **kwargs):
+        seen.append(argv)
+        return k8s.subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(k8s.subprocess, "run", fake_run)
+    k8s.main(["keep-controller", "--ray-address=ray://fleet-ray-head-svc:10001",
+              "--home=/var/lib/fleet", f"--alive-file={tmp_path / 'alive'}", "--max-loops=1"])
+    (argv,) = seen
+    assert argv == ["fleet", "--address", "ray://fleet-ray-head-svc:10001",
+                    "--home", "/var/lib/fleet", "up"]
+    # The same words, parsed by the real CLI (--help stops before any connection).
+    result = CliRunner().invoke(cli.cli, [*argv[1:], "--help"])
+    assert result.exit_code == 0, result.output
+    assert "or check --address" in result.output
