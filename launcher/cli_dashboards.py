@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 
 import click
 
+from launcher.metrics import serve_command
+
 DEFAULT_TOKEN_ENV = "GRAFANA_TOKEN"  # noqa: S105 - the variable's name, not a secret
 DASHBOARD_FILES = ("training.json", "fleet.json")
 
@@ -188,6 +190,14 @@ def plot_command(ctx: click.Context, job: str, out: Path | None) -> None:
     click.echo(f"wrote {result.path} ({result.width}x{result.height} px; points {summary})")
 
 
+@click.group("metrics")
+def metrics_group() -> None:
+    """Prometheus exporter for fleet metrics (what the controller serves)."""
+
+
+metrics_group.add_command(serve_command, "serve")
+
 # Names launcher/cli.py registers.
 dashboards = dashboards_group
 plot = plot_command
+metrics = metrics_group

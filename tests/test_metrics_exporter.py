@@ -269,3 +269,23 @@ def test_controller_exporter_survives_a_failing_controller(tmp_path):
         assert second[("fleet_queue_wait_seconds", (("job_name", "c-1"),))] == 9.0
     finally:
         exp.close()
+
+
+def test_metrics_serve_cli_serves_a_watched_job(tmp_path):
+    """`fleet metrics serve` in a real subprocess, bounded by --max-seconds."""
+    write_lines(tmp_path / "r0.jsonl", [start(1.0), step(2.0, 3)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.metrics", "--watch", f"cli-job={tmp_path}",
+         "--port", "0", "--max-seconds", "20"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving fleet metrics on http://127.0.0.1:"), line
+        url = line.split(" on ")[1].strip()
+        with urllib.request.urlopen(url, timeout=5) as r:
+            got = samples(r.read().decode())
+        assert got[("fleet_train_step", (("job_name", "cli-job"),))] == 3
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
