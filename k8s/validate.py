@@ -37,6 +37,7 @@ CRD_SCHEMAS = {
     ("ray.io/v1", "RayCluster"): "ray.io_v1_raycluster.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_v1_podmonitor.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_v1_servicemonitor.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_v1_prometheusrule.json",
 }
 ASCEND_RESOURCE = "huawei.com/Ascend910"
 # A mount path checked in manifests, not a file this process opens.

@@ -1,4 +1,4 @@
-"""The Grafana dashboards ConfigMap in k8s/ carries exactly the generated dashboards/*.json.
+"""k8s/ carries exactly the generated dashboards/*.json (ConfigMap) and alerts.yaml (PrometheusRule).
 
 kustomize will not read ../../dashboards/ (files outside a kustomization root are
 refused by default), so k8s/sync_dashboards.py keeps copies in k8s/base/dashboards/;
@@ -21,7 +21,7 @@ sync = importlib.util.module_from_spec(_spec)
 sys.modules["k8s_sync_dashboards"] = sync
 _spec.loader.exec_module(sync)
 
-MISSING = [n for n in sync.DASHBOARDS if not (sync.SOURCE_DIR / n).is_file()]
+MISSING = [n for n in (*sync.DASHBOARDS, sync.ALERTS) if not (sync.SOURCE_DIR / n).is_file()]
 
 
 @pytest.mark.skipif(bool(MISSING), reason=f"dashboards/{', '.join(MISSING)} not generated yet "
@@ -45,19 +45,28 @@ def test_rendered_configmap_carries_the_dashboards():
               == "fleet-grafana-dashboards")
     for name in sync.DASHBOARDS:
         assert json.loads(cm["data"][name]) == json.loads((sync.SOURCE_DIR / name).read_text())
+    rule = next(o for o in yaml.safe_load_all(out) if o and o["kind"] == "PrometheusRule")
+    alerts = yaml.safe_load((sync.SOURCE_DIR / sync.ALERTS).read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
 def test_check_mode_detects_drift(tmp_path, monkeypatch):
-    src, dst = tmp_path / "dashboards", tmp_path / "copies"
+    src, base = tmp_path / "dashboards", tmp_path / "base"
     src.mkdir()
+    base.mkdir()
     for name in sync.DASHBOARDS:
         (src / name).write_text(json.dumps({"title": name}) + "\n")
+    (src / sync.ALERTS).write_text("groups:\n- name: g\n  rules: []\n")
     monkeypatch.setattr(sync, "SOURCE_DIR", src)
-    monkeypatch.setattr(sync, "COPY_DIR", dst)
+    monkeypatch.setattr(sync, "BASE_DIR", base)
+    monkeypatch.setattr(sync, "COPY_DIR", base / "dashboards")
     assert sync.main(["--check"]) == 1  # no copies yet
     assert sync.main([]) == 0
     assert sync.main(["--check"]) == 0
     (src / "fleet.json").write_text('{"title": "changed"}\n')
-    assert sync.stale_copies() == ["fleet.json"]
+    assert sync.stale_copies() == ["dashboards/fleet.json"]
+    (src / sync.ALERTS).write_text("groups:\n- name: other\n  rules: []\n")
+    assert sync.stale_copies() == ["dashboards/fleet.json", sync.RULE_FILE]
     (src / "fleet.json").unlink()
     assert sync.main(["--check"]) == 2  # a missing source is an error, not "in sync"

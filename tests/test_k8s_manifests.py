@@ -50,7 +50,8 @@ def test_overlay_passes_schemas_and_policy(overlay):
     assert problems == []
     kinds = sorted({o["kind"] for o in objects})
     assert kinds == ["ConfigMap", "Deployment", "Namespace", "NetworkPolicy",
-                     "PersistentVolumeClaim", "PodMonitor", "RayCluster", "Role", "RoleBinding",
+                     "PersistentVolumeClaim", "PodMonitor", "PrometheusRule", "RayCluster", "Role",
+                     "RoleBinding",
                      "Service", "ServiceAccount", "ServiceMonitor"]
 
 
