@@ -223,6 +223,14 @@ def test_services_and_monitors_point_at_real_ports(rendered):
         metrics_svc["metadata"]["labels"].items()
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= \
         {p["name"] for p in metrics_svc["spec"]["ports"]}
+    assert {"metrics", "fleet-metrics"} <= {e["port"] for e in sm["spec"]["endpoints"]}
+    head_env = {e["name"]: e.get("value") for e in head_c["env"]}
+    assert head_env["FLEET_METRICS_HOST"] == "0.0.0.0"
+    fleet_port = next(p for p in head_c["ports"] if p["name"] == "fleet-metrics")
+    assert str(fleet_port["containerPort"]) == head_env["FLEET_METRICS_PORT"]
+    from launcher.metrics import DEFAULT_PORT
+
+    assert fleet_port["containerPort"] == DEFAULT_PORT  # the exporter's own default
     pm = one(objects, "PodMonitor")
     assert pm["spec"]["selector"]["matchLabels"]["ray.io/cluster"] == rc["metadata"]["name"]
     assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= \
@@ -266,7 +274,7 @@ def test_network_policy_denies_by_default_and_allows_the_fleet(rendered):
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     scrape = one(objects, "NetworkPolicy", "allow-prometheus-scrape")
     ports = {p["port"] for rule in scrape["spec"]["ingress"] for p in rule["ports"]}
-    assert ports == {8080}
+    assert ports == {8080, 9464}
 
 
 def test_dashboards_configmap_is_labelled_for_the_grafana_sidecar(rendered):
