@@ -301,3 +301,24 @@ def test_dockerfile_matches_the_pods():
     assert f"=={ray_version}" in text
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"ray=={ray_version}"' in pyproject  # image, manifests and package agree
+
+
+@pytest.mark.parametrize("overlay", validate.OVERLAYS)
+def test_ray_start_in_a_real_shell_parses_the_advertised_npus(rendered, overlay):
+    """What a worker pod runs: KubeRay writes ` --resources=<value> ` into the
+    `ray start` line of `bash -lc`; bash splits it, Ray's own parser reads it."""
+    import subprocess
+
+    from ray._private.utils import parse_resources_json
+    from ray.autoscaler._private.cli_logger import cf, cli_logger
+
+    rc = one(rendered[overlay], "RayCluster")
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    value = group["rayStartParams"]["resources"]
+    line = f"printf '%s\\n' ray start  --resources={value}  --block"
+    words = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert words[0:2] == ["ray", "start"] and words[3] == "--block", words
+    parsed = parse_resources_json(words[2].removeprefix("--resources="), cli_logger, cf)
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert parsed == {"NPU": limits.get("huawei.com/Ascend910", 2)}
