@@ -229,8 +229,11 @@ class KubeClient:
         return cls.for_configuration(configuration, namespace, retry)
 
     def call(self, verb: str, resource: str, fn: Callable[..., Any], *args: Any,
-             group: str = "", **kwargs: Any) -> Any:
-        """Run one API call under the retry policy; raw urllib3 response back."""
+             group: str = "", stream: bool = False, **kwargs: Any) -> Any:
+        """Run one API call under the retry policy.
+
+        Returns the decoded JSON body, or with stream=True the open urllib3
+        response (a watch); the caller then releases it."""
         from kubernetes.client.exceptions import ApiException
 
         if not any(r.group == group and r.resource == resource and verb in r.verbs
@@ -242,7 +245,14 @@ class KubeClient:
         last: str = ""
         for attempt in range(self.retry.attempts):
             try:
-                return fn(*args, _preload_content=False, **kwargs)
+                resp = fn(*args, _preload_content=False, **kwargs)
+                if stream:
+                    return resp
+                try:
+                    # Read inside the loop: a body that stalls is a timeout like any other.
+                    return json.loads(resp.data)
+                finally:
+                    resp.release_conn()
             except ApiException as exc:
                 detail = _status_message(exc.body) or str(exc.reason)
                 if exc.status == 403:
@@ -266,33 +276,25 @@ class KubeClient:
             f"{verb} {resource} in namespace {self.namespace} failed "
             f"{self.retry.attempts} times; last error: {last}")
 
-    def call_json(self, verb: str, resource: str, fn: Callable[..., Any], *args: Any,
-                  group: str = "", **kwargs: Any) -> dict[str, Any]:
-        resp = self.call(verb, resource, fn, *args, group=group, **kwargs)
-        try:
-            return json.loads(resp.data)
-        finally:
-            resp.release_conn()
-
     # -- the calls REQUIRED_RBAC lists
 
     def list_cluster_pods(self, cluster: str, group: str | None = None) -> list[dict[str, Any]]:
         return self.list_pods(_selector(cluster, group))["items"]
 
     def list_pods(self, label_selector: str | None = None) -> dict[str, Any]:
-        return self.call_json("list", "pods", self.core.list_namespaced_pod, self.namespace,
+        return self.call("list", "pods", self.core.list_namespaced_pod, self.namespace,
                               label_selector=label_selector)
 
     def get_pod(self, name: str) -> dict[str, Any]:
-        return self.call_json("get", "pods", self.core.read_namespaced_pod, name, self.namespace)
+        return self.call("get", "pods", self.core.read_namespaced_pod, name, self.namespace)
 
     def get_raycluster(self, name: str) -> dict[str, Any]:
-        return self.call_json("get", RAY_PLURAL, self.custom.get_namespaced_custom_object,
+        return self.call("get", RAY_PLURAL, self.custom.get_namespaced_custom_object,
                               RAY_GROUP, RAY_VERSION, self.namespace, RAY_PLURAL, name,
                               group=RAY_GROUP)
 
     def patch_raycluster(self, name: str, merge_patch: dict[str, Any]) -> dict[str, Any]:
-        return self.call_json("patch", RAY_PLURAL, self.custom.patch_namespaced_custom_object,
+        return self.call("patch", RAY_PLURAL, self.custom.patch_namespaced_custom_object,
                               RAY_GROUP, RAY_VERSION, self.namespace, RAY_PLURAL, name,
                               merge_patch, group=RAY_GROUP)
 
@@ -524,7 +526,7 @@ class ResourceWatch:
         self.stats = WatchStats()
 
     def _list(self) -> Iterator[WatchEvent]:
-        body = self.kube.call_json("list", self.resource, self.list_fn, self.kube.namespace,
+        body = self.kube.call("list", self.resource, self.list_fn, self.kube.namespace,
                                    label_selector=self.label_selector,
                                    field_selector=self.field_selector)
         self.stats.lists += 1
@@ -539,7 +541,7 @@ class ResourceWatch:
     def _open(self) -> Any:
         connect, read = self.kube.retry.request_timeout
         return self.kube.call(
-            "watch", self.resource, self.list_fn, self.kube.namespace,
+            "watch", self.resource, self.list_fn, self.kube.namespace, stream=True,
             label_selector=self.label_selector, field_selector=self.field_selector,
             watch=True, allow_watch_bookmarks=True, resource_version=self.resource_version,
             timeout_seconds=self.watch_seconds,
@@ -747,18 +749,30 @@ def _group_index(cluster: Mapping[str, Any], group: str) -> int:
 
 
 def _patch_group(kube: KubeClient, cluster: str, group: str,
-                 change: Callable[[dict[str, Any]], None], max_conflicts: int = 5) -> ScaleResult:
-    """Re-read, change one worker group, write back guarded by resourceVersion.
+                 plan: Callable[[dict[str, Any]], dict[str, Any]],
+                 max_conflicts: int = 5) -> ScaleResult:
+    """Set fields of one worker group, guarded by resourceVersion.
 
-    The merge patch carries metadata.resourceVersion, so a concurrent writer
-    (KubeRay's autoscaler, another controller) yields 409 instead of a lost
-    update, and the change is re-applied to the fresh object."""
+    `plan` sees the group as first read and returns the fields to set, once:
+    the values are absolute, so re-applying them after a 409 (KubeRay bumps the
+    resourceVersion with every status update) or after a PATCH that timed out
+    but had landed cannot grow or shrink the group twice. The merge patch
+    carries metadata.resourceVersion, so a concurrent writer yields 409 instead
+    of a lost update; the fields are then applied to the fresh object."""
+    desired: dict[str, Any] | None = None
+    before = 0
     for attempt in range(1, max_conflicts + 1):
         obj = kube.get_raycluster(cluster)
         groups = copy.deepcopy(obj["spec"]["workerGroupSpecs"])
         index = _group_index(obj, group)
-        before = int(groups[index].get("replicas", 0))
-        change(groups[index])
+        if desired is None:
+            before = int(groups[index].get("replicas", 0))
+            desired = plan(groups[index])
+        for key, value in desired.items():
+            if isinstance(value, dict):
+                groups[index].setdefault(key, {}).update(value)
+            else:
+                groups[index][key] = value
         patch = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
                  # A merge patch replaces lists whole: send every group.
                  "spec": {"workerGroupSpecs": groups}}
@@ -781,14 +795,14 @@ def scale_worker_group(kube: KubeClient, cluster: str, group: str, replicas: int
     if replicas < 0:
         raise ValueError(f"replicas must be >= 0, got {replicas}")
 
-    def change(g: dict[str, Any]) -> None:
+    def plan(g: dict[str, Any]) -> dict[str, Any]:
         low, high = _bounds(g)
         if not low <= replicas <= high:
             raise ValueError(f"replicas {replicas} for worker group {group!r} is outside "
                              f"minReplicas..maxReplicas = {low}..{high} of RayCluster {cluster}")
-        g["replicas"] = replicas
+        return {"replicas": replicas}
 
-    return _patch_group(kube, cluster, group, change)
+    return _patch_group(kube, cluster, group, plan)
 
 
 def request_workers(kube: KubeClient, cluster: str, group: str, count: int) -> ScaleResult:
@@ -796,10 +810,10 @@ def request_workers(kube: KubeClient, cluster: str, group: str, count: int) -> S
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
 
-    def change(g: dict[str, Any]) -> None:
-        g["replicas"] = min(int(g.get("replicas", 0)) + count, _bounds(g)[1])
+    def plan(g: dict[str, Any]) -> dict[str, Any]:
+        return {"replicas": min(int(g.get("replicas", 0)) + count, _bounds(g)[1])}
 
-    return _patch_group(kube, cluster, group, change)
+    return _patch_group(kube, cluster, group, plan)
 
 
 def release_idle_workers(kube: KubeClient, cluster: str, group: str,
@@ -808,26 +822,25 @@ def release_idle_workers(kube: KubeClient, cluster: str, group: str,
     """Shrink the group by exactly these pods (KubeRay's scaleStrategy.workersToDelete),
     so an idle server goes, not a random busy one."""
     wanted = sorted(set(pod_names))
+    if not wanted:
+        raise ValueError("no pods to release")
     members = {p["metadata"]["name"] for p in kube.list_cluster_pods(cluster, group)}
     strangers = [n for n in wanted if n not in members]
     if strangers:
         raise ValueError(f"pods {strangers} are not workers of group {group!r} of RayCluster "
                          f"{cluster}")
-    if not wanted:
-        raise ValueError("no pods to release")
-    if watcher is not None:
-        watcher.expect_deletion(wanted)
 
-    def change(g: dict[str, Any]) -> None:
+    def plan(g: dict[str, Any]) -> dict[str, Any]:
         low, _ = _bounds(g)
         target = int(g.get("replicas", 0)) - len(wanted)
         if target < low:
             raise ValueError(f"releasing {len(wanted)} pods would leave {target} replicas in "
                              f"group {group!r}, below minReplicas {low}")
-        g["replicas"] = target
-        g.setdefault("scaleStrategy", {})["workersToDelete"] = wanted
+        return {"replicas": target, "scaleStrategy": {"workersToDelete": wanted}}
 
-    return _patch_group(kube, cluster, group, change)
+    if watcher is not None:
+        watcher.expect_deletion(wanted)
+    return _patch_group(kube, cluster, group, plan)
 
 
 # ---------------------------------------------------------------- command line

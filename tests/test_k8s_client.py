@@ -373,3 +373,23 @@ current-context: fake
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert rc == 0
     assert [(x["pod"], x["reason"]) for x in lines] == [("fleet-ray-npu-worker-a", "Evicted")]
+
+
+def test_a_body_that_stalls_after_the_headers_is_retried(fake, kube):
+    fake.put("rayclusters", o.raycluster())
+    fake.add_fault(Fault("GET", r"/rayclusters/", body_delay_s=1.0))  # read timeout 0.5 s
+    assert kube.get_raycluster(o.CLUSTER)["metadata"]["name"] == o.CLUSTER
+    assert len(fake.requests) == 2
+
+
+def test_a_patch_that_landed_but_timed_out_is_not_applied_twice(fake, kube):
+    fake.put("rayclusters", o.raycluster(replicas=2, max_replicas=8))
+    # The server applies the patch, then answers too late: the client retries
+    # the same guarded patch (409, stale resourceVersion), re-reads, and must
+    # not add the worker a second time.
+    fake.add_fault(Fault("PATCH", r"/rayclusters/", delay_after_s=1.0))
+    result = k8s.request_workers(kube, o.CLUSTER, "npu", 1)
+    assert (result.replicas_before, result.replicas) == (2, 3)
+    assert fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"][0]["replicas"] == 3
+    assert [r.method for r in fake.requests] == ["GET", "PATCH", "PATCH", "GET", "PATCH"]
+    assert fake.requests[2].status == 409  # the retried patch met the landed one

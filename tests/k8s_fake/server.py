@@ -89,6 +89,8 @@ class Fault:
     status: int | None = None
     body: dict | None = None
     delay_s: float = 0.0
+    delay_after_s: float = 0.0  # handle the request (a PATCH lands), then answer late
+    body_delay_s: float = 0.0  # send the headers, then stall before the body
     drop_after_events: int | None = None  # watch only: cut the stream after N events
     watch: bool | None = None  # None: any; True: watch requests only; False: non-watch only
     times: int = 1
@@ -215,10 +217,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
+        fault = getattr(self, "_fault", None)
+        if fault and fault.delay_after_s:
+            time.sleep(fault.delay_after_s)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if fault and fault.body_delay_s:
+            self.wfile.flush()
+            time.sleep(fault.body_delay_s)
         self.wfile.write(data)
         self._record.status = status
 
@@ -237,6 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.api.requests.append(self._record)
         is_watch = query.get("watch") == "true"
         fault = self.api._take_fault(method, url.path, is_watch)
+        self._fault = fault
         if fault and fault.delay_s:
             time.sleep(fault.delay_s)
         if fault and fault.status:
