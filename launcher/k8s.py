@@ -634,6 +634,7 @@ class PodWatcher:
         self._known_pods: dict[str, str | None] = {}  # name -> node
         self._expected_deletions: set[str] = set()
         self._threads: list[threading.Thread] = []
+        self._started_at = time.time()
         self.errors: list[BaseException] = []
 
     @property
@@ -646,6 +647,7 @@ class PodWatcher:
             self._expected_deletions.update(pod_names)
 
     def start(self) -> PodWatcher:
+        self._started_at = time.time()
         for name, target in (("pods", self._run_pods), ("events", self._run_events)):
             t = threading.Thread(target=self._guard, args=(target,), name=f"k8s-watch-{name}",
                                  daemon=True)
@@ -721,10 +723,35 @@ class PodWatcher:
     def _run_events(self) -> None:
         prefix = f"{self.cluster}-"
         for ev in self._events.events(self._stop):
+            if ev.type == "SYNCED":
+                continue
+            # Events outlive their pods by about an hour: a (re-)list must not
+            # report a death that happened long before this watcher started.
+            if ev.type == "LISTED" and _event_time(ev.object) < self._started_at - EVENT_SLACK_S:
+                continue
             failure = classify_event(ev.object)
             if failure is None or not failure.pod.startswith(prefix):
                 continue
             self._report(failure)
+
+
+# Clock skew between the API server and this pod that an event's time may show.
+EVENT_SLACK_S = 60.0
+
+
+def _event_time(event: Mapping[str, Any]) -> float:
+    """Unix time an event last happened (0.0 when it carries none)."""
+    import datetime as dt
+
+    series = event.get("series") or {}
+    for stamp in (series.get("lastObservedTime"), event.get("lastTimestamp"),
+                  event.get("eventTime"), (event.get("metadata") or {}).get("creationTimestamp")):
+        if stamp:
+            try:
+                return dt.datetime.fromisoformat(stamp).timestamp()
+            except ValueError:
+                continue
+    return 0.0
 
 
 # ---------------------------------------------------------------- scaling

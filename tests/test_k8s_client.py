@@ -393,3 +393,14 @@ def test_a_patch_that_landed_but_timed_out_is_not_applied_twice(fake, kube):
     assert fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"][0]["replicas"] == 3
     assert [r.method for r in fake.requests] == ["GET", "PATCH", "PATCH", "GET", "PATCH"]
     assert fake.requests[2].status == 409  # the retried patch met the landed one
+
+
+def test_old_events_found_at_startup_are_not_reported(fake, watcher):
+    fake.put("events", o.event("old", "fleet-ray-npu-worker-a", "Evicted", "an hour ago",
+                               age_s=3600))
+    fake.put("events", o.event("new", "fleet-ray-npu-worker-b", "Evicted", "just now",
+                               age_s=5))
+    watcher.start()
+    got = collect(watcher, 1)
+    assert [(f.pod, f.message) for f in got] == [("fleet-ray-npu-worker-b", "just now")]
+    assert list(watcher.failures(timeout=0.3)) == []

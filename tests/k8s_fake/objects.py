@@ -6,6 +6,8 @@ failure (field names and reasons as in the core/v1 API)."""
 from __future__ import annotations
 
 import copy
+import datetime
+import time
 from typing import Any
 
 CLUSTER = "fleet-ray"
@@ -96,7 +98,9 @@ def crash_loop(name: str) -> dict[str, Any]:
 
 
 def event(name: str, pod_name: str, reason: str, message: str, *, type_: str = "Warning",
-          host: str | None = None, kind: str = "Pod") -> dict[str, Any]:
+          host: str | None = None, kind: str = "Pod", age_s: float = 0.0) -> dict[str, Any]:
+    when = datetime.datetime.fromtimestamp(time.time() - age_s, datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
     return {"kind": "Event", "apiVersion": "v1",
             "metadata": {"name": name, "namespace": NAMESPACE},
             "involvedObject": {"kind": kind, "name": pod_name, "namespace": NAMESPACE,
@@ -104,7 +108,7 @@ def event(name: str, pod_name: str, reason: str, message: str, *, type_: str = "
             "reason": reason, "message": message, "type": type_,
             "source": {"component": "kubelet", "host": host} if host else
             {"component": "node-controller"},
-            "count": 1, "firstTimestamp": "2026-11-25T10:04:40Z"}
+            "count": 1, "firstTimestamp": when, "lastTimestamp": when}
 
 
 def raycluster(replicas: int = 2, min_replicas: int = 0, max_replicas: int = 4
