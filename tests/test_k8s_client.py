@@ -404,3 +404,53 @@ def test_old_events_found_at_startup_are_not_reported(fake, watcher):
     got = collect(watcher, 1)
     assert [(f.pod, f.message) for f in got] == [("fleet-ray-npu-worker-b", "just now")]
     assert list(watcher.failures(timeout=0.3)) == []
+
+
+# ---------------------------------------------------------------- controller facade
+
+
+def _ray_node(node_id, ip, host):
+    return {"NodeID": node_id, "Alive": True, "NodeManagerAddress": ip,
+            "NodeManagerHostname": host, "Resources": {"NPU": 8.0}}
+
+
+def test_facade_is_off_outside_kubernetes():
+    assert k8s.FleetK8s.from_env({}) is None
+
+
+def test_facade_traces_a_dead_ray_node_to_its_pod_and_reason(fake, kube):
+    import json
+
+    fake.put("rayclusters", o.raycluster(replicas=2))
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a", ip="10.42.0.11"))
+    fake.put("pods", o.pod("fleet-ray-npu-worker-b", ip="10.42.0.12"))
+    fleet = k8s.FleetK8s(kube, o.CLUSTER, watcher=k8s.PodWatcher(kube, o.CLUSTER,
+                                                                 watch_seconds=2))
+    fleet.watcher.start()
+    try:
+        mapping = fleet.remember_nodes([_ray_node("n-a", "10.42.0.11", "x"),
+                                        _ray_node("n-b", "10.42.0.12", "y")])
+        assert not mapping.unmatched_nodes
+        wait_until(lambda: fleet.watcher.stats["pods"].watches >= 1)
+        # The chip fails, the pod is gone before the controller asks.
+        fake.put("pods", o.device_unhealthy("fleet-ray-npu-worker-b"))
+        fake.delete("pods", "fleet-ray-npu-worker-b")
+        failure = fleet.why_node_died("n-b", wait_s=5)
+        assert failure is not None
+        assert (failure.pod, failure.reason, failure.node) == (
+            "fleet-ray-npu-worker-b", R.DEVICE_UNHEALTHY, "atlas-01")
+        assert fleet.why_node_died("n-a") is None
+        assert fleet.why_node_died("never-seen") is None
+        with pytest.raises(ValueError, match="call remember_nodes"):
+            fleet.release(["never-seen"])
+        result = fleet.release(["n-a"])
+        assert result.replicas == 1
+        group = fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"][0]
+        assert group["scaleStrategy"]["workersToDelete"] == ["fleet-ray-npu-worker-a"]
+        assert fleet.grow(2).replicas == 3
+        status = json.loads(json.dumps(fleet.status()))
+        assert status["worker_failures"]["fleet-ray-npu-worker-b"]["reason"] == \
+            "AscendDeviceUnhealthy"
+        assert status["watch_errors"] == []
+    finally:
+        fleet.close()
