@@ -1,6 +1,14 @@
 """Kubernetes side of the fleet controller (KubeRay RayCluster on Ascend nodes).
 
-What the controller calls:
+The controller's one-stop entry (None when not running on Kubernetes):
+
+    k8s = FleetK8s.from_env()             # FLEET_K8S_RAYCLUSTER / _NAMESPACE, set on the head pod
+    k8s.remember_nodes(ray.nodes())       # each scheduling pass, while nodes are alive
+    k8s.why_node_died(node_id, wait_s=5)  # WorkerFailure: OOMKilled, Evicted, NodeNotReady, ...
+    k8s.grow(1); k8s.release([node_id])   # patch the worker group's replicas
+    k8s.status()                          # JSON for `fleet status`
+
+The pieces under it, usable alone:
 
     kube = KubeClient.from_environment(namespace=None)     # in-cluster, else kubeconfig
     pods = map_ray_nodes_to_pods(ray.nodes(), kube.list_cluster_pods("fleet-ray"))

@@ -322,3 +322,15 @@ def test_ray_start_in_a_real_shell_parses_the_advertised_npus(rendered, overlay)
     parsed = parse_resources_json(words[2].removeprefix("--resources="), cli_logger, cf)
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert parsed == {"NPU": limits.get("huawei.com/Ascend910", 2)}
+
+
+def test_head_env_names_the_cluster_and_group_the_controller_manages(rendered):
+    for objects in rendered.values():
+        rc = one(objects, "RayCluster")
+        head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in head["env"]}
+        assert env["FLEET_K8S_RAYCLUSTER"] == rc["metadata"]["name"]
+        assert env["FLEET_K8S_WORKER_GROUP"] in {g["groupName"]
+                                                 for g in rc["spec"]["workerGroupSpecs"]}
+        ns = next(e for e in head["env"] if e["name"] == "FLEET_K8S_NAMESPACE")
+        assert ns["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
