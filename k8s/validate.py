@@ -48,15 +48,37 @@ class RenderError(RuntimeError):
     """kustomize is missing or failed on an overlay."""
 
 
+# `labels:` and `patches:` with targets in the kustomizations need kustomize v4.1+
+# (kubectl 1.21+ embeds it; Debian 12's kubernetes-client 1.20 is too old).
+MIN_KUSTOMIZE = (4, 1)
+
+
+def kustomize_version(version_json: str) -> tuple[int, ...] | None:
+    """The kustomize version `kubectl version --client -o json` reports, if any."""
+    try:
+        raw = json.loads(version_json).get("kustomizeVersion", "")
+    except ValueError:
+        return None
+    m = re.match(r"v?(\d+)\.(\d+)", raw or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@cache
 def kustomize_argv() -> list[str]:
-    """How to run kustomize here: `kubectl kustomize` (Debian: kubernetes-client) or `kustomize`."""
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
+    """How to run kustomize here: `kubectl kustomize` when its kustomize is new
+    enough, else a standalone `kustomize`."""
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        proc = subprocess.run([kubectl, "version", "--client", "-o", "json"],  # noqa: S603
+                              capture_output=True, text=True, timeout=30, check=False)
+        version = kustomize_version(proc.stdout)
+        if version is not None and version >= MIN_KUSTOMIZE:
+            return [kubectl, "kustomize"]
     if shutil.which("kustomize"):
         return ["kustomize", "build"]
     raise RenderError(
-        "neither kubectl nor kustomize is on PATH: install one "
-        "(Debian: apt-get install -y kubernetes-client)"
+        "no kustomize >= v4.1 found: install kubectl >= 1.21 (it embeds kustomize) "
+        "or a standalone kustomize binary"
     )
 
 
