@@ -187,7 +187,7 @@ def live(request, tmp_path_factory):
         run_job(driver, tmp, prom)
         prom.wait_for(f'fleet_job_state{{job_name="{JOB}",state="succeeded"}} == 1', timeout=30)
         time.sleep(3.0)  # a few more scrapes and rule evaluations
-        yield prom, t_start, time.time(), driver
+        yield prom, t_start, time.time(), driver, tmp
     finally:
         prom.stop()
         exporter.close()
@@ -382,7 +382,7 @@ def test_every_query_has_a_check():
 
 @pytest.mark.parametrize("key", sorted(CHECKS), ids=lambda k: f"{k[0]}:{k[1]}:{k[2]}")
 def test_panel_query_returns_plausible_series(live, key):
-    prom, t0, t1, driver = live
+    prom, t0, t1, driver, _ = live
     expr = dict(dashboard_queries())[key]
     result = prom.query_range(grafana_vars(expr), t0, t1, step=1.0)
     assert result, f"{key}: {expr!r} returned no series"
@@ -390,7 +390,7 @@ def test_panel_query_returns_plausible_series(live, key):
 
 
 def test_restart_annotation_and_job_variable(live):
-    prom, t0, t1, _ = live
+    prom, t0, t1, *_ = live
     d = json.loads((ROOT / "dashboards" / "training.json").read_text())
     (annotation,) = d["annotations"]["list"]
     marks = prom.query_range(grafana_vars(annotation["expr"]), t0, t1, step=1.0)
@@ -403,7 +403,7 @@ def test_restart_annotation_and_job_variable(live):
 
 @pytest.mark.parametrize("rule", alerts.RULES, ids=lambda r: r.name)
 def test_alert_signal_and_rule_evaluate(live, rule):
-    prom, t0, t1, _ = live
+    prom, t0, t1, *_ = live
     result = prom.query_range(rule.signal, t0, t1, step=1.0)
     assert result, f"{rule.name}: signal {rule.signal!r} returned no series"
     SIGNAL_CHECKS[rule.name](result)
@@ -419,3 +419,20 @@ def test_prometheus_loaded_and_evaluated_every_rule(live):
     for name, rule in loaded.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
         assert rule["state"] == "inactive", name
+
+
+def test_fleet_plot_draws_the_same_history(live, tmp_path):
+    """`fleet plot` and Prometheus read the same heartbeats: their last values agree."""
+    from launcher.metrics_history import RunHistory
+    from launcher.plot import render
+
+    prom, *_, tmp = live
+    history = RunHistory.load(JOB, tmp / "hb")
+    result = render(history, tmp_path / "run.png")
+    assert (result.width, result.height) == (1200, 900)
+    assert all(n > 0 for n in result.panels.values()), result.panels
+    (step,) = prom.query(f'fleet_train_step{{job_name="{JOB}"}}')
+    assert float(step["value"][1]) == max(e.step for e in history.events if e.kind == "step")
+    (lr,) = prom.query(f'fleet_train_lr{{job_name="{JOB}"}}')
+    assert float(lr["value"][1]) == pytest.approx(history.lr().y[-1])
+    assert len(history.restart_times()) == 1
