@@ -14,6 +14,7 @@ same choice kube-state-metrics made for Kubernetes Jobs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -351,13 +352,18 @@ def start_fleet_exporter(
     home: Path,
     list_jobs: Callable[[], list[dict[str, object]]],
     cluster: Callable[[], dict[str, object]] | None = None,
-    port: int = DEFAULT_PORT,
-    host: str = DEFAULT_HOST,
+    port: int | None = None,
+    host: str | None = None,
 ) -> MetricsExporter:
     """What the controller runs: every job under ``home``/jobs plus its own job table.
 
-    ``list_jobs``/``cluster`` are the controller's methods of the same names.
+    ``list_jobs``/``cluster`` are the controller's methods of the same names. Address:
+    arguments, else FLEET_METRICS_HOST / FLEET_METRICS_PORT (set in the k8s head pod,
+    where Prometheus scrapes the pod IP), else 127.0.0.1:9464.
     """
+    host = host or os.environ.get("FLEET_METRICS_HOST") or DEFAULT_HOST
+    if port is None:
+        port = int(os.environ.get("FLEET_METRICS_PORT") or DEFAULT_PORT)
     exporter = MetricsExporter(
         fleet=lambda: snapshot_from_controller(list_jobs(), cluster() if cluster else None)
     )
@@ -394,8 +400,21 @@ def _parse_watch(value: str) -> tuple[str, Path]:
     default=None,
     help="A fleet state directory: follow every job under HOME/jobs/ (new ones too).",
 )
-@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--host",
+    default=DEFAULT_HOST,
+    envvar="FLEET_METRICS_HOST",
+    show_default=True,
+    help="Address to bind (env FLEET_METRICS_HOST).",
+)
+@click.option(
+    "--port",
+    default=DEFAULT_PORT,
+    envvar="FLEET_METRICS_PORT",
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port (env FLEET_METRICS_PORT; 0 picks a free one).",
+)
 @click.option(
     "--devices-total",
     type=click.IntRange(0),

@@ -256,6 +256,7 @@ def test_controller_exporter_survives_a_failing_controller(tmp_path):
         return [{"id": "c-1", "state": "RUNNING", "created": 1.0, "restarts": 2}]
 
     exp = start_fleet_exporter(tmp_path, list_jobs, port=0)
+    assert exp._server.server_address[0] == "127.0.0.1"  # no FLEET_METRICS_HOST: loopback
     try:
         port = exp._server.server_address[1]
         url = f"http://127.0.0.1:{port}/metrics"
