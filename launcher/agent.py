@@ -1,0 +1,257 @@
+"""NodeAgent: runs the rank processes of one job on one node.
+
+One agent per placement-group bundle. It is a plain class (usable and testable
+without Ray) that the controller wraps with `ray.remote`. It
+
+* spawns the ranks (argv lists, each in its own session so a whole rank tree
+  can be signalled, with PDEATHSIG so ranks die with the agent),
+* watches them itself and tears the whole group down at the first failed exit
+  (MindSpore takes ~30-60 s to notice a dead peer - far too slow),
+* tails the per-rank heartbeat files and hands new events to the controller,
+* serves log chunks for `fleet logs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from launcher.ranks import RankSpec
+
+PR_SET_PDEATHSIG = 1
+MAX_EVENTS_PER_POLL = 2000
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # Linux only: if the agent dies (actor killed, node lost), its ranks get
+    # SIGKILL instead of lingering as orphans holding devices.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _Tail:
+    """Incremental reader of a JSON-lines file that tolerates a partial last line."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(1 << 20)
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        out = []
+        for ln in lines:
+            if not ln.strip():
+                continue
+            try:
+                ev = json.loads(ln)
+            except ValueError:
+                continue  # a torn or garbage line must not stop monitoring
+            if isinstance(ev, dict):
+                out.append(ev)
+        return out
+
+
+class NodeAgent:
+    def __init__(self, job_id: str, attempt: int, index: int):
+        self.job_id = job_id
+        self.attempt = attempt
+        self.index = index
+        self._ranks: list[RankSpec] = []
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._exits: dict[str, int] = {}
+        self._tails: dict[str, _Tail] = {}
+        self._last_hb: dict[str, float] = {}
+        self._events: deque[dict] = deque(maxlen=10_000)
+        self._status = "idle"
+        self._reason = ""
+        self._lock = threading.RLock()
+        self._monitor: threading.Thread | None = None
+        self._stopping = False
+        self._started_at = 0.0
+
+    # -- info --------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        node_id = ip = None
+        try:
+            import ray
+            ctx = ray.get_runtime_context()
+            node_id = ctx.get_node_id()
+            ip = ray.util.get_node_ip_address()
+        except Exception:  # noqa: S110 - works without Ray too (unit tests)
+            pass
+        return {"job": self.job_id, "attempt": self.attempt, "index": self.index,
+                "pid": os.getpid(), "node_id": node_id, "ip": ip or "127.0.0.1",
+                "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES")}
+
+    def free_port(self) -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0) if os.environ.get("FLEET_LOCAL", "1") == "1" else ("", 0))
+            return s.getsockname()[1]
+
+    # -- processes ---------------------------------------------------------
+    def start(self, ranks: list[dict]) -> dict[str, Any]:
+        with self._lock:
+            if self._procs:
+                return {"status": self._status, "already": True}
+            self._ranks = [RankSpec.from_dict(r) for r in ranks]
+            self._started_at = time.time()
+            for r in self._ranks:
+                Path(r.log).parent.mkdir(parents=True, exist_ok=True)
+                if r.heartbeat:
+                    Path(r.heartbeat).parent.mkdir(parents=True, exist_ok=True)
+                    self._tails[r.label] = _Tail(r.heartbeat)
+                env = dict(os.environ)
+                # Ray's own per-worker variables must not leak into the ranks' view of
+                # devices: the rank env decides.
+                env.update(r.env)
+                logf = open(r.log, "ab")  # noqa: SIM115 - handed to the child
+                try:
+                    p = subprocess.Popen(  # noqa: S603 - argv list, no shell
+                        r.argv, env=env, cwd=r.cwd or None, stdout=logf,
+                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        start_new_session=True, preexec_fn=_die_with_parent)
+                except OSError as e:
+                    logf.close()
+                    self._status, self._reason = "failed", f"{r.label}: cannot start: {e}"
+                    self._kill_all(grace=0)
+                    return {"status": self._status, "reason": self._reason}
+                logf.close()
+                self._procs[r.label] = p
+            self._status = "running"
+            self._monitor = threading.Thread(target=self._watch, daemon=True,
+                                             name=f"agent-{self.job_id}")
+            self._monitor.start()
+        return {"status": "running", "pids": {k: p.pid for k, p in self._procs.items()}}
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                if self._status != "running":
+                    return
+                failed = None
+                for label, p in self._procs.items():
+                    if label in self._exits:
+                        continue
+                    rc = p.poll()
+                    if rc is None:
+                        continue
+                    self._exits[label] = rc
+                    if rc != 0 and not self._stopping:
+                        failed = (label, rc)
+                workers = [r.label for r in self._ranks if r.rank is not None]
+                if failed:
+                    label, rc = failed
+                    why = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+                    self._status, self._reason = "failed", f"{label} exited with {why}"
+                    self._kill_all(grace=2.0)
+                    return
+                if workers and all(self._exits.get(w) == 0 for w in workers):
+                    self._status = "succeeded"
+                    # The scheduler normally exits with the workers; do not wait on it.
+                    self._kill_all(grace=5.0)
+                    return
+            time.sleep(0.2)
+
+    def _kill_all(self, grace: float) -> None:
+        live = {k: p for k, p in self._procs.items() if p.poll() is None}
+        for p in live.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while time.time() < deadline and any(p.poll() is None for p in live.values()):
+            time.sleep(0.05)
+        for k, p in live.items():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
+            self._exits.setdefault(k, p.returncode if p.returncode is not None else -9)
+
+    def stop(self, grace: float = 5.0, reason: str = "stopped") -> dict[str, Any]:
+        with self._lock:
+            self._stopping = True
+            if self._status == "running":
+                self._status, self._reason = "stopped", reason
+            self._kill_all(grace)
+        return self.poll()
+
+    # -- monitoring --------------------------------------------------------
+    def poll(self) -> dict[str, Any]:
+        with self._lock:
+            events: list[dict] = []
+            for label, t in self._tails.items():
+                new = t.read()
+                if new:
+                    self._last_hb[label] = time.time()
+                events += new
+            if len(events) > MAX_EVENTS_PER_POLL:
+                # Keep every non-step event and the newest step events.
+                keep = [e for e in events if e.get("event") != "step"]
+                steps = [e for e in events if e.get("event") == "step"]
+                events = keep + steps[-(MAX_EVENTS_PER_POLL - len(keep)):]
+            result = None
+            if self._status == "succeeded":
+                result = self._result()
+            return {"status": self._status, "reason": self._reason,
+                    "exits": dict(self._exits), "events": events,
+                    "last_heartbeat": dict(self._last_hb), "started": self._started_at,
+                    "result": result}
+
+    def _result(self) -> dict | None:
+        """The last JSON object line printed by rank 0 (validate's contract)."""
+        r0 = next((r for r in self._ranks if r.rank == 0), None)
+        if r0 is None:
+            return None
+        try:
+            with open(r0.log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                tail = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(tail):
+            line = line.strip()
+            if line.startswith("{") and line.endswith("}"):
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    return obj
+        return None
+
+    def read_log(self, label: str, offset: int = 0, limit: int = 1 << 20) -> dict[str, Any]:
+        r = next((r for r in self._ranks if r.label == label), None)
+        if r is None:
+            return {"error": f"no process {label}", "data": "", "offset": offset}
+        return read_file_chunk(r.log, offset, limit)
+
+
+def read_file_chunk(path: str, offset: int, limit: int = 1 << 20) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(limit)
+    except FileNotFoundError:
+        return {"data": "", "offset": offset, "missing": True}
+    return {"data": data.decode("utf-8", "replace"), "offset": offset + len(data)}

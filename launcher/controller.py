@@ -1,0 +1,698 @@
+"""The fleet controller: a named, detached Ray actor.
+
+Owns the job queue and the device ledger. All durable state lives in the store
+(SQLite); in memory there are only handles (placement groups, agents) that a
+restarted controller finds again by name. The loop is
+
+    observe (cluster nodes, agent polls) -> decide (policy, planner) -> act
+
+and every decision is written to the store before it is acted on, so a crash
+between the two is repaired on restart rather than lost.
+
+Elasticity (issue 6) slots in here: a failed attempt already re-plans on the
+devices free *now* (shrink, same global batch); growing back is a RUNNING ->
+RESIZING -> SCHEDULING transition decided in `_tick` when the planner finds a
+better plan for a running job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher import spec as specmod
+from launcher.checkpoints import select_checkpoint
+from launcher.lifecycle import HOLDS_DEVICES, TERMINAL, JobState
+from launcher.planner import ASCEND_910, FreePool, Plan, Request, Topology
+from launcher.ranks import attempt_dir, build_launch, default_ckpt_dir
+from launcher.scheduler import PriorityFifo, QueuedJob, schedule
+from launcher.store import JobRow, Store
+
+log = logging.getLogger("fleet.controller")
+
+CONTROLLER_NAME = "fleet-controller"
+NAMESPACE = "fleet"
+PG_READY_TIMEOUT_S = 120.0
+PROGRESS_FLUSH_S = 1.0
+
+S = JobState
+
+
+def agent_name(job_id: str, attempt: int, index: int) -> str:
+    return f"fleet-agent-{job_id}-a{attempt}-{index}"
+
+
+def pg_name(job_id: str, attempt: int) -> str:
+    return f"fleet-pg-{job_id}-a{attempt}"
+
+
+@dataclass
+class Runtime:
+    """In-memory handles of a job's current attempt."""
+
+    job_id: str
+    attempt: int
+    plan: Plan
+    pg: Any = None
+    agents: list = field(default_factory=list)
+    launched: bool = False
+    started: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.time)
+    progress: dict = field(default_factory=dict)
+    progress_dirty: bool = False
+    progress_flushed: float = 0.0
+    polling: bool = False
+
+
+def backoff_seconds(policy: dict, restarts: int) -> float:
+    base = float(policy.get("backoffSeconds", 2.0))
+    cap = float(policy.get("maxBackoffSeconds", 60.0))
+    delay = min(cap, base * (2 ** max(0, restarts - 1)))
+    # Jitter so that many jobs failing together (a node loss) do not retry in lockstep.
+    return delay * (1.0 + 0.25 * random.random())  # noqa: S311 - not crypto
+
+
+class Controller:
+    """Plain class; `actor_class()` wraps it as a Ray actor."""
+
+    def __init__(self, home: str, poll_interval: float = 0.25, backfill: bool = False,
+                 start_loop: bool = True):
+        import ray  # noqa: F401 - fail early if Ray is missing
+
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.home / "fleet.db")
+        self.poll_interval = poll_interval
+        self.policy = PriorityFifo(backfill=backfill)
+        self.runtimes: dict[str, Runtime] = {}
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._ticks = 0
+        self._last_error = ""
+        self.started = time.time()
+        self._recover()
+        self._thread = None
+        if start_loop:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="fleet-loop")
+            self._thread.start()
+
+    # ================================================================ API
+    def ping(self) -> dict[str, Any]:
+        return {"ok": True, "pid": os.getpid(), "home": str(self.home),
+                "started": self.started, "ticks": self._ticks, "error": self._last_error}
+
+    def submit(self, doc: dict, paths: dict) -> dict[str, Any]:
+        """Store a validated spec; returns its id (and step ids for a workflow)."""
+        job = specmod.parse_doc(doc, "<submitted>")  # never trust the client's validation
+        name = job.metadata.name
+        with self.lock:
+            if isinstance(job, specmod.Workflow):
+                parent = self.store.add_job(name, "Workflow", doc, {"workdir":
+                                            paths.get("workdir")}, job.spec.priority)
+                steps = {}
+                for i, step in enumerate(job.spec.steps):
+                    sp = step.spec.model_dump(by_alias=True, mode="json")
+                    ctx = dict(paths.get("steps", {}).get(step.name, {}))
+                    ctx.update(workdir=paths.get("workdir"), needs=list(step.needs),
+                               order=i)
+                    prio = job.spec.priority
+                    row = self.store.add_job(f"{name}-{step.name}", step.kind, sp, ctx, prio,
+                                             parent=parent.id, step=step.name)
+                    steps[step.name] = row.id
+                out = {"id": parent.id, "kind": "Workflow", "steps": steps}
+            else:
+                sp = job.spec.model_dump(by_alias=True, mode="json")
+                ctx = dict(paths.get("steps", {}).get(name, {}))
+                ctx["workdir"] = paths.get("workdir")
+                row = self.store.add_job(name, job.kind, sp, ctx, job.spec.priority)
+                out = {"id": row.id, "kind": job.kind}
+        self._wake.set()
+        return out
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        job = self.store.get_job(job_id)
+        if job is None:
+            return None
+        d = job.to_dict()
+        d.pop("spec", None)
+        d["attempts"] = [a.to_dict() for a in self.store.attempts(job_id)]
+        d["events"] = self.store.events(job_id)[-50:]
+        if job.kind == "Workflow":
+            d["steps"] = [self.status(c.id) for c in self.store.jobs(parent=job_id)]
+        rt = self.runtimes.get(job_id)
+        if rt is not None and rt.progress:
+            d["progress"] = dict(rt.progress)
+        return d
+
+    def list_jobs(self, include_done: bool = True) -> list[dict[str, Any]]:
+        out = []
+        for j in self.store.jobs(top_level=True):
+            if not include_done and j.state in TERMINAL:
+                continue
+            d = j.to_dict()
+            d.pop("spec", None)
+            rt = self.runtimes.get(j.id)
+            if rt is not None and rt.progress:
+                d["progress"] = dict(rt.progress)
+            att = self.store.open_attempt(j.id) or next(
+                iter(reversed(self.store.attempts(j.id))), None)
+            d["devices"] = att.plan.get("devices") if att else None
+            out.append(d)
+        return out
+
+    def cluster(self) -> dict[str, Any]:
+        nodes = self._cluster_nodes()
+        pool = self._pool(nodes)
+        total = sum(len(c) for c in nodes.values())
+        return {"nodes": len(nodes), "devices": total, "free": pool.total_free(),
+                "whole_free_nodes": pool.whole_nodes(),
+                "queued": len([j for j in self.store.jobs({S.PENDING, S.RESTARTING})])}
+
+    def cancel(self, job_id: str, reason: str = "cancelled by user") -> dict[str, Any]:
+        job = self.store.get_job(job_id)
+        if job is None:
+            return {"error": f"no job {job_id}"}
+        if job.state in TERMINAL:
+            return {"id": job_id, "state": str(job.state), "already": True}
+        with self.lock:
+            if job.kind == "Workflow":
+                for c in self.store.jobs(parent=job_id):
+                    if c.state not in TERMINAL:
+                        self._cancel_one(c.id, reason)
+            self._cancel_one(job_id, reason)
+        self._wake.set()
+        return {"id": job_id, "state": str(self.store.get_job(job_id).state)}
+
+    def read_log(self, job_id: str, label: str = "rank-0", offset: int = 0,
+                 attempt: int | None = None) -> dict[str, Any]:
+        from launcher.agent import read_file_chunk
+
+        atts = self.store.attempts(job_id)
+        if not atts:
+            return {"data": "", "offset": offset, "missing": True, "attempt": None}
+        att = next((a for a in atts if a.n == attempt), atts[-1]) if attempt else atts[-1]
+        path = attempt_dir(self.home, job_id, att.n) / f"{label}.log"
+        if path.exists():
+            out = read_file_chunk(str(path), offset)
+        else:
+            # Ranks on another machine without a shared volume: ask their agent.
+            out = {"data": "", "offset": offset, "missing": True}
+            rt = self.runtimes.get(job_id)
+            if rt is not None and rt.attempt == att.n:
+                import ray
+                for a in rt.agents:
+                    with contextlib.suppress(Exception):
+                        r = ray.get(a.read_log.remote(label, offset), timeout=10)
+                        if "error" not in r:
+                            out = r
+                            break
+        out["attempt"] = att.n
+        return out
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    # ================================================================ loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+                self._last_error = ""
+            except Exception as e:  # keep the control loop alive; surface in ping()
+                self._last_error = f"{type(e).__name__}: {e}"
+                log.exception("controller tick failed")
+            self._ticks += 1
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        self._poll_running()
+        self._advance_workflows()
+        self._schedule()
+
+    # ---------------------------------------------------------------- cluster
+    def _cluster_nodes(self) -> dict[str, list[int]]:
+        import ray
+        out = {}
+        for n in ray.nodes():
+            if not n.get("Alive"):
+                continue
+            npus = int(n.get("Resources", {}).get("NPU", 0))
+            if npus > 0:
+                out[n["NodeID"]] = list(range(npus))
+        return out
+
+    def _topology(self, nodes: dict[str, list[int]]) -> Topology:
+        sizes = {len(c) for c in nodes.values()}
+        if not sizes or sizes == {8}:
+            return ASCEND_910
+        n = max(sizes)
+        return Topology(n, 4 if n % 4 == 0 else n)
+
+    def _pool(self, nodes: dict[str, list[int]]) -> FreePool:
+        pool = FreePool.from_free(nodes, self._topology(nodes))
+        for job in self.store.jobs(set(HOLDS_DEVICES)):
+            att = self.store.open_attempt(job.id)
+            if att is None:
+                continue
+            plan = Plan.from_dict(att.plan)
+            for s in plan.slices:
+                if s.chips and s.node in nodes:
+                    with contextlib.suppress(ValueError):
+                        pool.take([s])
+        return pool
+
+    # ---------------------------------------------------------------- schedule
+    def _queued(self) -> list[QueuedJob]:
+        out = []
+        done_steps: dict[str, dict[str, JobState]] = {}
+        for j in self.store.jobs({S.PENDING, S.RESTARTING}):
+            if j.kind == "Workflow":
+                continue
+            if j.parent:
+                sib = done_steps.get(j.parent)
+                if sib is None:
+                    sib = {c.step: c.state for c in self.store.jobs(parent=j.parent)}
+                    done_steps[j.parent] = sib
+                if any(sib.get(n) != S.SUCCEEDED for n in j.paths.get("needs", [])):
+                    continue  # waits for the steps it needs
+            out.append(QueuedJob(j.id, j.priority, j.seq, self._request(j),
+                                 self._job_topology(j), j.not_before))
+        return out
+
+    @staticmethod
+    def _request(j: JobRow) -> Request | None:
+        if j.kind == "ExportJob":
+            return None
+        if j.kind == "ValidateJob":
+            return Request(1, 1, 1, 1)
+        res = specmod.Resources.model_validate(j.spec.get("resources") or {})
+        lo, hi = res.device_range()
+        b = j.spec["batch"]
+        return Request(lo, hi, int(b["global"]), int(b["microBatchMax"]))
+
+    @staticmethod
+    def _job_topology(j: JobRow) -> Topology:
+        res = specmod.Resources.model_validate(j.spec.get("resources") or {})
+        return res.topology()
+
+    def _schedule(self) -> None:
+        with self.lock:
+            queue = self._queued()
+            if not queue:
+                return
+            nodes = self._cluster_nodes()
+            pool = self._pool(nodes)
+            decisions = schedule(queue, pool, time.time(), self.policy)
+            for qj, plan in decisions:
+                self._begin_attempt(qj.id, plan)
+
+    def _begin_attempt(self, job_id: str, plan: Plan) -> None:
+        job = self.store.get_job(job_id)
+        if job.kind in ("ValidateJob", "ExportJob") and job.parent:
+            err = self._resolve_step_checkpoint(job)
+            if err:
+                self.store.set_state(job_id, S.FAILED, err)
+                return
+            job = self.store.get_job(job_id)
+        att = self.store.add_attempt(job_id, plan.to_dict(), "")
+        name = pg_name(job_id, att.n)
+        self.store.set_state(job_id, S.SCHEDULING,
+                             f"attempt {att.n}: {plan.devices} devices on "
+                             f"{len(plan.slices)} node(s)")
+        rt = Runtime(job_id, att.n, plan)
+        self.runtimes[job_id] = rt
+        if job.parent:
+            self._parent_running(job.parent)
+        threading.Thread(target=self._start_attempt, args=(job, rt, name), daemon=True,
+                         name=f"start-{job_id}").start()
+
+    def _resolve_step_checkpoint(self, job: JobRow) -> str | None:
+        ref = job.spec.get("checkpoint") or {}
+        if not ref.get("fromStep"):
+            return None
+        src = next((c for c in self.store.jobs(parent=job.parent)
+                    if c.step == ref["fromStep"]), None)
+        if src is None:
+            return f"step {ref['fromStep']!r} not found"
+        ckpt_dir = src.paths.get("ckpt_dir") or str(default_ckpt_dir(self.home, src.id))
+        chosen = select_checkpoint(ckpt_dir, ref.get("select", "best"))
+        if chosen is None:
+            return f"no valid checkpoint in {ckpt_dir} (from step {ref['fromStep']!r})"
+        paths = dict(job.paths, ckpt_path=str(chosen))
+        self.store.update_job(job.id, paths=paths)
+        return None
+
+    def _bundles(self, job: JobRow, plan: Plan) -> list[dict[str, float]]:
+        cpd = float((job.spec.get("resources") or {}).get("cpusPerDevice", 1.0))
+        out = []
+        for s in plan.slices:
+            b: dict[str, float] = {"CPU": max(0.1, cpd * len(s.chips)) if s.chips else 0.5}
+            if s.chips:
+                b["NPU"] = float(len(s.chips))
+            out.append(b)
+        return out
+
+    def _start_attempt(self, job: JobRow, rt: Runtime, name: str) -> None:
+        """Runs on its own thread: placement group -> agents -> ranks."""
+        import ray
+        from ray.util import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from launcher.agent import NodeAgent
+
+        try:
+            bundles = self._bundles(job, rt.plan)
+            selectors = [{"ray.io/node-id": s.node} for s in rt.plan.slices]
+            strategy = "STRICT_SPREAD" if len(bundles) > 1 else "PACK"
+            pg = placement_group(bundles, strategy=strategy, name=name, lifetime="detached",
+                                 bundle_label_selector=selectors)
+            rt.pg = pg
+            with self.lock:
+                self.store.add_event(job.id, "placement_group", {"name": name,
+                                                                  "bundles": bundles})
+            ready, _ = ray.wait([pg.ready()], timeout=PG_READY_TIMEOUT_S)
+            if not ready:
+                raise RuntimeError(f"placement group not placed within "
+                                   f"{PG_READY_TIMEOUT_S:.0f}s")
+            agent_cls = ray.remote(NodeAgent)
+            agents = []
+            for i, b in enumerate(bundles):
+                opts: dict[str, Any] = dict(
+                    name=agent_name(job.id, rt.attempt, i), namespace=NAMESPACE,
+                    lifetime="detached", num_cpus=b["CPU"], max_restarts=0,
+                    max_concurrency=4,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
+                if "NPU" in b:
+                    opts["resources"] = {"NPU": b["NPU"]}
+                agents.append(agent_cls.options(**opts).remote(job.id, rt.attempt, i))
+            rt.agents = agents
+            infos = ray.get([a.info.remote() for a in agents], timeout=120)
+            port = ray.get(agents[0].free_port.remote(), timeout=30)
+            launches = build_launch(job_id=job.id, attempt=rt.attempt, kind=job.kind,
+                                    spec=job.spec, paths=job.paths, plan=rt.plan,
+                                    home=self.home, sched_host=infos[0]["ip"],
+                                    sched_port=port)
+            with self.lock:
+                cur = self.store.get_job(job.id)
+                if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
+                    raise _Aborted()
+            res = ray.get([a.start.remote([r.to_dict() for r in nl.ranks])
+                           for a, nl in zip(agents, launches, strict=True)], timeout=120)
+            bad = [r for r in res if r.get("status") == "failed"]
+            if bad:
+                raise RuntimeError(bad[0].get("reason", "rank start failed"))
+            with self.lock:
+                cur = self.store.get_job(job.id)
+                if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
+                    raise _Aborted()
+                rt.launched = True
+                rt.started = rt.last_heartbeat = time.time()
+                self.store.add_event(job.id, "launched", {
+                    "attempt": rt.attempt, "agents": infos,
+                    "ranks": sum(len(nl.ranks) for nl in launches)})
+                self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running")
+        except _Aborted:
+            self._teardown(rt)
+        except Exception as e:
+            log.warning("job %s attempt %s failed to start: %s", job.id, rt.attempt, e)
+            with self.lock:
+                if self.runtimes.get(job.id) is rt:
+                    self._attempt_failed(job.id, rt, f"start failed: {type(e).__name__}: {e}")
+                else:
+                    self._teardown(rt)
+        self._wake.set()
+
+    # ---------------------------------------------------------------- monitor
+    def _poll_running(self) -> None:
+        import ray
+
+        for job_id, rt in list(self.runtimes.items()):
+            if not rt.launched:
+                continue
+            futs = [a.poll.remote() for a in rt.agents]
+            results: list[dict | None] = []
+            lost = None
+            for i, f in enumerate(futs):
+                try:
+                    results.append(ray.get(f, timeout=10))
+                except ray.exceptions.GetTimeoutError:
+                    results.append(None)  # slow, not dead: try again next tick
+                except Exception as e:
+                    lost = f"agent {i} lost ({type(e).__name__}: node or actor died)"
+                    break
+            with self.lock:
+                if self.runtimes.get(job_id) is not rt:
+                    continue
+                job = self.store.get_job(job_id)
+                if job is None or job.state not in (S.RUNNING, S.RESIZING):
+                    continue
+                if lost:
+                    self._attempt_failed(job_id, rt, lost)
+                    continue
+                for r in results:
+                    if r:
+                        self._absorb(rt, r)
+                self._flush_progress(rt)
+                statuses = [r["status"] for r in results if r]
+                if any(s == "failed" for s in statuses):
+                    reason = next(r["reason"] for r in results if r and r["status"] == "failed")
+                    self._attempt_failed(job_id, rt, reason)
+                elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
+                    result = next((r["result"] for r in results if r and r.get("result")), None)
+                    self._attempt_succeeded(job_id, rt, result)
+                else:
+                    hang = float((job.spec.get("restart") or {}).get("hangTimeoutSeconds", 600))
+                    stalled = time.time() - rt.last_heartbeat
+                    if job.kind == "TrainJob" and stalled > hang:
+                        self._attempt_failed(job_id, rt,
+                                             f"heartbeat stalled for {stalled:.0f}s "
+                                             f"(hangTimeoutSeconds={hang:g})")
+
+    def _absorb(self, rt: Runtime, r: dict) -> None:
+        """Fold heartbeat events into the job's progress summary."""
+        p = rt.progress
+        if r.get("last_heartbeat"):
+            rt.last_heartbeat = max(rt.last_heartbeat, *r["last_heartbeat"].values())
+        for ev in r.get("events", []):
+            kind = ev.get("event")
+            if ev.get("rank", 0) != 0 and kind not in ("done",):
+                continue
+            rt.progress_dirty = True
+            p["ts"] = ev.get("ts")
+            if kind == "start":
+                for k in ("world_size", "micro_batch", "grad_accum", "global_batch",
+                          "resumed_step", "total_steps"):
+                    if k in ev:
+                        p[k] = ev[k]
+            elif kind == "step":
+                for k in ("step", "epoch", "loss", "lr", "images_per_second",
+                          "step_seconds", "samples_seen"):
+                    if k in ev:
+                        p[k] = ev[k]
+            elif kind == "checkpoint":
+                p["checkpoint_step"] = ev.get("step")
+                p["checkpoint_ok"] = ev.get("ok")
+                p["checkpoint_path"] = ev.get("path")
+            elif kind == "val":
+                for k in ("top1", "top5"):
+                    if k in ev:
+                        p[f"val_{k}"] = ev[k]
+            elif kind == "done":
+                p["done"] = ev.get("status")
+
+    def _flush_progress(self, rt: Runtime, force: bool = False) -> None:
+        if rt.progress_dirty and (force or time.time() - rt.progress_flushed > PROGRESS_FLUSH_S):
+            self.store.update_job(rt.job_id, progress=rt.progress)
+            rt.progress_dirty = False
+            rt.progress_flushed = time.time()
+
+    # ---------------------------------------------------------------- outcomes
+    def _attempt_succeeded(self, job_id: str, rt: Runtime, result: dict | None) -> None:
+        self._flush_progress(rt, force=True)
+        self.runtimes.pop(job_id, None)
+        self._teardown(rt)
+        self.store.end_attempt(job_id, rt.attempt, "succeeded")
+        fields = {"result": result} if result else {}
+        msg = "finished"
+        if result and "top1" in result:
+            msg = f"finished: top1={result['top1']}"
+        self.store.set_state(job_id, S.SUCCEEDED, msg, **fields)
+        self._wake.set()
+
+    def _attempt_failed(self, job_id: str, rt: Runtime, reason: str) -> None:
+        self._flush_progress(rt, force=True)
+        self.runtimes.pop(job_id, None)
+        self._teardown(rt)
+        self.store.end_attempt(job_id, rt.attempt, "failed", reason)
+        job = self.store.get_job(job_id)
+        if job.state in TERMINAL:
+            return
+        policy = job.spec.get("restart") or {}
+        max_restarts = int(policy.get("maxRestarts", 3))
+        if job.restarts < max_restarts:
+            n = job.restarts + 1
+            delay = backoff_seconds(policy, n)
+            self.store.set_state(job_id, S.RESTARTING,
+                                 f"attempt {rt.attempt} failed: {reason}; restart {n}/"
+                                 f"{max_restarts} in {delay:.1f}s",
+                                 restarts=n, not_before=time.time() + delay)
+        else:
+            history = "; ".join(f"#{a.n} {a.status}: {a.reason}"
+                                for a in self.store.attempts(job_id))
+            self.store.set_state(job_id, S.FAILED,
+                                 f"failed after {job.restarts} restart(s): {reason} "
+                                 f"[attempts: {history}]")
+        self._wake.set()
+
+    def _cancel_one(self, job_id: str, reason: str) -> None:
+        job = self.store.get_job(job_id)
+        if job is None or job.state in TERMINAL:
+            return
+        rt = self.runtimes.pop(job_id, None)
+        if rt is not None:
+            self._teardown(rt)
+            self.store.end_attempt(job_id, rt.attempt, "cancelled", reason)
+        self.store.set_state(job_id, S.CANCELLED, reason)
+
+    def _teardown(self, rt: Runtime) -> None:
+        """Stop ranks, kill agents, free the placement group. Best effort, bounded."""
+        import ray
+        from ray.util import remove_placement_group
+
+        stops = []
+        for a in rt.agents:
+            with contextlib.suppress(Exception):
+                stops.append(a.stop.remote(3.0))
+        if stops:
+            with contextlib.suppress(Exception):
+                ray.wait(stops, num_returns=len(stops), timeout=15)
+        for a in rt.agents:
+            with contextlib.suppress(Exception):
+                ray.kill(a, no_restart=True)
+        if rt.pg is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(rt.pg)
+        else:
+            self._remove_pg_by_name(pg_name(rt.job_id, rt.attempt))
+
+    @staticmethod
+    def _remove_pg_by_name(name: str) -> None:
+        from ray.util import get_placement_group, remove_placement_group
+        with contextlib.suppress(Exception):
+            remove_placement_group(get_placement_group(name))
+
+    # ---------------------------------------------------------------- workflows
+    def _parent_running(self, parent_id: str) -> None:
+        p = self.store.get_job(parent_id)
+        if p.state == S.PENDING:
+            self.store.set_state(parent_id, S.SCHEDULING)
+        p = self.store.get_job(parent_id)
+        if p.state == S.SCHEDULING:
+            self.store.set_state(parent_id, S.RUNNING, "steps running")
+
+    def _advance_workflows(self) -> None:
+        with self.lock:
+            for wf in self.store.jobs({S.PENDING, S.SCHEDULING, S.RUNNING}):
+                if wf.kind != "Workflow":
+                    continue
+                kids = self.store.jobs(parent=wf.id)
+                states = {k.step: k.state for k in kids}
+                if kids and all(s == S.SUCCEEDED for s in states.values()):
+                    summary = {k.step: k.result for k in kids if k.result}
+                    if wf.state == S.PENDING:
+                        self.store.set_state(wf.id, S.SCHEDULING)
+                    if self.store.get_job(wf.id).state == S.SCHEDULING:
+                        self.store.set_state(wf.id, S.RUNNING)
+                    self.store.set_state(wf.id, S.SUCCEEDED, "all steps succeeded",
+                                         result=summary)
+                    continue
+                bad = [k for k in kids if k.state in (S.FAILED, S.CANCELLED)]
+                if bad:
+                    for k in kids:
+                        if k.state not in TERMINAL:
+                            self._cancel_one(k.id, f"step {bad[0].step} {bad[0].state}")
+                    self.store.set_state(
+                        wf.id, S.FAILED,
+                        f"step {bad[0].step} {bad[0].state}: {bad[0].message}")
+
+    # ---------------------------------------------------------------- recovery
+    def _recover(self) -> None:
+        """Rebuild runtimes after a (re)start: reattach to live agents or restart."""
+        import ray
+
+        for job in self.store.jobs(set(HOLDS_DEVICES)):
+            att = self.store.open_attempt(job.id)
+            if att is None:
+                continue
+            plan = Plan.from_dict(att.plan)
+            rt = Runtime(job.id, att.n, plan)
+            if job.state == S.SCHEDULING:
+                # The start thread died with the old controller: undo and requeue.
+                rt.agents = self._find_agents(job.id, att.n, len(plan.slices))
+                self._teardown(rt)
+                self.store.end_attempt(job.id, att.n, "interrupted",
+                                       "controller restarted while scheduling")
+                self.store.set_state(job.id, S.PENDING, "requeued after controller restart")
+                continue
+            agents = self._find_agents(job.id, att.n, len(plan.slices))
+            ok = len(agents) == len(plan.slices)
+            if ok:
+                try:
+                    ray.get([a.info.remote() for a in agents], timeout=30)
+                except Exception:
+                    ok = False
+            rt.agents = agents
+            if ok:
+                with contextlib.suppress(Exception):
+                    from ray.util import get_placement_group
+                    rt.pg = get_placement_group(pg_name(job.id, att.n))
+                rt.launched = True
+                rt.progress = dict(job.progress)
+                self.runtimes[job.id] = rt
+                self.store.add_event(job.id, "reattached", {"attempt": att.n})
+            else:
+                self._attempt_failed(job.id, rt, "agents lost while the controller was down")
+
+    @staticmethod
+    def _find_agents(job_id: str, attempt: int, n: int) -> list:
+        import ray
+        out = []
+        for i in range(n):
+            try:
+                out.append(ray.get_actor(agent_name(job_id, attempt, i), namespace=NAMESPACE))
+            except ValueError:
+                break
+        return out
+
+
+class _Aborted(Exception):
+    """The job was cancelled or superseded while its attempt was starting."""
+
+
+def actor_class():
+    import ray
+    return ray.remote(Controller)
+
+
+def get_or_create(home: str, poll_interval: float = 0.25, backfill: bool = False):
+    """The named detached controller actor (created on first use)."""
+    import ray
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        pass
+    cls = actor_class().options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=0, max_concurrency=32, num_cpus=0,
+        # Ray re-runs __init__ on restart, which is where recovery happens.
+        runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "0"}})
+    return cls.remote(home, poll_interval, backfill)

@@ -1,0 +1,171 @@
+"""Rank command lines and environment for one attempt: pure code, no Ray.
+
+Kept separate from the agent so `fleet submit --dry-run` prints exactly what
+the agents would run, and tests can check the msrun-equivalent environment
+without starting processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.planner import Plan
+
+SCHED_HOST_PLACEHOLDER = "<scheduler-host>"
+SCHED_PORT_PLACEHOLDER = "<scheduler-port>"
+
+
+@dataclass
+class RankSpec:
+    """One process an agent starts. rank is None for the MindSpore scheduler."""
+
+    rank: int | None
+    argv: list[str]
+    env: dict[str, str]
+    log: str
+    heartbeat: str | None = None
+    cwd: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "scheduler" if self.rank is None else f"rank-{self.rank}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RankSpec:
+        return cls(**d)
+
+
+@dataclass
+class NodeLaunch:
+    node: str
+    chips: list[int]
+    ranks: list[RankSpec] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "chips": self.chips,
+                "ranks": [r.to_dict() for r in self.ranks]}
+
+
+def _flag_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, list | tuple):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def override_flags(overrides: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        out += [f"--{k}", _flag_value(v)]
+    return out
+
+
+def attempt_dir(home: Path, job_id: str, attempt: int) -> Path:
+    return home / "jobs" / job_id / f"attempt-{attempt}"
+
+
+def default_ckpt_dir(home: Path, job_id: str) -> Path:
+    return home / "jobs" / job_id / "checkpoints"
+
+
+def threads_per_rank(cpus_per_device: float) -> int:
+    # Ray sets OMP_NUM_THREADS=1 in its workers and ranks inherit it; give each
+    # rank the CPUs reserved for its device instead (at least one thread).
+    return max(1, int(cpus_per_device))
+
+
+def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dict,
+                 plan: Plan, home: Path, sched_host: str = SCHED_HOST_PLACEHOLDER,
+                 sched_port: int | str = SCHED_PORT_PLACEHOLDER,
+                 python: str | None = None) -> list[NodeLaunch]:
+    """The processes of every node of one attempt, with argv lists and full env."""
+    python = python or sys.executable
+    adir = attempt_dir(home, job_id, attempt)
+    workdir = paths.get("workdir") or os.getcwd()
+    device_type = spec.get("resources", {}).get("deviceType", "NPU")
+    target = "CPU" if device_type == "CPU" else "Ascend"
+    cpus_per_device = float(spec.get("resources", {}).get("cpusPerDevice", 1.0))
+    threads = threads_per_rank(cpus_per_device)
+    overrides = dict(spec.get("overrides") or {})
+    world = max(plan.devices, 1)
+    base_env = {
+        "FLEET_JOB_ID": job_id,
+        "FLEET_ATTEMPT": str(attempt),
+        "FLEET_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": workdir,
+        "GLOG_v": "2",  # MindSpore: warnings and up, not per-op INFO noise
+    }
+
+    smoke = spec.get("workload") == "smoke"
+    if kind == "TrainJob":
+        ckpt_dir = paths.get("ckpt_dir") or str(default_ckpt_dir(home, job_id))
+        g = plan.global_batch
+        module = "launcher.smoke" if smoke else "workloads.volo.train"
+        argv = [python, "-m", module, "-c", paths["config"],
+                "--data_dir", paths["data_dir"], "--ckpt_save_dir", ckpt_dir,
+                "--device_target", target, "--distribute", _flag_value(world > 1),
+                "--batch_size", str(plan.micro_batch),
+                "--gradient_accumulation_steps", str(plan.grad_accum),
+                "--global_batch", str(g)]
+        ck = spec.get("checkpoint") or {}
+        if ck.get("everySteps"):
+            argv += ["--ckpt_save_steps", str(ck["everySteps"])]
+        if ck.get("keep"):
+            argv += ["--keep_checkpoint_max", str(ck["keep"])]
+        argv += override_flags(overrides)
+        base_env.update({"FLEET_CHECKPOINT_DIR": ckpt_dir, "FLEET_GLOBAL_BATCH": str(g),
+                         "FLEET_MICRO_BATCH": str(plan.micro_batch),
+                         "FLEET_GRAD_ACCUM": str(plan.grad_accum)})
+    elif kind == "ValidateJob":
+        module = "launcher.smoke" if smoke else "workloads.volo.validate"
+        argv = [python, "-m", module, "-c", paths["config"],
+                "--data_dir", paths["data_dir"], "--ckpt_path", paths["ckpt_path"],
+                "--device_target", target] + override_flags(overrides)
+    elif kind == "ExportJob":
+        argv = [python, "-m", "workloads.volo.export", "--ckpt_path", paths["ckpt_path"],
+                "--model", spec["model"], "--format", spec.get("format", "MINDIR"),
+                "--out", paths["out"]] + override_flags(overrides)
+    else:
+        raise ValueError(f"cannot launch kind {kind}")
+
+    nodes: list[NodeLaunch] = []
+    rank = 0
+    for i, s in enumerate(plan.slices):
+        nl = NodeLaunch(node=s.node, chips=list(s.chips))
+        visible = ",".join(str(c) for c in s.chips)
+        if world > 1 and i == 0:
+            env = dict(base_env, MS_ROLE="MS_SCHED", MS_SCHED_HOST=str(sched_host),
+                       MS_SCHED_PORT=str(sched_port), MS_WORKER_NUM=str(world))
+            nl.ranks.append(RankSpec(None, list(argv), env, str(adir / "scheduler.log"),
+                                     None, workdir))
+        n_local = max(len(s.chips), 1)
+        for local in range(n_local):
+            env = dict(base_env)
+            hb = str(adir / f"rank-{rank}.heartbeat.jsonl")
+            env["FLEET_HEARTBEAT"] = hb
+            if s.chips:
+                # CANN renumbers the visible chips from 0: the device id is the index.
+                env["ASCEND_RT_VISIBLE_DEVICES"] = visible
+                env["DEVICE_ID"] = str(local)
+            if world > 1:
+                env.update(MS_ROLE="MS_WORKER", MS_SCHED_HOST=str(sched_host),
+                           MS_SCHED_PORT=str(sched_port), MS_WORKER_NUM=str(world),
+                           MS_NODE_ID=str(rank), RANK_ID=str(rank), RANK_SIZE=str(world),
+                           LOCAL_RANK=str(local))
+            nl.ranks.append(RankSpec(rank, list(argv), env, str(adir / f"rank-{rank}.log"),
+                                     hb, workdir))
+            rank += 1
+        nodes.append(nl)
+    return nodes

@@ -1,0 +1,285 @@
+"""Durable job store: SQLite (WAL) with jobs, attempts and events tables.
+
+The controller is the only writer; a restarted controller rebuilds everything
+it needs (queue, running attempts, device ledger) from these rows, which is why
+every state change is committed before the action it describes is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.lifecycle import TERMINAL, JobState, transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT UNIQUE NOT NULL,
+    name       TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    parent     TEXT,             -- workflow id for a workflow step
+    step       TEXT,             -- step name inside the workflow
+    state      TEXT NOT NULL,
+    priority   INTEGER NOT NULL DEFAULT 0,
+    spec       TEXT NOT NULL,    -- validated spec document (JSON)
+    paths      TEXT NOT NULL,    -- resolved paths (JSON)
+    restarts   INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,   -- restart backoff: do not schedule before
+    progress   TEXT NOT NULL DEFAULT '{}',
+    result     TEXT,
+    message    TEXT NOT NULL DEFAULT '',
+    created    REAL NOT NULL,
+    updated    REAL NOT NULL,
+    started    REAL,
+    finished   REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS attempts (
+    job        TEXT NOT NULL,
+    n          INTEGER NOT NULL,
+    plan       TEXT NOT NULL,      -- planner.Plan as JSON
+    pg_name    TEXT NOT NULL,
+    started    REAL NOT NULL,
+    ended      REAL,
+    status     TEXT NOT NULL DEFAULT 'running',
+    reason     TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job, n)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    job   TEXT NOT NULL,
+    ts    REAL NOT NULL,
+    kind  TEXT NOT NULL,
+    data  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job);
+"""
+
+
+@dataclass
+class JobRow:
+    id: str
+    name: str
+    kind: str
+    state: JobState
+    priority: int
+    spec: dict
+    paths: dict
+    seq: int = 0
+    parent: str | None = None
+    step: str | None = None
+    restarts: int = 0
+    not_before: float = 0.0
+    progress: dict = field(default_factory=dict)
+    result: dict | None = None
+    message: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["state"] = str(self.state)
+        return d
+
+
+@dataclass
+class AttemptRow:
+    job: str
+    n: int
+    plan: dict
+    pg_name: str
+    started: float
+    ended: float | None = None
+    status: str = "running"
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _job(r: sqlite3.Row) -> JobRow:
+    return JobRow(id=r["id"], name=r["name"], kind=r["kind"], state=JobState(r["state"]),
+                  priority=r["priority"], spec=json.loads(r["spec"]),
+                  paths=json.loads(r["paths"]), seq=r["seq"], parent=r["parent"],
+                  step=r["step"], restarts=r["restarts"], not_before=r["not_before"],
+                  progress=json.loads(r["progress"]),
+                  result=json.loads(r["result"]) if r["result"] else None,
+                  message=r["message"], created=r["created"], updated=r["updated"],
+                  started=r["started"], finished=r["finished"])
+
+
+def _attempt(r: sqlite3.Row) -> AttemptRow:
+    return AttemptRow(job=r["job"], n=r["n"], plan=json.loads(r["plan"]),
+                      pg_name=r["pg_name"], started=r["started"], ended=r["ended"],
+                      status=r["status"], reason=r["reason"])
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection guarded by a lock: the controller's threads share it.
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
+                                   isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- jobs --------------------------------------------------------------
+    def add_job(self, name: str, kind: str, spec: dict, paths: dict, priority: int,
+                parent: str | None = None, step: str | None = None) -> JobRow:
+        now = time.time()
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO jobs (id, name, kind, parent, step, state, priority, spec, paths,"
+                " created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (f"tmp-{now}-{threading.get_ident()}", name, kind, parent, step,
+                 str(JobState.PENDING), priority, json.dumps(spec), json.dumps(paths), now, now))
+            seq = cur.lastrowid
+            # The id is name + sequence number: unique, readable, and stable.
+            job_id = f"{name}-{seq}"
+            db.execute("UPDATE jobs SET id=? WHERE seq=?", (job_id, seq))
+            self._event(db, job_id, "state", {"state": "PENDING"})
+        return self.get_job(job_id)
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        with self._lock:
+            r = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job(r) if r else None
+
+    def jobs(self, states: set[JobState] | None = None, parent: str | None = None,
+             top_level: bool = False) -> list[JobRow]:
+        q, args = "SELECT * FROM jobs", []
+        where = []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += [str(s) for s in states]
+        if parent is not None:
+            where.append("parent=?")
+            args.append(parent)
+        if top_level:
+            where.append("parent IS NULL")
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        q += " ORDER BY seq"
+        with self._lock:
+            return [_job(r) for r in self._db.execute(q, args).fetchall()]
+
+    def active_jobs(self) -> list[JobRow]:
+        return self.jobs({s for s in JobState if s not in TERMINAL})
+
+    def set_state(self, job_id: str, dst: JobState, message: str | None = None,
+                  **fields: Any) -> JobRow:
+        """Checked transition; extra fields (restarts, not_before, result...) in the same tx."""
+        now = time.time()
+        with self.tx() as db:
+            r = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if r is None:
+                raise KeyError(job_id)
+            src = JobState(r["state"])
+            if src != dst:
+                transition(src, dst)
+            sets = {"state": str(dst), "updated": now}
+            if message is not None:
+                sets["message"] = message
+            if dst == JobState.RUNNING and "started" not in fields:
+                db.execute("UPDATE jobs SET started=COALESCE(started, ?) WHERE id=?",
+                           (now, job_id))
+            if dst in TERMINAL:
+                sets["finished"] = now
+            for k, v in fields.items():
+                sets[k] = json.dumps(v) if k in ("progress", "result") else v
+            cols = ", ".join(f"{k}=?" for k in sets)
+            db.execute(f"UPDATE jobs SET {cols} WHERE id=?",  # noqa: S608 - fixed column names
+                       (*sets.values(), job_id))
+            if src != dst:
+                self._event(db, job_id, "state", {"from": str(src), "state": str(dst),
+                                                  "message": message or ""})
+        return self.get_job(job_id)
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        allowed = {"progress", "result", "message", "restarts", "not_before", "paths"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"cannot update {bad}")
+        sets = {k: (json.dumps(v) if k in ("progress", "result", "paths") else v)
+                for k, v in fields.items()}
+        sets["updated"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in sets)
+        with self.tx() as db:
+            db.execute(f"UPDATE jobs SET {cols} WHERE id=?",  # noqa: S608 - fixed column names
+                       (*sets.values(), job_id))
+
+    # -- attempts ----------------------------------------------------------
+    def add_attempt(self, job_id: str, plan: dict, pg_name: str) -> AttemptRow:
+        now = time.time()
+        with self.tx() as db:
+            r = db.execute("SELECT COALESCE(MAX(n), 0) AS n FROM attempts WHERE job=?",
+                           (job_id,)).fetchone()
+            n = r["n"] + 1
+            db.execute("INSERT INTO attempts (job, n, plan, pg_name, started) VALUES (?,?,?,?,?)",
+                       (job_id, n, json.dumps(plan), pg_name, now))
+            self._event(db, job_id, "attempt", {"n": n, "plan": plan})
+        return AttemptRow(job_id, n, plan, pg_name, now)
+
+    def end_attempt(self, job_id: str, n: int, status: str, reason: str = "") -> None:
+        with self.tx() as db:
+            db.execute("UPDATE attempts SET ended=?, status=?, reason=? WHERE job=? AND n=? "
+                       "AND ended IS NULL", (time.time(), status, reason, job_id, n))
+            self._event(db, job_id, "attempt_end", {"n": n, "status": status, "reason": reason})
+
+    def attempts(self, job_id: str) -> list[AttemptRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM attempts WHERE job=? ORDER BY n",
+                                    (job_id,)).fetchall()
+        return [_attempt(r) for r in rows]
+
+    def open_attempt(self, job_id: str) -> AttemptRow | None:
+        with self._lock:
+            r = self._db.execute("SELECT * FROM attempts WHERE job=? AND ended IS NULL "
+                                 "ORDER BY n DESC LIMIT 1", (job_id,)).fetchone()
+        return _attempt(r) if r else None
+
+    # -- events ------------------------------------------------------------
+    @staticmethod
+    def _event(db: sqlite3.Connection, job_id: str, kind: str, data: dict) -> None:
+        db.execute("INSERT INTO events (job, ts, kind, data) VALUES (?,?,?,?)",
+                   (job_id, time.time(), kind, json.dumps(data)))
+
+    def add_event(self, job_id: str, kind: str, data: dict) -> None:
+        with self.tx() as db:
+            self._event(db, job_id, kind, data)
+
+    def events(self, job_id: str) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM events WHERE job=? ORDER BY id",
+                                    (job_id,)).fetchall()
+        return [{"ts": r["ts"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]
