@@ -84,7 +84,7 @@ def build() -> Dashboard:
             .override_by_query(loss_lr_ref, loss_lr_props)
         )
         .with_panel(
-            graph("Validation top-1 / top-5", "Accuracy at each validation.", "none")
+            graph("Validation top-1 / top-5", "Accuracy (%) at each validation.", "percent")
             .with_target(query(f"fleet_val_top1{{{SEL}}}", "top-1", "A"))
             .with_target(query(f"fleet_val_top5{{{SEL}}}", "top-5", "B"))
         )
