@@ -83,6 +83,7 @@ class NodeAgent:
         self._events: deque[dict] = deque(maxlen=10_000)
         self._status = "idle"
         self._reason = ""
+        self._exit_code: int | None = None
         self._lock = threading.RLock()
         self._monitor: threading.Thread | None = None
         self._stopping = False
@@ -162,6 +163,7 @@ class NodeAgent:
                     label, rc = failed
                     why = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
                     self._status, self._reason = "failed", f"{label} exited with {why}"
+                    self._exit_code = rc
                     self._kill_all(grace=2.0)
                     return
                 if workers and all(self._exits.get(w) == 0 for w in workers):
@@ -213,7 +215,7 @@ class NodeAgent:
             if self._status == "succeeded":
                 result = self._result()
             return {"status": self._status, "reason": self._reason,
-                    "exits": dict(self._exits), "events": events,
+                    "exit_code": self._exit_code, "exits": dict(self._exits), "events": events,
                     "last_heartbeat": dict(self._last_hb), "started": self._started_at,
                     "result": result}
 

@@ -189,7 +189,7 @@ def progress_line(st: dict) -> str:
     p = st.get("progress") or {}
     parts = [f"{st['id']} {st['state']}"]
     if "step" in p:
-        total = p.get("total_steps")
+        total = p.get("stop_step") or p.get("total_steps")
         parts.append(f"step {p['step']}" + (f"/{total}" if total else ""))
         if p.get("loss") is not None:
             parts.append(f"loss {float(p['loss']):.4f}")

@@ -41,6 +41,9 @@ CONTROLLER_NAME = "fleet-controller"
 NAMESPACE = "fleet"
 PG_READY_TIMEOUT_S = 120.0
 PROGRESS_FLUSH_S = 1.0
+# The train loop's exit codes for a bad config (2) or a recipe that differs from
+# its checkpoint's (3): restarting cannot fix them, so do not burn restarts.
+NON_RETRYABLE_EXIT_CODES = frozenset({2, 3})
 
 S = JobState
 
@@ -49,7 +52,7 @@ def agent_name(job_id: str, attempt: int, index: int) -> str:
     return f"fleet-agent-{job_id}-a{attempt}-{index}"
 
 
-def pg_name(job_id: str, attempt: int) -> str:
+def pg_name(job_id: str, attempt: int | str) -> str:
     return f"fleet-pg-{job_id}-a{attempt}"
 
 
@@ -323,8 +326,8 @@ class Controller:
                 self.store.set_state(job_id, S.FAILED, err)
                 return
             job = self.store.get_job(job_id)
-        att = self.store.add_attempt(job_id, plan.to_dict(), "")
-        name = pg_name(job_id, att.n)
+        att = self.store.add_attempt(job_id, plan.to_dict(), pg_name(job_id, "{n}"))
+        name = att.pg_name
         self.store.set_state(job_id, S.SCHEDULING,
                              f"attempt {att.n}: {plan.devices} devices on "
                              f"{len(plan.slices)} node(s)")
@@ -464,8 +467,9 @@ class Controller:
                 self._flush_progress(rt)
                 statuses = [r["status"] for r in results if r]
                 if any(s == "failed" for s in statuses):
-                    reason = next(r["reason"] for r in results if r and r["status"] == "failed")
-                    self._attempt_failed(job_id, rt, reason)
+                    bad = next(r for r in results if r and r["status"] == "failed")
+                    self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
+                        "exit_code") not in NON_RETRYABLE_EXIT_CODES)
                 elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
                     result = next((r["result"] for r in results if r and r.get("result")), None)
                     self._attempt_succeeded(job_id, rt, result)
@@ -490,7 +494,7 @@ class Controller:
             p["ts"] = ev.get("ts")
             if kind == "start":
                 for k in ("world_size", "micro_batch", "grad_accum", "global_batch",
-                          "resumed_step", "total_steps"):
+                          "resumed_step", "total_steps", "stop_step"):
                     if k in ev:
                         p[k] = ev[k]
             elif kind == "step":
@@ -528,7 +532,8 @@ class Controller:
         self.store.set_state(job_id, S.SUCCEEDED, msg, **fields)
         self._wake.set()
 
-    def _attempt_failed(self, job_id: str, rt: Runtime, reason: str) -> None:
+    def _attempt_failed(self, job_id: str, rt: Runtime, reason: str,
+                        retry: bool = True) -> None:
         self._flush_progress(rt, force=True)
         self.runtimes.pop(job_id, None)
         self._teardown(rt)
@@ -538,7 +543,7 @@ class Controller:
             return
         policy = job.spec.get("restart") or {}
         max_restarts = int(policy.get("maxRestarts", 3))
-        if job.restarts < max_restarts:
+        if retry and job.restarts < max_restarts:
             n = job.restarts + 1
             delay = backoff_seconds(policy, n)
             self.store.set_state(job_id, S.RESTARTING,
@@ -548,8 +553,9 @@ class Controller:
         else:
             history = "; ".join(f"#{a.n} {a.status}: {a.reason}"
                                 for a in self.store.attempts(job_id))
+            why = "" if retry else " (not retryable: configuration or recipe error)"
             self.store.set_state(job_id, S.FAILED,
-                                 f"failed after {job.restarts} restart(s): {reason} "
+                                 f"failed after {job.restarts} restart(s){why}: {reason} "
                                  f"[attempts: {history}]")
         self._wake.set()
 

@@ -134,7 +134,8 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
                 "--data_dir", paths["data_dir"], "--ckpt_path", paths["ckpt_path"],
                 "--device_target", target] + override_flags(overrides)
     elif kind == "ExportJob":
-        argv = [python, "-m", "workloads.volo.export", "--ckpt_path", paths["ckpt_path"],
+        module = "launcher.smoke" if smoke else "workloads.volo.export"
+        argv = [python, "-m", module, "--ckpt_path", paths["ckpt_path"],
                 "--model", spec["model"], "--format", spec.get("format", "MINDIR"),
                 "--out", paths["out"]] + override_flags(overrides)
     else:

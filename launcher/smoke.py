@@ -9,20 +9,69 @@ train flags it does not know, so the launcher builds the same argv for it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
+_STEP = re.compile(r"^step-(\d{8})$")
 
-def _hb(path: str | None, **ev) -> None:
-    if not path:
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def write_checkpoint(ckpt_dir: Path, step: int, g: int, keep: int = 3) -> Path:
+    """A checkpoint in the train loop's layout (tmp dir + rename, sha256 manifest)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:08d}"
+    tmp = ckpt_dir / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / "model.ckpt").write_bytes(f"smoke model at step {step}\n".encode())
+    state = {"step": step, "epoch": 0, "samples_seen": step * g, "global_batch": g,
+             "world_size": int(os.environ.get("RANK_SIZE", "1")),
+             "micro_batch": int(os.environ.get("FLEET_MICRO_BATCH", "1")),
+             "grad_accum": int(os.environ.get("FLEET_GRAD_ACCUM", "1")), "seed": 0,
+             "recipe_hash": "smoke", "model": "smoke", "saved_at": time.time()}
+    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "MANIFEST.sha256").write_text(
+        "".join(f"{_sha(tmp / n)}  {n}\n" for n in ("model.ckpt", "state.json")))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    steps = sorted(p for p in ckpt_dir.iterdir() if _STEP.match(p.name))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_step(ckpt_dir: Path) -> int:
+    """Newest checkpoint whose manifest verifies (a torn one is skipped)."""
+    if not ckpt_dir.is_dir():
+        return 0
+    for p in sorted((p for p in ckpt_dir.iterdir() if _STEP.match(p.name)), reverse=True):
+        try:
+            lines = (p / "MANIFEST.sha256").read_text().splitlines()
+            if all(_sha(p / name) == digest
+                   for digest, name in (ln.split("  ", 1) for ln in lines if ln)):
+                return int(json.loads((p / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return 0
+
+
+def _hb(hb_file: str | None, **ev) -> None:
+    if not hb_file:
         return
     ev.setdefault("ts", time.time())
     ev.setdefault("rank", int(os.environ.get("RANK_ID", "0")))
     ev.setdefault("attempt", int(os.environ.get("FLEET_ATTEMPT", "0")))
-    with open(path, "a", encoding="utf-8") as f:
+    with open(hb_file, "a", encoding="utf-8") as f:
         f.write(json.dumps(ev) + "\n")
         f.flush()
 
@@ -32,9 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_steps", type=int, default=10)
     ap.add_argument("--step_seconds", type=float, default=0.2)
     ap.add_argument("--fail_at_step", type=int, default=0,
-                    help="exit 3 at this step on the first attempt (restart tests)")
+                    help="exit 17 at this step on the first attempt (restart tests)")
     ap.add_argument("--ckpt_save_dir", default="")
+    ap.add_argument("--ckpt_path", default="", help="validate/export stand-in: input")
+    ap.add_argument("--out", default="", help="export stand-in: output file")
     args, _unknown = ap.parse_known_args(argv)
+
+    if args.ckpt_path:
+        # Validate / export stand-in: needs a real checkpoint path from the launcher.
+        ck = Path(args.ckpt_path)
+        if not (ck / "state.json").is_file():
+            print(f"smoke: {ck} is not a checkpoint", file=sys.stderr)
+            return 2
+        step = json.loads((ck / "state.json").read_text())["step"]
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(f"smoke export of {ck} (step {step})\n")
+            print(json.dumps({"exported": args.out, "step": step}), flush=True)
+        else:
+            print(json.dumps({"top1": 1.0, "top5": 1.0, "loss": 0.0, "images": 0,
+                              "step": step}), flush=True)
+        return 0
 
     if os.environ.get("MS_ROLE") == "MS_SCHED":
         # Stand-in for MindSpore's scheduler: lives until the workers are done.
@@ -45,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK_ID", "0"))
     attempt = int(os.environ.get("FLEET_ATTEMPT", "1"))
     ckpt_dir = Path(os.environ.get("FLEET_CHECKPOINT_DIR") or args.ckpt_save_dir or ".")
-    state = ckpt_dir / "smoke-step.txt"
-    start = 0
-    if state.exists():
-        start = int(state.read_text().strip() or 0)
+    start = latest_step(ckpt_dir)
     g = int(os.environ.get("FLEET_GLOBAL_BATCH", "1"))
     _hb(hb, event="start", world_size=int(os.environ.get("RANK_SIZE", "1")),
         micro_batch=int(os.environ.get("FLEET_MICRO_BATCH", "1")),
@@ -59,18 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.step_seconds)
         if args.fail_at_step and step == args.fail_at_step and attempt == 1:
             print(f"smoke: injected failure at step {step}", flush=True)
-            return 3
+            return 17
         dt = time.time() - t0
         _hb(hb, event="step", step=step, epoch=0, loss=1.0 / step, lr=0.1,
             images_per_second=g / dt, step_seconds=dt, samples_seen=step * g)
         print(f"step {step} loss {1.0 / step:.4f}", flush=True)
         if rank == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_dir / ".smoke-step.tmp"
-            tmp.write_text(str(step))
-            os.replace(tmp, state)
+            t1 = time.time()
+            path = write_checkpoint(ckpt_dir, step, g)
+            _hb(hb, event="checkpoint", step=step, path=str(path),
+                save_seconds=time.time() - t1, ok=True)
     _hb(hb, event="done", step=args.max_steps, status="ok")
-    print(json.dumps({"top1": 1.0, "top5": 1.0, "loss": 0.0, "images": 0}), flush=True)
     return 0
 
 

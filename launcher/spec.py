@@ -32,6 +32,9 @@ class SpecError(Exception):
         self.problems = problems
         super().__init__(self.render())
 
+    def __reduce__(self):  # picklable across Ray (custom __init__ signature)
+        return (SpecError, (self.file, self.problems))
+
     def render(self) -> str:
         lines = [f"{self.file}: invalid job spec"]
         lines += [f"  {loc}: {msg}" for loc, msg in self.problems]
@@ -222,6 +225,7 @@ class ValidateSpec(_Model):
 
 
 class ExportSpec(_Model):
+    workload: Literal["volo", "smoke"] = "volo"
     model: str = Field(description="model name, e.g. volo_tiny")
     checkpoint: CheckpointRef
     format: Literal["MINDIR", "AIR", "ONNX"] = "MINDIR"
@@ -291,16 +295,19 @@ class WorkflowSpec(_Model):
         if dup:
             raise ValueError(f"duplicate step names: {sorted(dup)}")
         known = set(names)
+        needs = {s.name: set(s.needs) for s in self.steps}
         for s in self.steps:
             for n in s.needs:
                 if n not in known:
                     raise ValueError(f"step {s.name!r} needs unknown step {n!r} "
                                      f"(steps: {', '.join(names)})")
+        for s in self.steps:
             ref = getattr(s.spec, "checkpoint", None)
             if (isinstance(ref, CheckpointRef) and ref.fromStep is not None
-                    and ref.fromStep not in s.needs):
+                    and ref.fromStep not in _ancestors(s.name, needs)):
                 raise ValueError(f"step {s.name!r} takes checkpoints from "
-                                 f"{ref.fromStep!r} so it must list it in needs:")
+                                 f"{ref.fromStep!r}, so {ref.fromStep!r} must run first: "
+                                 "list it (or a step that needs it) in needs:")
         # Cycle check: Kahn's algorithm.
         indeg = {s.name: len(s.needs) for s in self.steps}
         users: dict[str, list[str]] = {n: [] for n in names}
@@ -319,6 +326,17 @@ class WorkflowSpec(_Model):
         if seen != len(names):
             raise ValueError("steps' needs: form a cycle")
         return self
+
+
+def _ancestors(name: str, needs: dict[str, set[str]]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(needs.get(name, ()))
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += needs.get(n, ())
+    return seen
 
 
 class Workflow(_Model):

@@ -245,6 +245,7 @@ class Store:
             r = db.execute("SELECT COALESCE(MAX(n), 0) AS n FROM attempts WHERE job=?",
                            (job_id,)).fetchone()
             n = r["n"] + 1
+            pg_name = pg_name.format(n=n)
             db.execute("INSERT INTO attempts (job, n, plan, pg_name, started) VALUES (?,?,?,?,?)",
                        (job_id, n, json.dumps(plan), pg_name, now))
             self._event(db, job_id, "attempt", {"n": n, "plan": plan})

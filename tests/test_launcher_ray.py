@@ -1,0 +1,267 @@
+"""The controller on a real Ray cluster: 3 nodes x {"NPU": 8} on 127.0.0.1.
+
+Rank processes are real (`workload: smoke`: they write heartbeats and
+checkpoints and sleep), so scheduling, cancellation, restarts and controller
+recovery are exercised end to end in seconds.
+"""
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NODES = 3
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    home = tmp_path_factory.mktemp("fleet-home")
+    from launcher import local
+
+    local.quiet_ray()
+    local.use_local_token(home, create=True)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from launcher import controller as ctl
+
+    cluster = Cluster()
+    for i in range(NODES):
+        cluster.add_node(num_cpus=2, resources={"NPU": 8}, node_ip_address="127.0.0.1",
+                         include_dashboard=False if i == 0 else None)
+    ray.init(address=cluster.address, namespace=ctl.NAMESPACE, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    c = ctl.get_or_create(str(home), 0.2)
+    ray.get(c.ping.remote(), timeout=120)
+    data = home / "data"
+    data.mkdir()
+    cfg = home / "recipe.yaml"
+    cfg.write_text("model: smoke\n")
+    yield {"ray": ray, "home": home, "cluster": cluster, "data": data, "cfg": cfg}
+    try:
+        c = ray.get_actor(ctl.CONTROLLER_NAME, namespace=ctl.NAMESPACE)
+        for j in ray.get(c.list_jobs.remote(False), timeout=30):
+            ray.get(c.cancel.remote(j["id"]), timeout=60)
+        ray.kill(c, no_restart=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def controller(f):
+    from launcher import controller as ctl
+    return f["ray"].get_actor(ctl.CONTROLLER_NAME, namespace=ctl.NAMESPACE)
+
+
+def call(f, method, *args, timeout=60):
+    return f["ray"].get(getattr(controller(f), method).remote(*args), timeout=timeout)
+
+
+def train_doc(name, devices, steps, step_s=0.2, prio=0, fail_at=0, max_restarts=3):
+    return {
+        "apiVersion": "fleet/v1", "kind": "TrainJob", "metadata": {"name": name},
+        "spec": {
+            "workload": "smoke", "config": "recipe.yaml",
+            "overrides": {"max_steps": steps, "step_seconds": step_s, "fail_at_step": fail_at},
+            "data": {"dir": "data"},
+            "resources": {"deviceType": "CPU", "devices": {"min": devices, "max": devices},
+                          "cpusPerDevice": 0.05},
+            "batch": {"global": 48, "microBatchMax": 48},
+            "restart": {"maxRestarts": max_restarts, "backoffSeconds": 0.2},
+            "priority": prio,
+        },
+    }
+
+
+def paths(f, names):
+    return {"workdir": str(REPO), "steps": {n: {"config": str(f["cfg"]),
+                                                "data_dir": str(f["data"])} for n in names}}
+
+
+def submit(f, doc):
+    names = [s["name"] for s in doc["spec"]["steps"]] if doc["kind"] == "Workflow" \
+        else [doc["metadata"]["name"]]
+    return call(f, "submit", doc, paths(f, names))
+
+
+def wait_for(f, job_id, pred, timeout=90, what=""):
+    deadline = time.time() + timeout
+    st = None
+    while time.time() < deadline:
+        try:
+            st = call(f, "status", job_id, timeout=30)
+        except Exception:  # controller restarting
+            time.sleep(0.5)
+            continue
+        if pred(st):
+            return st
+        time.sleep(0.3)
+    raise AssertionError(f"{job_id}: timed out waiting for {what}; last status {st}")
+
+
+def state_is(*states):
+    return lambda st: st["state"] in states
+
+
+def rank_pids(job_id):
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("FLEET_JOB_ID") == job_id:
+                out.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def test_gang_queue_priority_cancel(fleet):
+    f = fleet
+    x = submit(f, train_doc("blocker", 24, 400))["id"]
+    st = wait_for(f, x, state_is("RUNNING"), what="blocker running")
+    plan = st["attempts"][-1]["plan"]
+    assert plan["devices"] == 24 and len({s["node"] for s in plan["slices"]}) == 3
+
+    low = submit(f, train_doc("low", 16, 6, prio=0))["id"]
+    high = submit(f, train_doc("high", 16, 6, prio=5))["id"]
+    time.sleep(1.5)
+    # Gang scheduling: nothing fits while the blocker holds all 24 devices.
+    assert call(f, "status", low)["state"] == "PENDING"
+    st_h = call(f, "status", high)
+    assert st_h["state"] == "PENDING", (st_h, call(f, "cluster"), call(f, "status", x))
+    assert call(f, "cluster")["free"] == 0
+    # 24 workers + the scheduler process.
+    wait_for(f, x, lambda s: len(rank_pids(x)) == 25, what="25 rank processes alive")
+
+    assert call(f, "cancel", x)["state"] == "CANCELLED"
+    assert rank_pids(x) == []  # the whole process group is gone
+    # Cancel frees devices; priority 5 runs first although submitted second.
+    st = wait_for(f, high, state_is("RUNNING", "SUCCEEDED"), what="high running")
+    assert call(f, "status", low)["state"] == "PENDING"  # 16 + 16 > 24: it waits
+    plan = st["attempts"][-1]["plan"]
+    nodes = [s["node"] for s in plan["slices"]]
+    assert plan["devices"] == 16 and len(nodes) == 2 and len(set(nodes)) == 2
+    assert all(s["chips"] == list(range(8)) for s in plan["slices"])
+    launched = next(e for e in call(f, "status", high)["events"] if e["kind"] == "launched")
+    assert sorted(a["node_id"] for a in launched["agents"]) == sorted(nodes)
+
+    st = wait_for(f, high, state_is("SUCCEEDED"), what="high done")
+    assert st["progress"]["step"] == 6
+    st = wait_for(f, low, state_is("SUCCEEDED"), what="low done")
+    h_att = call(f, "status", high)["attempts"][0]
+    assert st["attempts"][0]["started"] >= h_att["ended"] - 1.0
+
+
+def test_restart_resumes_from_checkpoint(fleet):
+    f = fleet
+    j = submit(f, train_doc("flaky", 2, 6, fail_at=3))["id"]
+    st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="flaky done")
+    assert st["state"] == "SUCCEEDED", st["message"]
+    assert st["restarts"] == 1
+    assert [a["status"] for a in st["attempts"]] == ["failed", "succeeded"]
+    assert "exit code 17" in st["attempts"][0]["reason"]
+    hb = f["home"] / "jobs" / j / "attempt-2" / "rank-0.heartbeat.jsonl"
+    import json
+    start = json.loads(hb.read_text().splitlines()[0])
+    assert start["event"] == "start" and start["resumed_step"] == 2
+
+
+def test_max_restarts_exhausted_fails_with_history(fleet):
+    f = fleet
+    doc = train_doc("doomed", 1, 5, fail_at=2, max_restarts=0)
+    j = submit(f, doc)["id"]
+    st = wait_for(f, j, state_is("FAILED", "SUCCEEDED"), what="doomed done")
+    assert st["state"] == "FAILED"
+    assert "failed after 0 restart(s)" in st["message"] and "#1 failed" in st["message"]
+
+
+def test_workflow_train_validate_export(fleet):
+    f = fleet
+    out = f["home"] / "exported" / "model.mindir"
+    doc = {
+        "apiVersion": "fleet/v1", "kind": "Workflow", "metadata": {"name": "wf"},
+        "spec": {"steps": [
+            {"name": "train", "kind": "TrainJob", "spec": train_doc("x", 2, 4)["spec"]},
+            {"name": "validate", "kind": "ValidateJob", "needs": ["train"], "spec": {
+                "workload": "smoke", "config": "recipe.yaml", "data": {"dir": "data"},
+                "checkpoint": {"fromStep": "train", "select": "latest"},
+                "resources": {"deviceType": "CPU", "cpusPerDevice": 0.05}}},
+            {"name": "export", "kind": "ExportJob", "needs": ["validate"], "spec": {
+                "workload": "smoke", "model": "smoke", "out": str(out),
+                "checkpoint": {"fromStep": "train", "select": "latest"}}},
+        ]},
+    }
+    p = paths(f, ["train", "validate"])
+    p["steps"]["export"] = {"out": str(out)}
+    res = call(f, "submit", doc, p)
+    st = wait_for(f, res["id"], state_is("SUCCEEDED", "FAILED"), what="workflow done")
+    assert st["state"] == "SUCCEEDED", st
+    steps = {s["step"]: s for s in st["steps"]}
+    assert [steps[n]["state"] for n in ("train", "validate", "export")] == ["SUCCEEDED"] * 3
+    assert steps["validate"]["result"]["top1"] == 1.0
+    assert steps["validate"]["result"]["step"] == 4  # validated the train step's checkpoint
+    # Steps ran in dependency order.
+    assert steps["train"]["finished"] <= steps["validate"]["started"]
+    assert steps["validate"]["finished"] <= steps["export"]["started"]
+    assert out.read_text().startswith("smoke export")
+
+
+def test_controller_killed_mid_run_loses_nothing(fleet):
+    f = fleet
+    ray = f["ray"]
+    j = submit(f, train_doc("survivor", 8, 25, step_s=0.25))["id"]
+    wait_for(f, j, lambda s: (s.get("progress") or {}).get("step", 0) >= 3, what="step 3")
+    before = {r["id"] for r in call(f, "list_jobs", True)}
+    old_pid = call(f, "ping")["pid"]
+    ray.kill(controller(f), no_restart=False)  # Ray restarts it; __init__ recovers
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if call(f, "ping", timeout=10)["pid"] != old_pid:
+                break
+        except Exception:
+            pass
+        time.sleep(0.5)
+    assert {r["id"] for r in call(f, "list_jobs", True)} == before
+    st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="survivor done")
+    assert st["state"] == "SUCCEEDED"
+    assert len(st["attempts"]) == 1  # reattached to the running ranks, not restarted
+    assert any(e["kind"] == "reattached" for e in st["events"])
+    assert st["progress"]["step"] == 25
+
+
+def test_50_concurrent_submits(fleet):
+    f = fleet
+    blocker = submit(f, train_doc("hold", 24, 400, prio=100))["id"]
+    wait_for(f, blocker, state_is("RUNNING"), what="hold running")
+    ids, errors = [], []
+    lock = threading.Lock()
+
+    def one(i):
+        try:
+            r = submit(f, train_doc("burst", 8, 1))
+            with lock:
+                ids.append(r["id"])
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert len(ids) == 50 and len(set(ids)) == 50
+    listed = {r["id"] for r in call(f, "list_jobs", True)}
+    assert set(ids) <= listed
+    assert all(call(f, "status", i)["state"] == "PENDING" for i in ids[:5])
+    for i in ids:
+        call(f, "cancel", i)
+    call(f, "cancel", blocker)
+    assert call(f, "status", blocker)["state"] == "CANCELLED"
