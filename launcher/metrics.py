@@ -47,7 +47,6 @@ CONTROLLER_STATES = {
     "FAILED": "failed",
     "CANCELLED": "cancelled",
 }
-DEVICE_STATES = ("used", "free")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
