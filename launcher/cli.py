@@ -146,7 +146,8 @@ def _dry_run(job, ctx: dict, home: Path) -> dict:
         if kind in ("ValidateJob", "ExportJob") and "ckpt_path" not in paths:
             paths["ckpt_path"] = f"<checkpoint of step {sp.checkpoint.fromStep}>"
         spec_d = sp.model_dump(by_alias=True, mode="json")
-        launches = build_launch(job_id=f"{name}-<id>", attempt=1, kind=kind, spec=spec_d,
+        jid = f"{job.metadata.name}-{name}-<id>" if job.kind == "Workflow" else f"{name}-<id>"
+        launches = build_launch(job_id=jid, attempt=1, kind=kind, spec=spec_d,
                                 paths=paths, plan=plan, home=home)
         step["plan"] = {"devices": plan.devices, "micro_batch": plan.micro_batch,
                         "grad_accum": plan.grad_accum,

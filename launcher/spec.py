@@ -9,6 +9,7 @@ allowed, because a user fixing a YAML file needs the line, not a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -448,6 +449,8 @@ def parse_doc(doc: Any, file: str = "<spec>", text: str | None = None,
         problems = []
         for err in e.errors():
             path = _clean_loc(err["loc"], doc)
+            if err["type"] == "union_tag_invalid":
+                path = path + ("kind",)
             problems.append((_where(path, text, file, origin), _explain(err)))
         raise SpecError(file, problems) from None
 
@@ -585,6 +588,13 @@ def check_paths(job, spec_file: str | Path, root: Path | None = None,
     out: dict[str, dict[str, str]] = {}
     problems: list[tuple[str, str]] = []
     is_wf = isinstance(job, Workflow)
+    created: set[Path] = set()  # data dirs some step's data.create will make
+    if create_data:
+        for _n, _k, sp in steps_of(job):
+            data = getattr(sp, "data", None)
+            if data is not None and data.create is not None:
+                with contextlib.suppress(SpecError):
+                    created.add(resolve_path(data.dir, base, root, "", str(f)))
     for i, (name, _kind, spec) in enumerate(steps_of(job)):
         prefix = f"spec.steps[{i}].spec" if is_wf else "spec"
         res: dict[str, str] = {}
@@ -596,7 +606,7 @@ def check_paths(job, spec_file: str | Path, root: Path | None = None,
                 res["config"] = str(cfg)
             if hasattr(spec, "data"):
                 d = resolve_path(spec.data.dir, base, root, f"{prefix}.data.dir", str(f))
-                if not d.is_dir() and not (create_data and spec.data.create):
+                if not d.is_dir() and d not in created:
                     hint = (" (it has data.create: `fleet submit` creates it)"
                             if spec.data.create else
                             "; create it or fix the path")
