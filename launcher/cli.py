@@ -46,7 +46,16 @@ Shell completion: eval "$(_FLEET_COMPLETE=bash_source fleet)"
 """
 
 
+# Queries answered from the durable store when no cluster is running.
+OFFLINE_METHODS = {"status", "list_jobs", "read_log"}
+
+
 class Ctx:
+    def _offline_ok(self) -> bool:
+        from launcher import local
+        return (not self.address and local.local_cluster(self.home) is None
+                and (self.home / "fleet.db").exists())
+
     def __init__(self, address: str | None, home: Path):
         self.address = address
         self.home = home
@@ -68,6 +77,9 @@ class Ctx:
         return self._ctl
 
     def call(self, method: str, *args, timeout: float = 60.0, start: bool = False):
+        if method in OFFLINE_METHODS and self._ctl is None and self._offline_ok():
+            from launcher.controller import OfflineView
+            return getattr(OfflineView(self.home), method)(*args)
         ctl = self.controller(start)
         import ray
         try:

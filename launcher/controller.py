@@ -82,7 +82,80 @@ def backoff_seconds(policy: dict, restarts: int) -> float:
     return delay * (1.0 + 0.25 * random.random())  # noqa: S311 - not crypto
 
 
-class Controller:
+class JobQueries:
+    """Read-only queries over the store; shared by the controller and the offline
+    CLI view (`fleet status` works from the store when no cluster is up)."""
+
+    store: Store
+    home: Path
+    runtimes: dict[str, Runtime]
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        job = self.store.get_job(job_id)
+        if job is None:
+            return None
+        d = job.to_dict()
+        d.pop("spec", None)
+        d["attempts"] = [a.to_dict() for a in self.store.attempts(job_id)]
+        d["events"] = self.store.events(job_id)[-50:]
+        if job.kind == "Workflow":
+            d["steps"] = [self.status(c.id) for c in self.store.jobs(parent=job_id)]
+        rt = self.runtimes.get(job_id)
+        if rt is not None and rt.progress:
+            d["progress"] = dict(rt.progress)
+        return d
+
+    def list_jobs(self, include_done: bool = True) -> list[dict[str, Any]]:
+        out = []
+        for j in self.store.jobs(top_level=True):
+            if not include_done and j.state in TERMINAL:
+                continue
+            d = j.to_dict()
+            d.pop("spec", None)
+            rt = self.runtimes.get(j.id)
+            if rt is not None and rt.progress:
+                d["progress"] = dict(rt.progress)
+            att = self.store.open_attempt(j.id) or next(
+                iter(reversed(self.store.attempts(j.id))), None)
+            d["devices"] = att.plan.get("devices") if att else None
+            out.append(d)
+        return out
+
+    def read_log(self, job_id: str, label: str = "rank-0", offset: int = 0,
+                 attempt: int | None = None) -> dict[str, Any]:
+        from launcher.agent import read_file_chunk
+
+        atts = self.store.attempts(job_id)
+        if not atts:
+            return {"data": "", "offset": offset, "missing": True, "attempt": None}
+        att = next((a for a in atts if a.n == attempt), atts[-1]) if attempt else atts[-1]
+        path = attempt_dir(self.home, job_id, att.n) / f"{label}.log"
+        if path.exists():
+            out = read_file_chunk(str(path), offset)
+        else:
+            # Ranks on another machine without a shared volume: ask their agent.
+            out = {"data": "", "offset": offset, "missing": True}
+            rt = self.runtimes.get(job_id)
+            if rt is not None and rt.attempt == att.n:
+                import ray
+                for a in rt.agents:
+                    with contextlib.suppress(Exception):
+                        r = ray.get(a.read_log.remote(label, offset), timeout=10)
+                        if "error" not in r:
+                            out = r
+                            break
+        out["attempt"] = att.n
+        return out
+
+
+class OfflineView(JobQueries):
+    def __init__(self, home: str | Path):
+        self.home = Path(home)
+        self.store = Store(self.home / "fleet.db")
+        self.runtimes = {}
+
+
+class Controller(JobQueries):
     """Plain class; `actor_class()` wraps it as a Ray actor."""
 
     def __init__(self, home: str, poll_interval: float = 0.25, backfill: bool = False,
@@ -140,37 +213,6 @@ class Controller:
         self._wake.set()
         return out
 
-    def status(self, job_id: str) -> dict[str, Any] | None:
-        job = self.store.get_job(job_id)
-        if job is None:
-            return None
-        d = job.to_dict()
-        d.pop("spec", None)
-        d["attempts"] = [a.to_dict() for a in self.store.attempts(job_id)]
-        d["events"] = self.store.events(job_id)[-50:]
-        if job.kind == "Workflow":
-            d["steps"] = [self.status(c.id) for c in self.store.jobs(parent=job_id)]
-        rt = self.runtimes.get(job_id)
-        if rt is not None and rt.progress:
-            d["progress"] = dict(rt.progress)
-        return d
-
-    def list_jobs(self, include_done: bool = True) -> list[dict[str, Any]]:
-        out = []
-        for j in self.store.jobs(top_level=True):
-            if not include_done and j.state in TERMINAL:
-                continue
-            d = j.to_dict()
-            d.pop("spec", None)
-            rt = self.runtimes.get(j.id)
-            if rt is not None and rt.progress:
-                d["progress"] = dict(rt.progress)
-            att = self.store.open_attempt(j.id) or next(
-                iter(reversed(self.store.attempts(j.id))), None)
-            d["devices"] = att.plan.get("devices") if att else None
-            out.append(d)
-        return out
-
     def cluster(self) -> dict[str, Any]:
         nodes = self._cluster_nodes()
         pool = self._pool(nodes)
@@ -193,32 +235,6 @@ class Controller:
             self._cancel_one(job_id, reason)
         self._wake.set()
         return {"id": job_id, "state": str(self.store.get_job(job_id).state)}
-
-    def read_log(self, job_id: str, label: str = "rank-0", offset: int = 0,
-                 attempt: int | None = None) -> dict[str, Any]:
-        from launcher.agent import read_file_chunk
-
-        atts = self.store.attempts(job_id)
-        if not atts:
-            return {"data": "", "offset": offset, "missing": True, "attempt": None}
-        att = next((a for a in atts if a.n == attempt), atts[-1]) if attempt else atts[-1]
-        path = attempt_dir(self.home, job_id, att.n) / f"{label}.log"
-        if path.exists():
-            out = read_file_chunk(str(path), offset)
-        else:
-            # Ranks on another machine without a shared volume: ask their agent.
-            out = {"data": "", "offset": offset, "missing": True}
-            rt = self.runtimes.get(job_id)
-            if rt is not None and rt.attempt == att.n:
-                import ray
-                for a in rt.agents:
-                    with contextlib.suppress(Exception):
-                        r = ray.get(a.read_log.remote(label, offset), timeout=10)
-                        if "error" not in r:
-                            out = r
-                            break
-        out["attempt"] = att.n
-        return out
 
     def shutdown(self) -> None:
         self._stop.set()
