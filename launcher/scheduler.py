@@ -49,11 +49,16 @@ class PriorityFifo(QueuePolicy):
 
 
 def schedule(queue: list[QueuedJob], pool: FreePool, now: float,
-             policy: QueuePolicy | None = None) -> list[tuple[QueuedJob, Plan]]:
-    """Pick the jobs to start now and their plans; takes the chips from `pool`."""
+             policy: QueuePolicy | None = None,
+             presorted: bool = False) -> list[tuple[QueuedJob, Plan]]:
+    """Pick the jobs to start now and their plans; takes the chips from `pool`.
+
+    `presorted`: the caller keeps `queue` in policy order (the simulation does,
+    so a long queue is not re-sorted on every event).
+    """
     policy = policy or PriorityFifo()
     out: list[tuple[QueuedJob, Plan]] = []
-    for job in sorted(queue, key=policy.key):
+    for job in (queue if presorted else sorted(queue, key=policy.key)):
         if job.not_before > now:
             continue  # backing off: not eligible, so it does not block others either
         if job.request is None:
