@@ -15,18 +15,19 @@ Layout of one model (D1 at 224 px):
     logits = head(cls) + 0.5 * max_tokens(aux_head(tokens))   (token labeling)
 
 Outlook attention needs unfold/fold.  MindCV uses ``nn.Unfold``
-(ExtractImagePatches, no CPU kernel) and a Fold that breaks in Graph mode; here
-both are built from strided slices, pads and adds, which every backend has and
-whose gradients are exact.
+(ExtractImagePatches, which has no CPU kernel) and a Fold that breaks in Graph
+mode; here they are ``ops.unfold``/``ops.fold`` (Im2Col/Col2Im), which MindSpore
+ships for Ascend, GPU and CPU, with gradients, in both modes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import mindspore as ms
 from mindspore import Parameter, nn, ops
-from mindspore.common.initializer import TruncatedNormal, initializer
+from mindspore.common.initializer import HeUniform, TruncatedNormal, Uniform, initializer
 
 __all__ = ["VoloConfig", "VOLO", "create_model", "list_models", "model_config"]
 
@@ -149,6 +150,51 @@ def _drop_path(p: float) -> nn.Cell:
     return DropPath(p) if p > 0.0 else nn.Identity()
 
 
+class Conv2d(nn.Cell):
+    """A 2-D convolution with nn.Conv2d's parameters (``weight`` OIHW, ``bias``) and torch's
+    init, NCHW in and out (NHWC with ``channels_last``).
+
+    On CPU it runs as im2col (ops.unfold) + one MatMul: MindSpore 2.10's CPU Conv2D kernel
+    ran at ~0.2 GFLOP/s here, 40x slower than its MatMul. Other backends use their native
+    convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True, channels_last: bool = False):
+        super().__init__()
+        k = kernel_size
+        self.kernel_size, self.stride, self.padding = k, stride, padding
+        self.channels_last = channels_last
+        self.weight = Parameter(initializer(HeUniform(math.sqrt(5)), (out_channels, in_channels, k, k)),
+                                name="weight")
+        self.has_bias = bias
+        if bias:
+            self.bias = Parameter(initializer(Uniform(1 / math.sqrt(in_channels * k * k)), (out_channels,)),
+                                  name="bias")
+        self.use_matmul = ms.get_context("device_target") == "CPU"
+        if not self.use_matmul:
+            self.conv = ops.Conv2D(out_channels, k, pad_mode="pad", pad=padding, stride=stride)
+
+    def construct(self, x):
+        if not self.use_matmul:
+            if self.channels_last:
+                x = x.transpose(0, 3, 1, 2)
+            out = self.conv(x, self.weight)
+            if self.has_bias:
+                out = ops.bias_add(out, self.bias)
+            return out.transpose(0, 2, 3, 1) if self.channels_last else out
+        if self.channels_last:
+            x = x.transpose(0, 3, 1, 2)
+        b, _, height, width = x.shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        cols = ops.unfold(x, k, 1, p, s)  # B, C_in*k*k, L in the order of weight.reshape(C_out, -1)
+        out = ops.matmul(self.weight.reshape(self.weight.shape[0], -1), cols)
+        if self.has_bias:
+            out = out + self.bias.reshape(-1, 1)
+        out = out.reshape(b, -1, (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1)
+        return out.transpose(0, 2, 3, 1) if self.channels_last else out
+
+
 class Mlp(nn.Cell):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
@@ -179,60 +225,24 @@ class OutlookAttention(nn.Cell):
         self.proj = _dense(dim, dim)
         self.softmax = nn.Softmax(axis=-1)
 
-    def _unfold(self, x):
-        """B,H,W,C -> B,h*w,k*k,C: the k*k neighbourhood of every strided location."""
-        b, height, width, c = x.shape
-        k, p, s = self.kernel_size, self.padding, self.stride
-        h, w = (height + s - 1) // s, (width + s - 1) // s
-        # pad the far edges enough for whole s*h windows; the extra rows are never selected
-        end_h = max(p, k - 1 + s * h - height - p)
-        end_w = max(p, k - 1 + s * w - width - p)
-        x = ops.pad(x, (0, 0, p, end_w, p, end_h))
-        patches = []
-        for i in range(k):
-            for j in range(k):
-                patch = x[:, i:i + s * h, j:j + s * w, :]
-                if s > 1:
-                    # every s-th row/column by reshape: MindSpore 2.10's CPU backward of a
-                    # strided slice (step > 1) crashes in PyNative mode
-                    patch = patch.reshape(b, h, s, w, s, c)[:, :, 0, :, 0, :]
-                patches.append(patch)
-        return ops.stack(patches, axis=3).reshape(b, h * w, k * k, c)
-
-    def _fold(self, x, height: int, width: int):
-        """B,h,w,k*k,C -> B,H,W,C: the adjoint of _unfold, overlapping values summed."""
-        b, h, w, _, c = x.shape
-        k, p, s = self.kernel_size, self.padding, self.stride
-        hp, wp = height + 2 * p, width + 2 * p
-        span_h, span_w = s * (h - 1) + 1, s * (w - 1) + 1
-        out = None
-        for i in range(k):
-            for j in range(k):
-                patch = x[:, :, :, i * k + j, :]
-                if s > 1:
-                    # spread the h x w values to every s-th row/column
-                    patch = ops.pad(patch.reshape(b, h, 1, w, 1, c), (0, 0, 0, s - 1, 0, 0, 0, s - 1))
-                    patch = patch.reshape(b, h * s, w * s, c)[:, :span_h, :span_w, :]
-                placed = ops.pad(patch, (0, 0, j, wp - j - span_w, i, hp - i - span_h))
-                out = placed if out is None else out + placed
-        return out[:, p:p + height, p:p + width, :]
-
     def construct(self, x):
         b, height, width, c = x.shape
         k, s, heads = self.kernel_size, self.stride, self.num_heads
         h, w = (height + s - 1) // s, (width + s - 1) // s
 
-        v = self._unfold(self.v(x))  # B, hw, kk, C
-        v = v.reshape(b, h * w, k * k, heads, c // heads).transpose(0, 3, 1, 2, 4)  # B,H,hw,kk,C/H
+        k2, p = k * k, self.padding
+        v = self.v(x).transpose(0, 3, 1, 2)  # B,C,H,W
+        v = ops.unfold(v, k, 1, p, s)  # B, C*kk, hw  (channel-major, as torch's nn.Unfold)
+        v = v.reshape(b, heads, c // heads, k2, h * w).transpose(0, 1, 4, 3, 2)  # B,H,hw,kk,C/H
 
         # attention weights from the centre token, average-pooled to the stride
         pooled = x.reshape(b, h, s, w, s, c).mean(axis=(2, 4)) if s > 1 else x
-        attn = self.attn(pooled).reshape(b, h * w, heads, k * k, k * k).transpose(0, 2, 1, 3, 4)
+        attn = self.attn(pooled).reshape(b, h * w, heads, k2, k2).transpose(0, 2, 1, 3, 4)
         attn = self.attn_drop(self.softmax(attn * self.scale))
 
-        out = ops.matmul(attn, v)  # B,H,hw,kk,C/H
-        out = out.transpose(0, 2, 3, 1, 4).reshape(b, h, w, k * k, c)
-        return self.proj(self._fold(out, height, width))
+        out = ops.matmul(attn, v).transpose(0, 1, 4, 3, 2).reshape(b, c * k2, h * w)
+        out = ops.fold(out, ms.Tensor([height, width], ms.int32), k, 1, p, s)  # overlaps summed
+        return self.proj(out.transpose(0, 2, 3, 1))
 
 
 class Outlooker(nn.Cell):
@@ -332,8 +342,7 @@ class PatchEmbed(nn.Cell):
 
         def conv_bn_relu(cin: int, kernel: int, stride: int) -> list[nn.Cell]:
             return [
-                nn.Conv2d(cin, hidden_dim, kernel, stride=stride, pad_mode="pad",
-                          padding=kernel // 2, has_bias=False),
+                Conv2d(cin, hidden_dim, kernel, stride=stride, padding=kernel // 2, bias=False),
                 nn.BatchNorm2d(hidden_dim, eps=1e-5, momentum=0.9),
                 nn.ReLU(),
             ]
@@ -341,8 +350,7 @@ class PatchEmbed(nn.Cell):
         self.conv = nn.SequentialCell(
             conv_bn_relu(in_chans, 7, 2) + conv_bn_relu(hidden_dim, 3, 1) + conv_bn_relu(hidden_dim, 3, 1)
         )
-        self.proj = nn.Conv2d(hidden_dim, embed_dim, patch_size // 2, stride=patch_size // 2,
-                              pad_mode="valid", has_bias=True)
+        self.proj = Conv2d(hidden_dim, embed_dim, patch_size // 2, stride=patch_size // 2)
 
     def construct(self, x):
         return self.proj(self.conv(x))
@@ -351,11 +359,10 @@ class PatchEmbed(nn.Cell):
 class Downsample(nn.Cell):
     def __init__(self, in_dim: int, out_dim: int, patch_size: int = 2):
         super().__init__()
-        self.proj = nn.Conv2d(in_dim, out_dim, patch_size, stride=patch_size, pad_mode="valid",
-                              has_bias=True)
+        self.proj = Conv2d(in_dim, out_dim, patch_size, stride=patch_size, channels_last=True)
 
     def construct(self, x):  # BHWC in and out
-        return self.proj(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+        return self.proj(x)
 
 
 class VOLO(nn.Cell):
