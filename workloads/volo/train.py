@@ -49,7 +49,7 @@ from workloads.volo.data import (
 from workloads.volo.report import Heartbeat, log
 from workloads.volo.sampling import GlobalBatchSampler, LayoutError, resolve_layout
 
-__all__ = ["lr_at", "main"]
+__all__ = ["evaluate_model", "lr_at", "main"]
 
 EXIT_CONFIG = 2
 EXIT_RECIPE = 3
@@ -284,25 +284,33 @@ class Trainer:
         return float(reduced[-1].asnumpy()[0])
 
     def evaluate(self, dataset: Any, source: Any) -> tuple[float, float, float, int]:
-        """(top1, top5, loss, images) over all ranks' shards."""
-        ms = self.ms
-        self.net.set_train(False)
-        stats = np.zeros(4, np.float64)  # correct1, correct5, loss sum, count
-        try:
-            for images, labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
-                logits = self.net(ms.Tensor(images)).asnumpy().astype(np.float64)
-                stats += _batch_stats(logits, labels)
-        except RuntimeError as e:
-            if source.error is not None:
-                raise source.error from e
-            raise
-        finally:
-            self.net.set_train(True)
-        if self.reducer.world_size > 1:
-            red = self.reducer([ms.Tensor(stats.astype(np.float32))])[0]
-            stats = red.asnumpy().astype(np.float64) * self.reducer.world_size
-        n = max(stats[3], 1.0)
-        return stats[0] / n * 100.0, stats[1] / n * 100.0, stats[2] / n, int(round(stats[3]))
+        return evaluate_model(self.net, dataset, source, self.reducer)
+
+
+def evaluate_model(net: Any, dataset: Any, source: Any,
+                   reducer: Any = None) -> tuple[float, float, float, int]:
+    """(top1 %, top5 %, mean CE loss, images) over all ranks' shards of ``dataset``."""
+    import mindspore as ms
+
+    was_training = net.training
+    net.set_train(False)
+    stats = np.zeros(4, np.float64)  # correct@1, correct@5, loss sum, count
+    try:
+        for images, labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
+            logits = net(ms.Tensor(images)).asnumpy().astype(np.float64)
+            stats += _batch_stats(logits, labels)
+    except RuntimeError as e:
+        if source.error is not None:
+            raise source.error from e
+        raise
+    finally:
+        net.set_train(was_training)
+    if reducer is not None and reducer.world_size > 1:
+        # sums, not means: ranks may hold different numbers of images
+        red = reducer([ms.Tensor(stats.astype(np.float32))])[0]
+        stats = red.asnumpy().astype(np.float64) * reducer.world_size
+    n = max(stats[3], 1.0)
+    return stats[0] / n * 100.0, stats[1] / n * 100.0, stats[2] / n, int(round(stats[3]))
 
 
 def _batch_stats(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -394,6 +402,9 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
             val_loss=last_val.get("loss"))
         import mindspore as ms
 
+        # PyNative launches the optimizer update asynchronously: wait for it, or the
+        # checkpoint may capture parameters from before the last update finished.
+        ms.runtime.synchronize()
         params = trainer.state_params()
         ckpt.save(state, lambda p: ms.save_checkpoint(params, str(p)), block=block)
 

@@ -1,0 +1,91 @@
+"""Export a trained VOLO checkpoint for deployment.
+
+    python -m workloads.volo.export --ckpt_path P --model NAME --format MINDIR --out F
+
+The number of classes is read from the checkpoint's head and the input size from the
+recipe saved beside it (``state.json``), unless given. Prints one JSON line with the file
+written. Exit status 2 for bad arguments or checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from workloads.volo.checkpoint import STATE_FILE, read_state
+from workloads.volo.config import ConfigError
+from workloads.volo.report import log
+from workloads.volo.validate import resolve_checkpoint
+
+__all__ = ["main"]
+
+_SUFFIX = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Export a VOLO checkpoint")
+    ap.add_argument("--ckpt_path", required=True, help="checkpoint dir, root or .ckpt file")
+    ap.add_argument("--model", required=True, help="model name, e.g. volo_d1 or volo_tiny")
+    ap.add_argument("--format", default="MINDIR", choices=sorted(_SUFFIX), type=str.upper)
+    ap.add_argument("--out", required=True, help="output file (suffix added if missing)")
+    ap.add_argument("--num_classes", type=int, default=None)
+    ap.add_argument("--image_size", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1, help="batch dimension of the exported input")
+    ap.add_argument("--device_target", default="CPU")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        model_file = resolve_checkpoint(a.ckpt_path)
+        image_size = a.image_size
+        state_file = model_file.parent / STATE_FILE
+        if image_size is None and state_file.is_file():
+            image_size = read_state(model_file.parent).recipe.get("image_resize")
+
+        import mindspore as ms
+        import numpy as np
+
+        from workloads.volo import create_model, model_config
+
+        ms.set_context(mode=ms.GRAPH_MODE)
+        ms.set_device(a.device_target)
+        params = ms.load_checkpoint(str(model_file))
+        num_classes = a.num_classes
+        if num_classes is None:
+            if "head.weight" not in params:
+                raise ConfigError(f"{model_file} has no head.weight; pass --num_classes")
+            num_classes = int(params["head.weight"].shape[0])
+        try:
+            if image_size is None:
+                image_size = model_config(a.model).img_size
+            net = create_model(a.model, num_classes=num_classes, img_size=int(image_size))
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"model {a.model!r}: {e}") from e
+        missing, _ = ms.load_param_into_net(net, params, strict_load=True)
+        if missing:
+            raise ConfigError(f"{model_file} does not fit {a.model}: missing {missing[:3]}")
+        net.set_train(False)
+        out = Path(a.out)
+        suffix = _SUFFIX[a.format]
+        stem = out.with_suffix("") if out.suffix.lower() == suffix else out
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        dummy = ms.Tensor(np.zeros((a.batch, 3, image_size, image_size), np.float32))
+        ms.export(net, dummy, file_name=str(stem), file_format=a.format)
+        written = Path(str(stem) + suffix)
+        if not written.is_file():
+            raise ConfigError(f"MindSpore did not write {written}")
+    except ConfigError as e:
+        log(f"error: {e}")
+        return 2
+    print(json.dumps({"out": str(written), "format": a.format, "model": a.model,
+                      "num_classes": num_classes, "image_size": image_size,
+                      "bytes": written.stat().st_size}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
