@@ -39,7 +39,10 @@ log = logging.getLogger("fleet.controller")
 
 CONTROLLER_NAME = "fleet-controller"
 NAMESPACE = "fleet"
-PG_READY_TIMEOUT_S = 120.0
+PG_READY_TIMEOUT_S = 30.0
+# After an agent is lost, Ray may still list its node as alive for a while
+# (until heartbeats time out); planning onto it would stall the restart.
+SUSPECT_NODE_S = 60.0
 PROGRESS_FLUSH_S = 1.0
 # The train loop's exit codes for a bad config (2) or a recipe that differs from
 # its checkpoint's (3): restarting cannot fix them, so do not burn restarts.
@@ -71,7 +74,10 @@ class Runtime:
     progress: dict = field(default_factory=dict)
     progress_dirty: bool = False
     progress_flushed: float = 0.0
-    polling: bool = False
+    # Grow: set when more devices are free; acted on at the next checkpoint.
+    resize_to: int | None = None
+    resize_after: float = 0.0
+    checkpoint_ready: bool = False
 
 
 def backoff_seconds(policy: dict, restarts: int) -> float:
@@ -168,6 +174,7 @@ class Controller(JobQueries):
         self.poll_interval = poll_interval
         self.policy = PriorityFifo(backfill=backfill)
         self.runtimes: dict[str, Runtime] = {}
+        self.suspect_nodes: dict[str, float] = {}  # node id -> until when to avoid it
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -256,13 +263,15 @@ class Controller(JobQueries):
         self._poll_running()
         self._advance_workflows()
         self._schedule()
+        self._consider_growth()
 
     # ---------------------------------------------------------------- cluster
     def _cluster_nodes(self) -> dict[str, list[int]]:
         import ray
         out = {}
+        now = time.time()
         for n in ray.nodes():
-            if not n.get("Alive"):
+            if not n.get("Alive") or self.suspect_nodes.get(n["NodeID"], 0) > now:
                 continue
             npus = int(n.get("Resources", {}).get("NPU", 0))
             if npus > 0:
@@ -293,8 +302,8 @@ class Controller(JobQueries):
     def _queued(self) -> list[QueuedJob]:
         out = []
         done_steps: dict[str, dict[str, JobState]] = {}
-        for j in self.store.jobs({S.PENDING, S.RESTARTING}):
-            if j.kind == "Workflow":
+        for j in self.store.jobs({S.PENDING, S.RESTARTING, S.RESIZING}):
+            if j.kind == "Workflow" or j.id in self.runtimes:
                 continue
             if j.parent:
                 sib = done_steps.get(j.parent)
@@ -400,7 +409,7 @@ class Controller(JobQueries):
                                                                   "bundles": bundles})
             ready, _ = ray.wait([pg.ready()], timeout=PG_READY_TIMEOUT_S)
             if not ready:
-                raise RuntimeError(f"placement group not placed within "
+                raise _Unplaceable(f"placement group not placed within "
                                    f"{PG_READY_TIMEOUT_S:.0f}s")
             agent_cls = ray.remote(NodeAgent)
             agents = []
@@ -441,6 +450,21 @@ class Controller(JobQueries):
                 self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running")
         except _Aborted:
             self._teardown(rt)
+        except _Unplaceable as e:
+            # Ray could not place what the ledger thought free (a node going away):
+            # requeue without spending a restart.
+            with self.lock:
+                if self.runtimes.get(job.id) is rt:
+                    self.runtimes.pop(job.id, None)
+                    self._teardown(rt)
+                    self.store.end_attempt(job.id, rt.attempt, "unplaceable", str(e))
+                    cur = self.store.get_job(job.id)
+                    if cur.state == S.SCHEDULING:
+                        back = S.RESTARTING if cur.restarts else S.PENDING
+                        self.store.set_state(job.id, back, f"requeued: {e}",
+                                             not_before=time.time() + 2.0)
+                else:
+                    self._teardown(rt)
         except Exception as e:
             log.warning("job %s attempt %s failed to start: %s", job.id, rt.attempt, e)
             with self.lock:
@@ -467,6 +491,8 @@ class Controller(JobQueries):
                     results.append(None)  # slow, not dead: try again next tick
                 except Exception as e:
                     lost = f"agent {i} lost ({type(e).__name__}: node or actor died)"
+                    if i < len(rt.plan.slices):
+                        self.suspect_nodes[rt.plan.slices[i].node] = time.time() + SUSPECT_NODE_S
                     break
             with self.lock:
                 if self.runtimes.get(job_id) is not rt:
@@ -489,6 +515,8 @@ class Controller(JobQueries):
                 elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
                     result = next((r["result"] for r in results if r and r.get("result")), None)
                     self._attempt_succeeded(job_id, rt, result)
+                elif rt.checkpoint_ready:
+                    self._resize(job_id, rt)
                 else:
                     hang = float((job.spec.get("restart") or {}).get("hangTimeoutSeconds", 600))
                     stalled = time.time() - rt.last_heartbeat
@@ -519,6 +547,8 @@ class Controller(JobQueries):
                     if k in ev:
                         p[k] = ev[k]
             elif kind == "checkpoint":
+                if ev.get("ok") and rt.resize_to and float(ev.get("ts", 0)) >= rt.resize_after:
+                    rt.checkpoint_ready = True
                 p["checkpoint_step"] = ev.get("step")
                 p["checkpoint_ok"] = ev.get("ok")
                 p["checkpoint_path"] = ev.get("path")
@@ -573,6 +603,46 @@ class Controller(JobQueries):
             self.store.set_state(job_id, S.FAILED,
                                  f"failed after {job.restarts} restart(s){why}: {reason} "
                                  f"[attempts: {history}]")
+        self._wake.set()
+
+    def _consider_growth(self) -> None:
+        """Grow a running elastic job when more devices are free and nobody waits.
+
+        Waiting jobs always come first: growth only uses devices the queue cannot.
+        The switch happens at the job's next checkpoint, so no step is lost.
+        """
+        with self.lock:
+            candidates = [rt for rt in self.runtimes.values()
+                          if rt.launched and rt.resize_to is None]
+            if not candidates or self._queued():
+                return
+            nodes = self._cluster_nodes()
+            for rt in candidates:
+                job = self.store.get_job(rt.job_id)
+                if job is None or job.kind != "TrainJob" or job.state != S.RUNNING:
+                    continue
+                req = self._request(job)
+                if req is None or rt.plan.devices >= req.max_devices:
+                    continue
+                pool = self._pool(nodes)
+                pool.give([s for s in rt.plan.slices if s.chips])  # its own chips count
+                better = pool.plan(req, req.candidates(self._job_topology(job)))
+                if better is None or better.devices <= rt.plan.devices:
+                    continue
+                rt.resize_to, rt.resize_after = better.devices, time.time()
+                self.store.add_event(job.id, "grow_wanted", {
+                    "from": rt.plan.devices, "to": better.devices,
+                    "note": "waiting for the next checkpoint"})
+
+    def _resize(self, job_id: str, rt: Runtime) -> None:
+        self._flush_progress(rt, force=True)
+        self.runtimes.pop(job_id, None)
+        step = rt.progress.get("checkpoint_step")
+        why = (f"growing from {rt.plan.devices} to {rt.resize_to} devices at checkpoint "
+               f"step {step}")
+        self.store.set_state(job_id, S.RESIZING, why)
+        self._teardown(rt)
+        self.store.end_attempt(job_id, rt.attempt, "resized", why)
         self._wake.set()
 
     def _cancel_one(self, job_id: str, reason: str) -> None:
@@ -700,6 +770,10 @@ class _Aborted(Exception):
     """The job was cancelled or superseded while its attempt was starting."""
 
 
+class _Unplaceable(Exception):
+    """The placement group did not come up in time."""
+
+
 def actor_class():
     import ray
     return ray.remote(Controller)
@@ -715,6 +789,9 @@ def get_or_create(home: str, poll_interval: float = 0.25, backfill: bool = False
     cls = actor_class().options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=0, max_concurrency=32, num_cpus=0,
+        # On the head node: the store is a file on the head's volume, and the head
+        # outlives worker nodes (on Kubernetes: the head pod, not an NPU worker).
+        resources={"node:__internal_head__": 0.001},
         # Ray re-runs __init__ on restart, which is where recovery happens.
         runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "0"}})
     return cls.remote(home, poll_interval, backfill)

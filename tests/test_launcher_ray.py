@@ -265,3 +265,55 @@ def test_50_concurrent_submits(fleet):
         call(f, "cancel", i)
     call(f, "cancel", blocker)
     assert call(f, "status", blocker)["state"] == "CANCELLED"
+
+
+def test_node_loss_shrinks_then_grows_back_with_fixed_global_batch(fleet):
+    """Runs last: it removes a node (and adds one back)."""
+    import json
+
+    f = fleet
+    hold = submit(f, train_doc("hold8", 8, 1000, prio=1))["id"]
+    wait_for(f, hold, state_is("RUNNING"), what="hold8 running")
+    doc = train_doc("elastic", 16, 120, step_s=0.25)
+    doc["spec"]["resources"]["devices"] = {"min": 8, "max": 16}
+    doc["spec"]["batch"] = {"global": 64, "microBatchMax": 4}
+    j = submit(f, doc)["id"]
+    st = wait_for(f, j, lambda s: (s.get("progress") or {}).get("step", 0) >= 4, what="step 4")
+    plan = st["attempts"][-1]["plan"]
+    assert (plan["devices"], plan["micro_batch"], plan["grad_accum"]) == (16, 4, 1)
+
+    head = f["cluster"].head_node.node_id
+    victim_id = next(s["node"] for s in plan["slices"] if s["node"] != head)
+    victim = next(n for n in f["cluster"].list_all_nodes() if n.node_id == victim_id)
+    f["cluster"].remove_node(victim, allow_graceful=False)
+    # Shrink: restarted on the one whole node left, same G with accumulation 2.
+    st = wait_for(f, j, lambda s: len(s["attempts"]) >= 2 and s["state"] == "RUNNING",
+                  what="restart on fewer devices", timeout=120)
+    a1, a2 = st["attempts"][0], st["attempts"][1]
+    assert a1["status"] == "failed" and "lost" in a1["reason"]
+    assert (a2["plan"]["devices"], a2["plan"]["micro_batch"], a2["plan"]["grad_accum"]) == \
+        (8, 4, 2)
+    # Grow: devices come back (the blocker ends) -> resize at the next checkpoint.
+    call(f, "cancel", hold)
+    st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="elastic done", timeout=180)
+    assert st["state"] == "SUCCEEDED", st["message"]
+    statuses = [a["status"] for a in st["attempts"]]
+    assert statuses[:2] == ["failed", "resized"] and statuses[-1] == "succeeded"
+    last = st["attempts"][-1]["plan"]
+    assert (last["devices"], last["micro_batch"], last["grad_accum"]) == (16, 4, 1)
+    assert st["progress"]["step"] == 120
+    assert not any(e["kind"] == "reattached" for e in st["events"])  # controller stayed up
+    # Every attempt resumed where a checkpoint left off and ran with G fixed.
+    prev_end = None
+    for a in st["attempts"]:
+        hb = f["home"] / "jobs" / j / f"attempt-{a['n']}" / "rank-0.heartbeat.jsonl"
+        evs = [json.loads(x) for x in hb.read_text().splitlines()]
+        start = evs[0]
+        assert start["global_batch"] == 64
+        assert start["grad_accum"] == a["plan"]["grad_accum"]
+        steps = [e["step"] for e in evs if e["event"] == "step"]
+        if prev_end is not None:
+            assert start["resumed_step"] <= prev_end
+            assert steps[0] == start["resumed_step"] + 1
+        prev_end = steps[-1] if steps else start["resumed_step"]
+    f["cluster"].add_node(num_cpus=2, resources={"NPU": 8}, node_ip_address="127.0.0.1")
