@@ -208,8 +208,9 @@ def progress_line(st: dict) -> str:
             parts.append(f"loss {float(p['loss']):.4f}")
         if p.get("images_per_second") is not None:
             parts.append(f"{float(p['images_per_second']):.1f} img/s")
-        if total and p.get("step_seconds"):
-            parts.append(f"ETA {_fmt_eta((total - p['step']) * float(p['step_seconds']))}")
+        per_step = p.get("avg_step_seconds") or p.get("step_seconds")
+        if total and per_step and st["state"] not in TERMINAL:
+            parts.append(f"ETA {_fmt_eta((total - p['step']) * float(per_step))}")
     if p.get("val_top1") is not None:
         parts.append(f"val top1 {float(p['val_top1']):.4f}")
     atts = st.get("attempts") or []

@@ -546,6 +546,11 @@ class Controller(JobQueries):
                           "step_seconds", "samples_seen"):
                     if k in ev:
                         p[k] = ev[k]
+                if isinstance(ev.get("step_seconds"), int | float):
+                    # Smoothed for the ETA: single steps jitter (data loading, checkpoints).
+                    prev = p.get("avg_step_seconds")
+                    dt = float(ev["step_seconds"])
+                    p["avg_step_seconds"] = dt if prev is None else 0.8 * prev + 0.2 * dt
             elif kind == "checkpoint":
                 if ev.get("ok") and rt.resize_to and float(ev.get("ts", 0)) >= rt.resize_after:
                     rt.checkpoint_ready = True
