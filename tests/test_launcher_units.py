@@ -1,0 +1,169 @@
+"""Store, lifecycle, agent and rank-env units (no Ray)."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.agent import NodeAgent, _Tail
+from launcher.lifecycle import ALLOWED, IllegalTransition, JobState, transition
+from launcher.planner import NodeSlice, Plan
+from launcher.ranks import RankSpec, build_launch
+from launcher.store import Store
+
+S = JobState
+
+
+def test_lifecycle_terminal_states_are_final():
+    for t in (S.SUCCEEDED, S.FAILED, S.CANCELLED):
+        assert ALLOWED[t] == frozenset()
+        with pytest.raises(IllegalTransition):
+            transition(t, S.RUNNING)
+    assert transition("PENDING", "SCHEDULING") == S.SCHEDULING
+    with pytest.raises(IllegalTransition):
+        transition(S.PENDING, S.RUNNING)  # must pass through SCHEDULING
+    # every state is reachable from PENDING
+    seen, todo = {S.PENDING}, [S.PENDING]
+    while todo:
+        for n in ALLOWED[todo.pop()]:
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    assert seen == set(JobState)
+
+
+def test_store_durable_and_checked(tmp_path):
+    db = tmp_path / "fleet.db"
+    st = Store(db)
+    a = st.add_job("train", "TrainJob", {"x": 1}, {}, 0)
+    b = st.add_job("train", "TrainJob", {"x": 2}, {}, 5)
+    assert (a.id, b.id) == ("train-1", "train-2")
+    st.set_state(a.id, S.SCHEDULING)
+    att = st.add_attempt(a.id, {"devices": 8}, "pg-{n}")
+    assert att.n == 1 and att.pg_name == "pg-1"
+    with pytest.raises(IllegalTransition):
+        st.set_state(b.id, S.SUCCEEDED)
+    st.set_state(a.id, S.RUNNING)
+    st.close()
+    st2 = Store(db)  # reopened: everything is still there
+    assert st2.get_job(a.id).state == S.RUNNING and st2.get_job(a.id).started
+    assert st2.open_attempt(a.id).plan == {"devices": 8}
+    assert [e["state"] for e in st2.events(a.id) if e["kind"] == "state"] == \
+        ["PENDING", "SCHEDULING", "RUNNING"]
+    st2.end_attempt(a.id, 1, "failed", "boom")
+    assert st2.open_attempt(a.id) is None
+    assert st2.attempts(a.id)[0].reason == "boom"
+    assert [j.id for j in st2.active_jobs()] == [a.id, b.id]
+
+
+def test_tail_handles_partial_and_garbage_lines(tmp_path):
+    p = tmp_path / "hb.jsonl"
+    t = _Tail(str(p))
+    assert t.read() == []
+    p.write_text('{"event": "start"}\n{"event": "st')
+    assert t.read() == [{"event": "start"}]
+    with open(p, "a") as f:
+        f.write('ep", "step": 1}\nnot json\n[1]\n')
+    assert t.read() == [{"event": "step", "step": 1}]
+
+
+def _rank(tmp_path, rank, code):
+    return RankSpec(rank, [sys.executable, "-c", code], {}, str(tmp_path / f"r{rank}.log"),
+                    str(tmp_path / f"r{rank}.hb"), str(tmp_path)).to_dict()
+
+
+def _wait(agent, status, timeout=30):
+    deadline = time.time() + timeout
+    events = []
+    while time.time() < deadline:
+        r = agent.poll()
+        events += r["events"]  # each poll hands out only new events
+        if r["status"] == status:
+            r["events"] = events
+            return r
+        time.sleep(0.1)
+    raise AssertionError(agent.poll())
+
+
+def test_agent_first_failure_tears_down_the_group(tmp_path):
+    a = NodeAgent("j-1", 1, 0)
+    sleeper = "import time; time.sleep(60)"
+    a.start([_rank(tmp_path, 0, sleeper), _rank(tmp_path, 1, "import sys; sys.exit(7)")])
+    t0 = time.time()
+    r = _wait(a, "failed")
+    assert "rank-1 exited with exit code 7" in r["reason"] and r["exit_code"] == 7
+    assert r["exits"]["rank-0"] != 0  # killed, not left running
+    assert time.time() - t0 < 10
+
+
+def test_agent_success_result_and_heartbeats(tmp_path):
+    a = NodeAgent("j-2", 1, 0)
+    code = ("import json, os; f = open(os.environ['FLEET_HEARTBEAT'], 'a'); "
+            "f.write(json.dumps({'event': 'step', 'step': 1, 'rank': 0}) + '\\n'); f.close(); "
+            "print('noise'); print(json.dumps({'top1': 97.5, 'images': 10}))")
+    spec = _rank(tmp_path, 0, code)
+    spec["env"] = {"FLEET_HEARTBEAT": spec["heartbeat"]}
+    a.start([spec])
+    r = _wait(a, "succeeded")
+    assert {"event": "step", "step": 1, "rank": 0} in r["events"]
+    assert a.poll()["events"] == []
+    assert r["result"] == {"top1": 97.5, "images": 10}
+    assert "noise" in a.read_log("rank-0")["data"]
+
+
+def test_agent_stop_kills_process_tree(tmp_path):
+    a = NodeAgent("j-3", 1, 0)
+    # The rank starts a grandchild; stopping must take the whole session down.
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "open('child.pid', 'w').write(str(p.pid)); time.sleep(60)")
+    a.start([_rank(tmp_path, 0, code)])
+    pid_file = tmp_path / "child.pid"
+    deadline = time.time() + 20
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    r = a.stop(grace=1.0)
+    assert r["status"] == "stopped"
+    import psutil
+    time.sleep(0.5)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
+
+
+def test_rank_env_is_msrun_equivalent(tmp_path):
+    plan = Plan(16, 4, 2, (NodeSlice("a", tuple(range(8))), NodeSlice("b", tuple(range(8)))))
+    spec = {"workload": "volo", "resources": {"deviceType": "NPU", "cpusPerDevice": 2},
+            "checkpoint": {"everySteps": 50, "keep": 3}, "overrides": {"epoch_size": 2,
+                                                                       "scale": [0.5, 1.0]}}
+    paths = {"config": "/c.yaml", "data_dir": "/data", "workdir": str(tmp_path)}
+    nodes = build_launch(job_id="j-9", attempt=3, kind="TrainJob", spec=spec, paths=paths,
+                         plan=plan, home=Path("/h"), sched_host="10.0.0.1", sched_port=8118)
+    assert [n.node for n in nodes] == ["a", "b"]
+    sched = nodes[0].ranks[0]
+    assert sched.rank is None and sched.env["MS_ROLE"] == "MS_SCHED"
+    assert all(r.rank is not None for r in nodes[1].ranks)  # one scheduler per job
+    workers = [r for n in nodes for r in n.ranks if r.rank is not None]
+    assert [r.rank for r in workers] == list(range(16))
+    w9 = workers[9]
+    assert w9.env["MS_NODE_ID"] == "9" and w9.env["DEVICE_ID"] == "1"
+    assert w9.env["MS_SCHED_HOST"] == "10.0.0.1" and w9.env["MS_SCHED_PORT"] == "8118"
+    assert w9.env["MS_WORKER_NUM"] == "16" and w9.env["ASCEND_RT_VISIBLE_DEVICES"] == \
+        "0,1,2,3,4,5,6,7"
+    assert w9.env["FLEET_GLOBAL_BATCH"] == "128" and w9.env["FLEET_MICRO_BATCH"] == "4"
+    assert w9.env["FLEET_GRAD_ACCUM"] == "2" and w9.env["FLEET_ATTEMPT"] == "3"
+    assert w9.env["FLEET_NUM_THREADS"] == "2" and w9.env["OMP_NUM_THREADS"] == "2"
+    assert w9.env["FLEET_CHECKPOINT_DIR"] == "/h/jobs/j-9/checkpoints"
+    assert w9.env["FLEET_HEARTBEAT"] == "/h/jobs/j-9/attempt-3/rank-9.heartbeat.jsonl"
+    argv = w9.argv
+    assert argv[1:4] == ["-m", "workloads.volo.train", "-c"]
+    i = argv.index
+    assert argv[i("--device_target") + 1] == "Ascend" and argv[i("--distribute") + 1] == "True"
+    assert argv[i("--ckpt_save_steps") + 1] == "50" and argv[i("--scale") + 1] == "0.5,1.0"
+    single = build_launch(job_id="j", attempt=1, kind="TrainJob", spec=spec, paths=paths,
+                          plan=Plan(1, 8, 16, (NodeSlice("a", (5,)),)), home=Path("/h"))
+    [r] = single[0].ranks
+    assert "MS_ROLE" not in r.env and r.argv[r.argv.index("--distribute") + 1] == "False"
+    assert r.env["ASCEND_RT_VISIBLE_DEVICES"] == "5" and r.env["DEVICE_ID"] == "0"
+    assert json.dumps([n.to_dict() for n in nodes])  # serialisable for Ray and --dry-run
