@@ -456,7 +456,7 @@ def _register_optional() -> None:
         from launcher import cli_dashboards
     except ImportError:
         return
-    for name in ("dashboards", "plot"):
+    for name in ("dashboards", "plot", "metrics"):
         cmd = getattr(cli_dashboards, name, None)
         if isinstance(cmd, click.Command):
             cli.add_command(cmd, name)

@@ -182,15 +182,42 @@ class Controller(JobQueries):
         self._last_error = ""
         self.started = time.time()
         self._recover()
+        self.exporter = self._start_metrics()
         self._thread = None
         if start_loop:
             self._thread = threading.Thread(target=self._loop, daemon=True, name="fleet-loop")
             self._thread.start()
 
+    def _start_metrics(self):
+        """Prometheus exporter (launcher/metrics.py) over every job's heartbeats + this
+        job table. Off with FLEET_METRICS=0; a busy port must not stop the controller."""
+        if os.environ.get("FLEET_METRICS", "1") == "0":
+            return None
+        try:
+            from launcher.metrics import start_fleet_exporter
+            return start_fleet_exporter(self.home, self._metric_jobs, self.cluster)
+        except Exception as e:  # noqa: BLE001 - metrics are optional, the queue is not
+            log.warning("metrics exporter not started: %s", e)
+            self.store.add_event("controller", "metrics_unavailable", {"error": str(e)})
+            return None
+
+    def _metric_jobs(self) -> list[dict[str, Any]]:
+        # Workflow steps included: their ranks are the ones writing heartbeats.
+        return [{"id": j.id, "state": str(j.state), "created": j.created,
+                 "restarts": j.restarts} for j in self.store.jobs() if j.kind != "Workflow"]
+
     # ================================================================ API
     def ping(self) -> dict[str, Any]:
         return {"ok": True, "pid": os.getpid(), "home": str(self.home),
-                "started": self.started, "ticks": self._ticks, "error": self._last_error}
+                "started": self.started, "ticks": self._ticks, "error": self._last_error,
+                "metrics": self._metrics_url()}
+
+    def _metrics_url(self) -> str | None:
+        server = getattr(self.exporter, "_server", None)
+        if server is None:
+            return None
+        host, port = server.server_address[:2]
+        return f"http://{host}:{port}/metrics"
 
     def submit(self, doc: dict, paths: dict) -> dict[str, Any]:
         """Store a validated spec; returns its id (and step ids for a workflow)."""

@@ -8,6 +8,8 @@ recovery are exercised end to end in seconds.
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# The controller's Prometheus exporter on a free port (Ray nodes inherit this env).
+os.environ["FLEET_METRICS_PORT"] = "0"
 
 import threading
 import time
@@ -156,6 +158,15 @@ def test_gang_queue_priority_cancel(fleet):
     st = wait_for(f, low, state_is("SUCCEEDED"), what="low done")
     h_att = call(f, "status", high)["attempts"][0]
     assert st["attempts"][0]["started"] >= h_att["ended"] - 1.0
+
+
+def test_controller_serves_metrics(fleet):
+    import urllib.request
+
+    url = call(fleet, "ping")["metrics"]
+    assert url and url.startswith("http://127.0.0.1:")
+    body = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - loopback
+    assert "fleet_jobs{" in body and "fleet_devices{" in body
 
 
 def test_restart_resumes_from_checkpoint(fleet):
