@@ -257,6 +257,22 @@ def _print_outcome(st: dict) -> None:
                        f"({res.get('images', '?')} images)")
 
 
+# ------------------------------------------------------------------ completion
+
+def _complete_job(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Job ids from the local store (no cluster round trip while typing)."""
+    from launcher.local import fleet_home
+    from launcher.store import Store
+
+    db = fleet_home() / "fleet.db"
+    if not db.exists():
+        return []
+    try:
+        return [j.id for j in Store(db).jobs() if j.id.startswith(incomplete)][-50:]
+    except Exception:  # noqa: BLE001 - completion must never crash the shell
+        return []
+
+
 # ------------------------------------------------------------------ commands
 
 @cli.command()
@@ -317,7 +333,7 @@ def schema() -> None:
 
 
 @cli.command()
-@click.argument("job", required=False)
+@click.argument("job", required=False, shell_complete=_complete_job)
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text")
 @click.pass_obj
 def status(c: Ctx, job: str | None, output: str) -> None:
@@ -372,7 +388,7 @@ def list_(c: Ctx, show_all: bool, output: str) -> None:
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("job", shell_complete=_complete_job)
 @click.option("--rank", type=int, default=0, help="Rank whose log to show (default 0).")
 @click.option("--scheduler", is_flag=True, help="Show the MindSpore scheduler's log.")
 @click.option("--attempt", type=int, default=None, help="Attempt number (default: latest).")
@@ -411,7 +427,7 @@ def logs(c: Ctx, job: str, rank: int, scheduler: bool, attempt: int | None,
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("job", shell_complete=_complete_job)
 @click.pass_obj
 def cancel(c: Ctx, job: str) -> None:
     """Cancel a job: stops its ranks and frees its devices."""
