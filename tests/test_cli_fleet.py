@@ -147,8 +147,17 @@ def test_local_cluster_session(proj):
             if st["state"] == "RUNNING":
                 break
             time.sleep(0.5)
+        env = dict(os.environ, FLEET_HOME=str(home))
+        follow = subprocess.Popen([sys.executable, "-m", "launcher.cli", "logs", "smoke-2",
+                                   "--follow"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                  text=True)
+        first = follow.stdout.readline()
+        assert first.startswith("step ")
         r = fleet(home, "cancel", "smoke-2")
         assert r.returncode == 0 and "CANCELLED" in r.stdout
+        # --follow ends by itself once the job is over.
+        rest, _ = follow.communicate(timeout=60)
+        assert follow.returncode == 0
         r = fleet(home, "status", "smoke-2")
         assert r.returncode == 1  # a cancelled job's status exits 1
         r = fleet(home, "status", "nope-9")
