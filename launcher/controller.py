@@ -71,6 +71,9 @@ class Runtime:
     launched: bool = False
     started: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
+    # Per rank: one hung rank is a hang even if the others still write (they
+    # usually block in the next all-reduce, but not always at once).
+    rank_heartbeat: dict[str, float] = field(default_factory=dict)
     progress: dict = field(default_factory=dict)
     progress_dirty: bool = False
     progress_flushed: float = 0.0
@@ -181,6 +184,8 @@ class Controller(JobQueries):
         self._ticks = 0
         self._last_error = ""
         self.started = time.time()
+        self.k8s = self._start_k8s()
+        self._known_nodes: frozenset[str] = frozenset()
         self._recover()
         self.exporter = self._start_metrics()
         self._thread = None
@@ -200,6 +205,25 @@ class Controller(JobQueries):
             log.warning("metrics exporter not started: %s", e)
             self.store.add_event("controller", "metrics_unavailable", {"error": str(e)})
             return None
+
+    def _start_k8s(self):
+        """FleetK8s (launcher/k8s.py) when running in a KubeRay cluster, else None."""
+        try:
+            from launcher.k8s import FleetK8s
+            return FleetK8s.from_env()
+        except Exception as e:  # noqa: BLE001 - Kubernetes is an aid, not a prerequisite
+            log.warning("kubernetes integration off: %s", e)
+            return None
+
+    def _node_failure_reason(self, node_id: str) -> str:
+        """Why a node's pod died (OOMKilled, Evicted, NodeNotReady...), if Kubernetes says."""
+        if self.k8s is None:
+            return ""
+        try:
+            f = self.k8s.why_node_died(node_id, wait_s=3.0)
+        except Exception as e:  # noqa: BLE001
+            return f"; kubernetes: unavailable ({e})"
+        return "" if f is None else f"; kubernetes: {f.to_json()}"
 
     def _metric_jobs(self) -> list[dict[str, Any]]:
         # Workflow steps included: their ranks are the ones writing heartbeats.
@@ -251,9 +275,15 @@ class Controller(JobQueries):
         nodes = self._cluster_nodes()
         pool = self._pool(nodes)
         total = sum(len(c) for c in nodes.values())
-        return {"nodes": len(nodes), "devices": total, "free": pool.total_free(),
-                "whole_free_nodes": pool.whole_nodes(),
-                "queued": len([j for j in self.store.jobs({S.PENDING, S.RESTARTING})])}
+        out = {"nodes": len(nodes), "devices": total, "free": pool.total_free(),
+               "whole_free_nodes": pool.whole_nodes(),
+               "queued": len([j for j in self.store.jobs({S.PENDING, S.RESTARTING})])}
+        if self.k8s is not None:
+            try:
+                out["kubernetes"] = self.k8s.status()
+            except Exception as e:  # noqa: BLE001
+                out["kubernetes"] = {"error": str(e)}
+        return out
 
     def cancel(self, job_id: str, reason: str = "cancelled by user") -> dict[str, Any]:
         job = self.store.get_job(job_id)
@@ -303,6 +333,13 @@ class Controller(JobQueries):
             npus = int(n.get("Resources", {}).get("NPU", 0))
             if npus > 0:
                 out[n["NodeID"]] = list(range(npus))
+        if self.k8s is not None and frozenset(out) != self._known_nodes:
+            # Map nodes to pods while they are alive: after a loss the pod may be gone.
+            try:
+                self.k8s.remember_nodes(ray.nodes())
+                self._known_nodes = frozenset(out)
+            except Exception as e:  # noqa: BLE001
+                log.warning("kubernetes node mapping failed: %s", e)
         return out
 
     def _topology(self, nodes: dict[str, list[int]]) -> Topology:
@@ -519,7 +556,9 @@ class Controller(JobQueries):
                 except Exception as e:
                     lost = f"agent {i} lost ({type(e).__name__}: node or actor died)"
                     if i < len(rt.plan.slices):
-                        self.suspect_nodes[rt.plan.slices[i].node] = time.time() + SUSPECT_NODE_S
+                        node = rt.plan.slices[i].node
+                        self.suspect_nodes[node] = time.time() + SUSPECT_NODE_S
+                        lost += f" on node {node[:12]}" + self._node_failure_reason(node)
                     break
             with self.lock:
                 if self.runtimes.get(job_id) is not rt:
@@ -546,7 +585,9 @@ class Controller(JobQueries):
                     self._resize(job_id, rt)
                 else:
                     hang = float((job.spec.get("restart") or {}).get("hangTimeoutSeconds", 600))
-                    stalled = time.time() - rt.last_heartbeat
+                    labels = [f"rank-{r}" for r in range(max(rt.plan.devices, 1))]
+                    oldest = min(rt.rank_heartbeat.get(lb, rt.started) for lb in labels)
+                    stalled = time.time() - oldest
                     if job.kind == "TrainJob" and stalled > hang:
                         self._attempt_failed(job_id, rt,
                                              f"heartbeat stalled for {stalled:.0f}s "
@@ -557,6 +598,8 @@ class Controller(JobQueries):
         p = rt.progress
         if r.get("last_heartbeat"):
             rt.last_heartbeat = max(rt.last_heartbeat, *r["last_heartbeat"].values())
+            for label, ts in r["last_heartbeat"].items():
+                rt.rank_heartbeat[label] = max(rt.rank_heartbeat.get(label, 0.0), ts)
         for ev in r.get("events", []):
             kind = ev.get("event")
             if ev.get("rank", 0) != 0 and kind not in ("done",):

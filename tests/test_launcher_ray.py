@@ -183,6 +183,30 @@ def test_restart_resumes_from_checkpoint(fleet):
     assert start["event"] == "start" and start["resumed_step"] == 2
 
 
+def test_hung_rank_is_restarted_by_the_watchdog(fleet):
+    import signal
+
+    f = fleet
+    doc = train_doc("hung", 2, 30, step_s=0.2)
+    doc["spec"]["restart"]["hangTimeoutSeconds"] = 3
+    j = submit(f, doc)["id"]
+    wait_for(f, j, lambda s: (s.get("progress") or {}).get("step", 0) >= 3, what="step 3")
+    rank1 = None
+    for p in psutil.process_iter(["pid"]):
+        try:
+            env = p.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if env.get("FLEET_JOB_ID") == j and env.get("RANK_ID") == "1":
+            rank1 = p
+    assert rank1 is not None
+    rank1.send_signal(signal.SIGSTOP)  # hung, not dead: only the watchdog can tell
+    st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="hung done", timeout=120)
+    assert st["state"] == "SUCCEEDED", st["message"]
+    assert "heartbeat stalled" in st["attempts"][0]["reason"]
+    assert not psutil.pid_exists(rank1.pid) or rank1.status() == psutil.STATUS_ZOMBIE
+
+
 def test_max_restarts_exhausted_fails_with_history(fleet):
     f = fleet
     doc = train_doc("doomed", 1, 5, fail_at=2, max_restarts=0)
