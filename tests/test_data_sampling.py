@@ -73,3 +73,12 @@ def test_sample_hash_is_order_free_and_content_sensitive():
     assert h(np.array([3, 1, 2])) == h(np.array([1, 2, 3]))
     assert h(np.array([1, 2, 3])) != h(np.array([1, 2, 4]))
     assert len(h(np.array([0]))) == 64
+
+
+def test_per_epoch_subset_changes_each_epoch():
+    s = GlobalBatchSampler(100, BatchLayout(10, 1, 10, 1), seed=0, per_epoch=30)
+    assert s.steps_per_epoch == 3
+    e0 = np.concatenate([s.step_indices(i) for i in range(3)])
+    e1 = np.concatenate([s.step_indices(i) for i in range(3, 6)])
+    assert len(set(e0)) == 30 and set(e0) != set(e1)
+    assert np.array_equal(e0, s.epoch_order(0)[:30])

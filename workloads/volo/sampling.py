@@ -69,17 +69,21 @@ def resolve_layout(world_size: int, micro_batch: int, grad_accum: int | None,
 class GlobalBatchSampler:
     """Maps (optimizer step, rank, micro-step) to dataset indices."""
 
-    def __init__(self, num_samples: int, layout: BatchLayout, seed: int, shuffle: bool = True):
-        if num_samples < layout.global_batch:
+    def __init__(self, num_samples: int, layout: BatchLayout, seed: int, shuffle: bool = True,
+                 per_epoch: int | None = None):
+        """``per_epoch``: use only this many samples per epoch (MindCV's ``num_samples``): the
+        first ``per_epoch`` of each epoch's permutation, so each epoch sees a new subset."""
+        per_epoch = num_samples if per_epoch is None else min(per_epoch, num_samples)
+        if per_epoch < layout.global_batch:
             raise LayoutError(
-                f"the dataset has {num_samples} samples, fewer than one global batch "
+                f"the dataset has {per_epoch} samples per epoch, fewer than one global batch "
                 f"({layout.global_batch}); use a smaller global batch or more data"
             )
         self.num_samples = num_samples
         self.layout = layout
         self.seed = seed
         self.shuffle = shuffle
-        self.steps_per_epoch = num_samples // layout.global_batch
+        self.steps_per_epoch = per_epoch // layout.global_batch
         self._cache: tuple[int, np.ndarray] | None = None
 
     def epoch_order(self, epoch: int) -> np.ndarray:

@@ -96,7 +96,7 @@ class Plan:
     num_classes: int
     train_index: Any
     val_index: Any | None
-    num_samples: int  # train images used per epoch (all, or the first num_samples)
+    num_samples: int  # train images used per epoch (all, or a fresh subset of num_samples)
     steps_per_epoch: int
     total_steps: int  # schedule length: epoch_size epochs
     stop_step: int  # where this invocation stops (max_steps or total)
@@ -207,24 +207,26 @@ class Trainer:
         except (ValueError, KeyError) as e:
             raise ConfigError(f"model {args.model!r}: {e}") from e
         self.net.set_train(True)
+        from workloads.volo.optim import AdamW, decay_filter
+
         params = self.net.trainable_params()
-        if args.weight_decay_filter in ("auto", "norm_and_bias"):
-            decay = [p for p in params if len(p.shape) > 1 and "bias" not in p.name]
-            no_decay = [p for p in params if not (len(p.shape) > 1 and "bias" not in p.name)]
-            groups: Any = [{"params": decay, "weight_decay": args.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}]
-        else:
-            groups = params
+        keep = decay_filter(args.weight_decay_filter)
         lr0 = ms.Tensor(args.lr, ms.float32)
         if args.opt == "adamw":
-            self.opt = nn.AdamWeightDecay(groups, learning_rate=lr0, weight_decay=args.weight_decay,
-                                          eps=1e-8)
-        elif args.opt == "adam":
-            self.opt = nn.Adam(groups, learning_rate=lr0, weight_decay=args.weight_decay)
+            self.opt = AdamW(params, learning_rate=args.lr, eps=1e-8,
+                             weight_decay=args.weight_decay, decay=keep)
         else:
-            self.opt = nn.Momentum(groups, learning_rate=lr0,
-                                   momentum=args.momentum if args.opt == "momentum" else 0.0,
-                                   weight_decay=args.weight_decay, use_nesterov=args.use_nesterov)
+            groups: Any = [{"params": [p for p in params if keep(p)],
+                            "weight_decay": args.weight_decay},
+                           {"params": [p for p in params if not keep(p)], "weight_decay": 0.0}]
+            groups = [g for g in groups if g["params"]]
+            if args.opt == "adam":
+                self.opt = nn.Adam(groups, learning_rate=lr0, weight_decay=args.weight_decay)
+            else:
+                self.opt = nn.Momentum(groups, learning_rate=lr0,
+                                       momentum=args.momentum if args.opt == "momentum" else 0.0,
+                                       weight_decay=args.weight_decay,
+                                       use_nesterov=args.use_nesterov)
         self.reducer = MeanAllReduce(world_size)
         net, opt = self.net, self.opt
 
@@ -237,7 +239,11 @@ class Trainer:
         def micro(x, t):
             return grad_fn(x, t)
 
-        def update(grads):
+        def update(grads, lr):
+            # The LR goes in as an input: a compiled graph keeps the value the optimizer's
+            # learning_rate Parameter had at compile time, whatever set_data does later
+            # (measured: a warmup starting at 0 never trained).
+            ops.assign(opt.learning_rate, lr)
             return opt(grads)
 
         compiled = args.mode == 0
@@ -265,11 +271,10 @@ class Trainer:
         for p in self.state_params():
             p.set_data(data[p.name])
 
-    def set_lr(self, lr: float) -> None:
-        self.opt.learning_rate.set_data(self.ms.Tensor(lr, self.ms.float32))
-
     # -- one optimizer step ----------------------------------------------------------------
-    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> float:
+        """Average the micro-batches' gradients over accumulation and ranks, apply them with
+        learning rate ``lr``; returns the global batch's mean loss."""
         ms = self.ms
         acc = None
         loss_sum = 0.0
@@ -280,7 +285,7 @@ class Trainer:
         a = len(micro_batches)
         mean_loss = ms.Tensor(np.array([loss_sum / a], np.float32))
         reduced = self.reducer([g / a for g in acc] + [mean_loss])
-        self._update(ms.mutable(tuple(reduced[:-1])))  # mutable: no recompile per step
+        self._update(ms.mutable(tuple(reduced[:-1])), ms.Tensor(lr, ms.float32))  # mutable: compile once
         return float(reduced[-1].asnumpy()[0])
 
     def evaluate(self, dataset: Any, source: Any) -> tuple[float, float, float, int]:
@@ -355,7 +360,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
     args, lay = plan.args, plan.layout
     trainer = Trainer(plan, world_size)
     start = _resume(plan, trainer, world_size)
-    sampler = GlobalBatchSampler(plan.num_samples, lay, args.seed, args.shuffle)
+    sampler = GlobalBatchSampler(len(plan.train_index), lay, args.seed, args.shuffle,
+                                 per_epoch=plan.num_samples)
     augment = TrainAugment(
         image_size=args.image_resize, scale=tuple(args.scale), ratio=tuple(args.ratio),
         hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
@@ -441,8 +447,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
                                            args.label_smoothing, args.mixup, args.cutmix,
                                            args.cutmix_prob, rng))
                 lr = lr_at(step, **lr_kw)
-                trainer.set_lr(lr)
-                loss = trainer.step(micro)
+                loss = trainer.step(micro, lr)
                 dt = time.perf_counter() - t0
                 t_train += dt
                 step += 1
@@ -523,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         if hb is not None:
             hb.emit("done", step=0, status="error", error=str(e))
         return 1
+    except Exception as e:
+        # unexpected: still tell the agent why this rank stopped, then keep the traceback
+        if hb is not None:
+            hb.emit("done", step=0, status="error", error=f"{type(e).__name__}: {e}")
+        raise
     finally:
         if hb is not None:
             hb.close()
