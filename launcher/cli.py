@@ -174,19 +174,37 @@ def _print_dry_run(d: dict) -> None:
     click.echo(f"dry run: {d['kind']} {d['name']} (nothing submitted)")
     for st in d["steps"]:
         p = st["plan"]
-        click.echo(f"\n[{st['step']}] {st['kind']}: {p['devices']} device(s), micro-batch "
-                   f"{p['micro_batch']}, accumulation {p['grad_accum']}")
+        if p["devices"]:
+            click.echo(f"\n[{st['step']}] {st['kind']}: {p['devices']} device(s), micro-batch "
+                       f"{p['micro_batch']}, accumulation {p['grad_accum']}")
+        else:
+            click.echo(f"\n[{st['step']}] {st['kind']}: no devices (one CPU process)")
         if "feasible_device_counts" in st:
             click.echo(f"  feasible device counts: {st['feasible_device_counts']}")
         for nl in st["processes"]:
             click.echo(f"  node {nl['node']} chips {nl['chips']}:")
-            for r in nl["ranks"]:
+            ranks = nl["ranks"]
+            if not ranks:
+                continue
+            # Every process of a job runs the same command; only the env differs.
+            argvs = {tuple(r["argv"]) for r in ranks}
+            if len(argvs) == 1:
+                click.echo(f"    command: {' '.join(ranks[0]['argv'])}")
+            keys = ("MS_", "FLEET_", "DEVICE_", "ASCEND_", "RANK_", "LOCAL_RANK")
+            common = {k: v for k, v in ranks[0]["env"].items() if k.startswith(keys)
+                      and all(r["env"].get(k) == v for r in ranks)}
+            if len(ranks) > 1 and common:
+                click.echo("    env (all): " + " ".join(f"{k}={v}"
+                                                        for k, v in sorted(common.items())))
+            for r in ranks:
                 label = "scheduler" if r["rank"] is None else f"rank {r['rank']}"
                 env = " ".join(f"{k}={v}" for k, v in sorted(r["env"].items())
-                               if k.startswith(("MS_", "FLEET_", "DEVICE_", "ASCEND_",
-                                                "RANK_")))
-                click.echo(f"    {label}: {' '.join(r['argv'])}")
-                click.echo(f"      env: {env}")
+                               if k.startswith(keys) and (len(ranks) == 1 or k not in common))
+                if len(argvs) > 1:
+                    click.echo(f"    {label}: {' '.join(r['argv'])}")
+                    click.echo(f"      env: {env}")
+                else:
+                    click.echo(f"    {label}: {env}")
 
 
 # ------------------------------------------------------------------ progress
