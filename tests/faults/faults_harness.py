@@ -1,0 +1,373 @@
+"""Fault-injection harness: a real local Ray cluster, the fleet controller, rank
+processes found by their FLEET_* env, and the heartbeat analysis every fault test
+shares (committed step lineage, steps lost, samples replayed, recovery time).
+
+Used by tests/faults/ and by bench/recovery.py + bench/goodput.py, so the figures
+in the benchmarks are computed exactly as the suite checks them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("GLOG_v", "3")
+# The Prometheus exporter is not under test here; a second controller on a busy port
+# would only add noise.
+os.environ.setdefault("FLEET_METRICS", "0")
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_RECIPE = REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
+# Loss equality across attempts: resumed parameters are bit-identical, but a resize
+# changes the accumulation order of the gradient sum (float32), so allow rounding.
+LOSS_RTOL = 2e-4
+LOSS_ATOL = 2e-5
+
+
+# ------------------------------------------------------------------ results table
+@dataclass
+class FaultResult:
+    fault: str
+    recovered: bool
+    recovery_s: float | None
+    steps_lost: int | None
+    samples_replayed: int | None
+    note: str = ""
+
+
+RESULTS: list[FaultResult] = []
+
+
+def record(res: FaultResult) -> FaultResult:
+    RESULTS.append(res)
+    return res
+
+
+def format_table(rows: list[FaultResult]) -> str:
+    head = ("fault", "recovered", "recovery s", "steps lost", "samples replayed", "note")
+    body = [(r.fault, "yes" if r.recovered else "no",
+             "-" if r.recovery_s is None else f"{r.recovery_s:.1f}",
+             "-" if r.steps_lost is None else str(r.steps_lost),
+             "-" if r.samples_replayed is None else str(r.samples_replayed), r.note)
+            for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+# ------------------------------------------------------------------ data
+def tiny_digits(out: Path, per_class: int = 8) -> Path:
+    """An ImageFolder of per_class images x 10 digits (train only), cut from the
+    project's digits data: small enough that a VOLO-tiny step takes well under a second."""
+    from workloads.volo.digits import write_digits
+
+    full = out.parent / f"{out.name}-full"
+    write_digits(full)
+    for cls in sorted((full / "train").iterdir()):
+        dest = out / "train" / cls.name
+        dest.mkdir(parents=True)
+        for img in sorted(cls.iterdir())[:per_class]:
+            shutil.copy(img, dest / img.name)
+    shutil.rmtree(full)
+    return out
+
+
+# ------------------------------------------------------------------ cluster
+class Fleet:
+    """One Ray cluster on 127.0.0.1 + the detached fleet controller, for one module."""
+
+    def __init__(self, home: Path, nodes: list[dict[str, float]], cpus: int = 2):
+        from launcher import local
+
+        self.home = home
+        local.quiet_ray()
+        local.use_local_token(home, create=True)
+        import ray
+        from ray.cluster_utils import Cluster
+
+        from launcher import controller as ctl
+
+        self.ray, self.ctl = ray, ctl
+        self.cluster = Cluster()
+        for i, res in enumerate(nodes):
+            self.cluster.add_node(num_cpus=cpus, resources=dict(res),
+                                  node_ip_address="127.0.0.1",
+                                  include_dashboard=False if i == 0 else None)
+        ray.init(address=self.cluster.address, namespace=ctl.NAMESPACE,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        c = ctl.get_or_create(str(home), 0.2)
+        ray.get(c.ping.remote(), timeout=120)
+
+    def close(self) -> None:
+        try:
+            c = self.controller()
+            for j in self.ray.get(c.list_jobs.remote(False), timeout=30):
+                self.ray.get(c.cancel.remote(j["id"]), timeout=60)
+            self.ray.kill(c, no_restart=True)
+        except Exception:  # noqa: BLE001 - teardown is best effort; the cluster goes anyway
+            pass
+        finally:
+            self.ray.shutdown()
+            self.cluster.shutdown()
+
+    # -- controller API
+    def controller(self):
+        return self.ray.get_actor(self.ctl.CONTROLLER_NAME, namespace=self.ctl.NAMESPACE)
+
+    def call(self, method: str, *args: Any, timeout: float = 60) -> Any:
+        return self.ray.get(getattr(self.controller(), method).remote(*args), timeout=timeout)
+
+    def submit(self, doc: dict, config: Path, data_dir: Path,
+               ckpt_dir: Path | None = None) -> str:
+        name = doc["metadata"]["name"]
+        step = {"config": str(config), "data_dir": str(data_dir)}
+        if ckpt_dir is not None:
+            step["ckpt_dir"] = str(ckpt_dir)
+        return self.call("submit", doc, {"workdir": str(REPO), "steps": {name: step}})["id"]
+
+    def status(self, job_id: str) -> dict | None:
+        try:
+            return self.call("status", job_id, timeout=20)
+        except Exception:  # noqa: BLE001 - the controller may be restarting
+            return None
+
+    def wait_for(self, job_id: str, pred, timeout: float = 120, what: str = "",
+                 interval: float = 0.2) -> dict:
+        deadline = time.time() + timeout
+        st = None
+        while time.time() < deadline:
+            cur = self.status(job_id)
+            if cur is not None:
+                st = cur
+                if pred(st):
+                    return st
+            time.sleep(interval)
+        raise AssertionError(f"{job_id}: timed out after {timeout:.0f}s waiting for {what}; "
+                             f"last status: {_short(st)}")
+
+    def wait_done(self, job_id: str, timeout: float = 240) -> dict:
+        return self.wait_for(job_id, lambda s: s["state"] in ("SUCCEEDED", "FAILED",
+                                                              "CANCELLED"),
+                             timeout=timeout, what="a terminal state")
+
+    def kill_controller(self, timeout: float = 90) -> float:
+        """ray.kill with restart; returns seconds until the new controller answers."""
+        old = self.call("ping")["pid"]
+        t0 = time.time()
+        self.ray.kill(self.controller(), no_restart=False)
+        deadline = t0 + timeout
+        while time.time() < deadline:
+            try:
+                if self.call("ping", timeout=10)["pid"] != old:
+                    return time.time() - t0
+            except Exception:  # noqa: BLE001 - restarting
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"controller not back within {timeout}s")
+
+    # -- store, read directly: fast enough to see a transient state like RESIZING
+    def db_state(self, job_id: str) -> str | None:
+        con = sqlite3.connect(f"file:{self.home / 'fleet.db'}?mode=ro", uri=True, timeout=1)
+        try:
+            row = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        except sqlite3.Error:
+            return None
+        finally:
+            con.close()
+        return row[0] if row else None
+
+    # -- files
+    def attempt_dir(self, job_id: str, n: int) -> Path:
+        return self.home / "jobs" / job_id / f"attempt-{n}"
+
+    def ckpt_dir(self, job_id: str) -> Path:
+        return self.home / "jobs" / job_id / "checkpoints"
+
+    def heartbeats(self, job_id: str, n: int, rank: int = 0) -> list[dict]:
+        return read_events(self.attempt_dir(job_id, n) / f"rank-{rank}.heartbeat.jsonl")
+
+    def progress_step(self, job_id: str) -> int:
+        """Newest optimizer step in the newest attempt, from rank 0's heartbeat file."""
+        d = self.home / "jobs" / job_id
+        atts = sorted(d.glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])) \
+            if d.is_dir() else []
+        for a in reversed(atts):
+            steps = [e["step"] for e in read_events(a / "rank-0.heartbeat.jsonl")
+                     if e.get("event") == "step"]
+            if steps:
+                return steps[-1]
+        return 0
+
+    def wait_step(self, job_id: str, step: int, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.progress_step(job_id) >= step:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{job_id}: step {step} not reached in {timeout}s; "
+                             f"{_short(self.status(job_id))}")
+
+
+def read_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by SIGKILL mid-write
+    return out
+
+
+def _short(st: dict | None) -> str:
+    if not st:
+        return "none"
+    return json.dumps({"state": st.get("state"), "message": st.get("message"),
+                       "attempts": [(a["n"], a["status"], a.get("reason"))
+                                    for a in st.get("attempts", [])]})[:1500]
+
+
+# ------------------------------------------------------------------ rank processes
+def rank_procs(job_id: str, attempt: int | None = None) -> dict[str, Any]:
+    """label ('rank-0', 'scheduler') -> psutil.Process of a job's live rank processes."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid"]):
+        try:
+            env = p.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if env.get("FLEET_JOB_ID") != job_id:
+            continue
+        if attempt is not None and env.get("FLEET_ATTEMPT") != str(attempt):
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        label = "scheduler" if env.get("MS_ROLE") == "MS_SCHED" else \
+            f"rank-{env.get('RANK_ID', '0')}"
+        # The rank's own python, not a helper it forked (dataset workers inherit env).
+        if label not in out or p.pid < out[label].pid:
+            out[label] = p
+    return out
+
+
+def wait_rank(job_id: str, label: str, attempt: int | None = None, timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        p = rank_procs(job_id, attempt).get(label)
+        if p is not None:
+            return p
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id}: no live {label} process within {timeout}s")
+
+
+def signal_rank(job_id: str, label: str, sig: int = signal.SIGKILL) -> int:
+    p = wait_rank(job_id, label)
+    os.kill(p.pid, sig)
+    return p.pid
+
+
+# ------------------------------------------------------------------ lineage
+@dataclass
+class Lineage:
+    """The optimizer steps that make up the final model, across attempts.
+
+    Every attempt resumes at `resumed_step`: the steps an earlier attempt ran past that
+    point were redone (steps lost = wasted work); the rest are the committed chain.
+    """
+
+    committed: dict[int, dict] = field(default_factory=dict)  # step -> rank-0 step event
+    steps_lost: int = 0
+    gaps: list[int] = field(default_factory=list)  # resumed past steps nobody ran
+    starts: list[dict] = field(default_factory=list)
+    attempts: list[list[dict]] = field(default_factory=list)
+
+
+def lineage(fleet: Fleet, job_id: str, n_attempts: int) -> Lineage:
+    lin = Lineage()
+    for n in range(1, n_attempts + 1):
+        evs = fleet.heartbeats(job_id, n)
+        lin.attempts.append(evs)
+        start = next((e for e in evs if e.get("event") == "start"), None)
+        if start is None:
+            continue  # never got to training (start failed, killed while scheduling)
+        lin.starts.append(start)
+        r = int(start["resumed_step"])
+        later = sorted(s for s in lin.committed if s > r)
+        lin.steps_lost += len(later)
+        for s in later:
+            del lin.committed[s]
+        if r > 0 and r not in lin.committed and not any(s > r for s in lin.committed):
+            lin.gaps.append(r)
+        for e in evs:
+            if e.get("event") == "step":
+                lin.committed[int(e["step"])] = e
+    return lin
+
+
+def compare_to_reference(lin: Lineage, ref: Lineage, total: int, global_batch: int,
+                         hashes: bool = True) -> dict[str, Any]:
+    """What a fault changed in the committed chain, versus the uninterrupted run."""
+    missing = [s for s in range(1, total + 1) if s not in lin.committed]
+    extra = [s for s in lin.committed if s > total]
+    bad_hash = []
+    bad_loss = []
+    for s in range(1, total + 1):
+        a, b = lin.committed.get(s), ref.committed.get(s)
+        if a is None or b is None:
+            continue
+        if hashes and a.get("sample_hash") != b.get("sample_hash"):
+            bad_hash.append(s)
+        if a.get("samples_seen") != b.get("samples_seen"):
+            bad_hash.append(s)
+        la, lb = float(a["loss"]), float(b["loss"])
+        if abs(la - lb) > LOSS_ATOL + LOSS_RTOL * abs(lb):
+            bad_loss.append((s, la, lb))
+    bad_hash = sorted(set(bad_hash))
+    return {"missing": missing, "extra": extra, "bad_hash": bad_hash, "bad_loss": bad_loss,
+            # A step whose samples differ from the reference's trained other samples
+            # (some seen twice, some never): count its whole global batch.
+            "samples_replayed": global_batch * (len(bad_hash) + len(extra)),
+            "gaps": lin.gaps}
+
+
+def recovery_seconds(fleet: Fleet, job_id: str, fault_ts: float, attempt: int) -> float | None:
+    """Fault -> first optimizer step completed by the attempt that resumed."""
+    for e in fleet.heartbeats(job_id, attempt):
+        if e.get("event") == "step" and e["ts"] >= fault_ts:
+            return e["ts"] - fault_ts
+    return None
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    steps = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+    return steps[-1] if steps else None
+
+
+def wait_checkpoint(ckpt_dir: Path, step: int, timeout: float = 120) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        p = ckpt_dir / f"step-{step:08d}"
+        if (p / "MANIFEST.sha256").exists():
+            return p
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint {step} in {ckpt_dir} within {timeout}s")
+
+
+def signal_safe(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

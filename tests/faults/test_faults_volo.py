@@ -1,0 +1,140 @@
+"""Faults 1 and 2 on the real VOLO train loop (volo_tiny, 80 digits, CPU ranks).
+
+Sample order and loss equality only mean something with a real model: every
+committed optimizer step must train the reference run's exact global batch
+(`sample_hash`) and give its loss within float tolerance.
+
+Cluster: two Ray nodes with {"NPU": 1} on 127.0.0.1 (the job runs one CPU rank
+per "device"); the job wants 1-2 devices with G=8, micro-batch <= 4, so 2 devices
+run 4 x 1 and 1 device runs 4 x 2 (same global batch).
+"""
+
+import signal
+import time
+
+import pytest
+from faults_harness import (
+    TINY_RECIPE,
+    FaultResult,
+    Fleet,
+    compare_to_reference,
+    lineage,
+    rank_procs,
+    record,
+    recovery_seconds,
+    tiny_digits,
+    wait_checkpoint,
+)
+
+STEPS = 12
+G = 8
+
+
+def volo_doc(name: str, ckpt_every: int = 2, max_restarts: int = 3) -> dict:
+    return {
+        "apiVersion": "fleet/v1", "kind": "TrainJob", "metadata": {"name": name},
+        "spec": {
+            "workload": "volo", "config": "recipe.yaml",
+            "overrides": {"max_steps": STEPS, "epoch_size": 2, "num_parallel_workers": 1,
+                          "val_while_train": False, "warmup_epochs": 0, "lr": 0.001},
+            "data": {"dir": "data"},
+            "resources": {"deviceType": "CPU", "devices": {"min": 1, "max": 2},
+                          "cpusPerDevice": 0.5},
+            "batch": {"global": G, "microBatchMax": 4},
+            "checkpoint": {"everySteps": ckpt_every, "keep": 3},
+            "restart": {"maxRestarts": max_restarts, "backoffSeconds": 0.2,
+                        "hangTimeoutSeconds": 120},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    home = tmp_path_factory.mktemp("faults-volo")
+    data = tiny_digits(home / "digits")
+    f = Fleet(home, [{"NPU": 1}, {"NPU": 1}])
+    f.data = data
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@pytest.fixture(scope="module")
+def reference(fleet):
+    j = fleet.submit(volo_doc("reference"), TINY_RECIPE, fleet.data)
+    st = fleet.wait_done(j, timeout=300)
+    assert st["state"] == "SUCCEEDED", st["message"]
+    assert len(st["attempts"]) == 1 and st["attempts"][0]["plan"]["devices"] == 2
+    ref = lineage(fleet, j, 1)
+    assert sorted(ref.committed) == list(range(1, STEPS + 1))
+    assert all(e.get("sample_hash") for e in ref.committed.values())
+    return ref
+
+
+def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
+           note: str = "") -> dict:
+    lin = lineage(fleet, j, len(st["attempts"]))
+    cmp = compare_to_reference(lin, ref, STEPS, G)
+    ok = st["state"] == "SUCCEEDED" and not (cmp["missing"] or cmp["extra"] or cmp["bad_hash"]
+                                             or cmp["bad_loss"] or cmp["gaps"])
+    record(FaultResult(fault, ok, recovery_seconds(fleet, j, fault_ts, resumed_attempt),
+                       lin.steps_lost, cmp["samples_replayed"], note))
+    assert st["state"] == "SUCCEEDED", st["message"]
+    assert cmp["missing"] == [] and cmp["extra"] == [], cmp
+    assert cmp["gaps"] == [], cmp
+    assert cmp["bad_hash"] == [], f"steps whose global batch differs from the reference: {cmp}"
+    assert cmp["bad_loss"] == [], f"(step, loss, reference loss): {cmp['bad_loss']}"
+    assert cmp["samples_replayed"] == 0
+    return cmp
+
+
+def test_sigkill_one_rank_mid_step(fleet, reference):
+    j = fleet.submit(volo_doc("kill-rank"), TINY_RECIPE, fleet.data)
+    ckpt = fleet.ckpt_dir(j)
+    wait_checkpoint(ckpt, 4, timeout=300)
+    fleet.wait_step(j, 5)  # then step 6 is in flight
+    time.sleep(0.2)
+    victim = rank_procs(j, 1)["rank-1"]
+    t_fault = time.time()
+    victim.send_signal(signal.SIGKILL)
+    st = fleet.wait_done(j, timeout=300)
+    assert [a["status"] for a in st["attempts"]][:1] == ["failed"], st["attempts"]
+    assert "rank-1" in (st["attempts"][0]["reason"] or "") or \
+        "signal 9" in (st["attempts"][0]["reason"] or ""), st["attempts"][0]
+    assert st["attempts"][-1]["plan"]["devices"] == 2
+    _check(fleet, j, st, reference, "1 SIGKILL rank (volo)", t_fault, 2,
+           note=st["attempts"][0]["reason"] or "")
+
+
+def test_node_loss_shrinks_then_grows_back(fleet, reference):
+    f = fleet
+    j = f.submit(volo_doc("node-loss"), TINY_RECIPE, f.data)
+    st = f.wait_for(j, lambda s: s["state"] == "RUNNING", timeout=120, what="running")
+    plan = st["attempts"][-1]["plan"]
+    assert plan["devices"] == 2
+    wait_checkpoint(f.ckpt_dir(j), 2, timeout=300)
+    f.wait_step(j, 3)
+    head = f.cluster.head_node.node_id
+    victim = next(n for n in f.cluster.list_all_nodes() if n.node_id != head)
+    t_fault = time.time()
+    f.cluster.remove_node(victim, allow_graceful=False)
+    st = f.wait_for(j, lambda s: len(s["attempts"]) >= 2 and s["state"] == "RUNNING",
+                    timeout=180, what="restart on one device")
+    a2 = st["attempts"][1]["plan"]
+    assert (a2["devices"], a2["micro_batch"], a2["grad_accum"]) == (1, 4, 2), a2
+    # Grow: a node comes back; the controller resizes at the next checkpoint.
+    deadline = time.time() + 180
+    while not any(e.get("event") == "step" for e in f.heartbeats(j, 2)):
+        assert time.time() < deadline, "the shrunk attempt made no step"
+        time.sleep(0.1)
+    f.cluster.add_node(num_cpus=2, resources={"NPU": 1}, node_ip_address="127.0.0.1")
+    st = f.wait_done(j, timeout=400)
+    statuses = [a["status"] for a in st["attempts"]]
+    grew = "resized" in statuses and st["attempts"][-1]["plan"]["devices"] == 2
+    _check(f, j, st, reference, "2 node loss -> shrink -> grow (volo)", t_fault, 2,
+           note=f"attempts {statuses}, devices "
+                f"{[a['plan']['devices'] for a in st['attempts']]}")
+    assert statuses[0] == "failed" and "lost" in st["attempts"][0]["reason"]
+    history = [(a["status"], a["plan"]["devices"], a["reason"]) for a in st["attempts"]]
+    assert grew, f"no grow back to 2 devices: {history}"
