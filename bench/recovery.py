@@ -1,0 +1,156 @@
+"""Recovery time: fault -> next optimizer step completed, on a local Ray cluster.
+
+    .venv/bin/python bench/recovery.py [--fault rank|node|both] [--workload volo|smoke]
+                                        [--compile-cache] [--json out.json]
+
+A VOLO-tiny job (CPU ranks, 80 digits images, G=8, checkpoint every 2 steps) runs on
+two Ray nodes with {"NPU": 1} each; once a checkpoint is on disk the bench SIGKILLs
+rank 1 (rank) or removes the second Ray node (node) and times, from the heartbeat
+files and the job's attempt history:
+
+  detect     fault -> the controller ends the attempt
+  restart    attempt ended -> the next attempt's ranks are running (backoff + placement
+             group + agents + processes)
+  rank_init  ranks running -> the rank's "start" heartbeat (python + MindSpore import,
+             data index, checkpoint load)
+  first_step "start" -> first optimizer step done (includes the graph compile unless
+             --compile-cache found it cached)
+
+Goals (issue 6): rank kill <= 10 s, node loss <= 20 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "faults"))
+sys.path.insert(0, str(REPO))
+
+GOALS = {"rank": 10.0, "node": 20.0}
+
+
+def job_doc(name: str, workload: str, steps: int) -> dict:
+    over = {"max_steps": steps}
+    if workload == "volo":
+        over.update(epoch_size=100, num_parallel_workers=1, val_while_train=False,
+                    warmup_epochs=0, lr=0.001)
+    else:
+        over.update(step_seconds=0.3)
+    return {
+        "apiVersion": "fleet/v1", "kind": "TrainJob", "metadata": {"name": name},
+        "spec": {"workload": workload, "config": "recipe.yaml", "overrides": over,
+                 "data": {"dir": "data"},
+                 "resources": {"deviceType": "CPU", "devices": {"min": 1, "max": 2},
+                               "cpusPerDevice": 0.5},
+                 "batch": {"global": 8, "microBatchMax": 4},
+                 "checkpoint": {"everySteps": 2, "keep": 2},
+                 "restart": {"maxRestarts": 3, "backoffSeconds": 0.2,
+                             "hangTimeoutSeconds": 300}},
+    }
+
+
+def breakdown(fleet, job_id: str, t_fault: float) -> dict:
+    from faults_harness import lineage
+
+    st = fleet.status(job_id)
+    atts = st["attempts"]
+    a1, a2 = atts[0], atts[1]
+    start2 = next(e for e in fleet.heartbeats(job_id, 2) if e["event"] == "start")
+    step2 = next(e for e in fleet.heartbeats(job_id, 2) if e["event"] == "step")
+    launched = next((e for e in st["events"] if e["kind"] == "launched"
+                     and e.get("attempt") == 2), None)
+    t_launched = launched["ts"] if launched else a2["started"]
+    lin = lineage(fleet, job_id, len(atts))
+    return {
+        "total_s": round(step2["ts"] - t_fault, 2),
+        "detect_s": round(a1["ended"] - t_fault, 2),
+        "restart_s": round(t_launched - a1["ended"], 2),
+        "rank_init_s": round(start2["ts"] - t_launched, 2),
+        "first_step_s": round(step2["ts"] - start2["ts"], 2),
+        "resumed_step": start2["resumed_step"],
+        "steps_lost": lin.steps_lost,
+        "reason": a1["reason"],
+        "devices": [a["plan"]["devices"] for a in atts],
+    }
+
+
+def run_one(kind: str, workload: str, home: Path) -> dict:
+    from faults_harness import Fleet, rank_procs, tiny_digits, wait_checkpoint
+
+    f = Fleet(home, [{"NPU": 1}, {"NPU": 1}])
+    try:
+        if workload == "volo":
+            data = tiny_digits(home / "digits")
+            cfg = REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
+        else:
+            data = home / "data"
+            data.mkdir()
+            cfg = home / "recipe.yaml"
+            cfg.write_text("model: smoke\n")
+        j = f.submit(job_doc(f"recovery-{kind}", workload, 40), cfg, data)
+        wait_checkpoint(f.ckpt_dir(j), 4, timeout=600)
+        f.wait_step(j, 5)
+        time.sleep(0.1)
+        t_fault = time.time()
+        if kind == "rank":
+            os.kill(rank_procs(j, 1)["rank-1"].pid, signal.SIGKILL)
+        else:
+            head = f.cluster.head_node.node_id
+            victim = next(n for n in f.cluster.list_all_nodes() if n.node_id != head)
+            f.cluster.remove_node(victim, allow_graceful=False)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if any(e["event"] == "step" for e in f.heartbeats(j, 2)):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"no step after the fault: {f.status(j)}")
+        out = breakdown(f, j, t_fault)
+        f.call("cancel", j)
+        return out
+    finally:
+        f.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fault", choices=["rank", "node", "both"], default="both")
+    ap.add_argument("--workload", choices=["volo", "smoke"], default="volo")
+    ap.add_argument("--compile-cache", action="store_true",
+                    help="MindSpore compile cache on (MS_COMPILER_CACHE_ENABLE) so the "
+                         "restarted ranks can reuse the first attempt's graph")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.compile_cache:
+        cache = Path(tempfile.mkdtemp(prefix="ms-cache-"))
+        os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+        os.environ["MS_COMPILER_CACHE_PATH"] = str(cache)
+    kinds = ["rank", "node"] if args.fault == "both" else [args.fault]
+    results = {}
+    for kind in kinds:
+        with tempfile.TemporaryDirectory(prefix=f"fleet-recovery-{kind}-") as d:
+            results[kind] = run_one(kind, args.workload, Path(d))
+        r = results[kind]
+        verdict = "meets" if r["total_s"] <= GOALS[kind] else "MISSES"
+        print(f"{kind:5s} fault -> next step {r['total_s']:6.1f}s  (goal {GOALS[kind]:.0f}s: "
+              f"{verdict})  detect {r['detect_s']}s  restart {r['restart_s']}s  rank init "
+              f"{r['rank_init_s']}s  first step {r['first_step_s']}s  steps lost "
+              f"{r['steps_lost']}  devices {r['devices']}", flush=True)
+    meta = {"workload": args.workload, "compile_cache": args.compile_cache,
+            "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+    print(json.dumps({"meta": meta, "results": results}))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
