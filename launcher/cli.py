@@ -230,7 +230,7 @@ def progress_line(st: dict) -> str:
         if total and per_step and st["state"] not in TERMINAL:
             parts.append(f"ETA {_fmt_eta((total - p['step']) * float(per_step))}")
     if p.get("val_top1") is not None:
-        parts.append(f"val top1 {float(p['val_top1']):.4f}")
+        parts.append(f"val top-1 {float(p['val_top1']):.2f}%")
     atts = st.get("attempts") or []
     if atts:
         a = atts[-1]["plan"]
@@ -270,8 +270,9 @@ def _print_outcome(st: dict) -> None:
     for r in st.get("steps") or [st]:
         res = r.get("result")
         if res and "top1" in res:
-            click.echo(f"{r['id']}: top-1 = {float(res['top1']):.4f}  top-5 = "
-                       f"{float(res.get('top5', float('nan'))):.4f}  "
+            # The workloads report accuracy in percent (validate's JSON line).
+            click.echo(f"{r['id']}: top-1 = {float(res['top1']):.2f}%  top-5 = "
+                       f"{float(res.get('top5', float('nan'))):.2f}%  "
                        f"({res.get('images', '?')} images)")
 
 

@@ -239,7 +239,7 @@ def test_workflow_train_validate_export(fleet):
     assert st["state"] == "SUCCEEDED", st
     steps = {s["step"]: s for s in st["steps"]}
     assert [steps[n]["state"] for n in ("train", "validate", "export")] == ["SUCCEEDED"] * 3
-    assert steps["validate"]["result"]["top1"] == 1.0
+    assert steps["validate"]["result"]["top1"] == 100.0
     assert steps["validate"]["result"]["step"] == 4  # validated the train step's checkpoint
     # Steps ran in dependency order.
     assert steps["train"]["finished"] <= steps["validate"]["started"]
