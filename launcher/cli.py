@@ -237,7 +237,7 @@ def progress_line(st: dict) -> str:
         if a.get("devices"):
             parts.append(f"[{a['devices']} dev, micro {a['micro_batch']} x accum "
                          f"{a['grad_accum']}, attempt {atts[-1]['n']}]")
-    if st["state"] in ("RESTARTING", "FAILED", "CANCELLED") and st.get("message"):
+    if st["state"] in ("PENDING", "RESTARTING", "FAILED", "CANCELLED") and st.get("message"):
         parts.append(f"- {st['message']}")
     return "  ".join(parts)
 

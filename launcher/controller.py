@@ -178,6 +178,7 @@ class Controller(JobQueries):
         self.policy = PriorityFifo(backfill=backfill)
         self.runtimes: dict[str, Runtime] = {}
         self.suspect_nodes: dict[str, float] = {}  # node id -> until when to avoid it
+        self._wait_msgs: dict[str, str] = {}
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -403,9 +404,27 @@ class Controller(JobQueries):
                 return
             nodes = self._cluster_nodes()
             pool = self._pool(nodes)
-            decisions = schedule(queue, pool, time.time(), self.policy)
+            now = time.time()
+            free, total = pool.total_free(), sum(len(c) for c in nodes.values())
+            decisions = schedule(queue, pool, now, self.policy)
             for qj, plan in decisions:
                 self._begin_attempt(qj.id, plan)
+            placed = {qj.id for qj, _ in decisions}
+            for qj in queue:
+                if qj.id not in placed and qj.not_before <= now:
+                    self._explain_wait(qj, free, total)
+
+    def _explain_wait(self, qj: QueuedJob, free: int, total: int) -> None:
+        """Say why a job waits (shown by `fleet status`/`list`); written only on change."""
+        need = qj.request.min_devices if qj.request else 0
+        if need > total:
+            msg = (f"waiting: needs at least {need} devices, the cluster has {total} "
+                   "(add nodes or lower resources.devices.min)")
+        else:
+            msg = f"waiting for devices: needs {need}, {free} of {total} free"
+        if self._wait_msgs.get(qj.id) != msg:
+            self._wait_msgs[qj.id] = msg
+            self.store.update_job(qj.id, message=msg)
 
     def _begin_attempt(self, job_id: str, plan: Plan) -> None:
         job = self.store.get_job(job_id)

@@ -137,6 +137,7 @@ def test_gang_queue_priority_cancel(fleet):
     assert call(f, "status", low)["state"] == "PENDING"
     st_h = call(f, "status", high)
     assert st_h["state"] == "PENDING", (st_h, call(f, "cluster"), call(f, "status", x))
+    assert st_h["message"] == "waiting for devices: needs 16, 0 of 24 free"
     assert call(f, "cluster")["free"] == 0
     # 24 workers + the scheduler process.
     wait_for(f, x, lambda s: len(rank_pids(x)) == 25, what="25 rank processes alive")
@@ -167,6 +168,16 @@ def test_controller_serves_metrics(fleet):
     assert url and url.startswith("http://127.0.0.1:")
     body = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - loopback
     assert "fleet_jobs{" in body and "fleet_devices{" in body
+
+
+def test_impossible_job_says_why_it_waits(fleet):
+    doc = train_doc("huge", 32, 1)
+    doc["spec"]["batch"]["global"] = 64
+    j = submit(fleet, doc)["id"]
+    st = wait_for(fleet, j, lambda s: s["message"].startswith("waiting"), what="message")
+    assert st["state"] == "PENDING"
+    assert "needs at least 32 devices, the cluster has 24" in st["message"]
+    call(fleet, "cancel", j)
 
 
 def test_restart_resumes_from_checkpoint(fleet):
