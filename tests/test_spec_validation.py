@@ -232,3 +232,19 @@ def test_examples_validate():
     for f in sorted((REPO / "examples").glob("*.yaml")):
         job, _ = S.load_file(f)
         S.check_paths(job, f, create_data=True)
+
+
+def test_nodes_range_means_whole_servers():
+    text = GOOD.replace("devices: {min: 8, max: 16}", "nodes: {min: 1, max: 3}").replace(
+        "global: 256", "global: 384")
+    job, _ = S.load_text(text)
+    assert job.spec.resources.device_range() == (8, 24)
+    assert job.spec.feasible_counts() == [8, 16, 24]
+    both = GOOD.replace("devices: {min: 8, max: 16}",
+                        "devices: {min: 8, max: 16}\n    nodes: {min: 1, max: 2}")
+    assert "either devices or nodes" in problems(both)[0][1]
+
+
+def test_min_above_max_is_rejected():
+    p = problems(GOOD.replace("{min: 8, max: 16}", "{min: 16, max: 8}"))
+    assert "min (16) must not exceed max (8)" in p[0][1]
