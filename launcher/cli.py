@@ -226,7 +226,7 @@ def progress_line(st: dict) -> str:
             parts.append(f"loss {float(p['loss']):.4f}")
         if p.get("images_per_second") is not None:
             parts.append(f"{float(p['images_per_second']):.1f} img/s")
-        per_step = p.get("avg_step_seconds") or p.get("step_seconds")
+        per_step = p.get("avg_step_seconds")  # absent until a post-compile step
         if total and per_step and st["state"] not in TERMINAL:
             parts.append(f"ETA {_fmt_eta((total - p['step']) * float(per_step))}")
     if p.get("val_top1") is not None:

@@ -635,7 +635,9 @@ class Controller(JobQueries):
                           "step_seconds", "samples_seen"):
                     if k in ev:
                         p[k] = ev[k]
-                if isinstance(ev.get("step_seconds"), int | float):
+                first = ev.get("step") == (p.get("resumed_step") or 0) + 1
+                if isinstance(ev.get("step_seconds"), int | float) and not first:
+                    # The first step of an attempt includes the graph compile.
                     # Smoothed for the ETA: single steps jitter (data loading, checkpoints).
                     prev = p.get("avg_step_seconds")
                     dt = float(ev["step_seconds"])
