@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             next_fault = t_submit + args.fault_every
             while time.time() < t_stop:
                 time.sleep(min(1.0, max(0.0, t_stop - time.time())))
-                if time.time() >= next_fault:
+                if next_fault <= time.time() < t_stop:  # none in the run's last instant
                     label = "rank-1" if len(faults) % 2 == 0 else "rank-0"
                     p = rank_procs(j).get(label)
                     if p is not None:
