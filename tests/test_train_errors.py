@@ -3,6 +3,7 @@ start no work."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,9 +41,14 @@ def _train_args(data: Path, tmp: Path, *extra: str) -> list[str]:
 
 
 def test_missing_data_dir(tmp_path):
-    r = _run("train", _train_args(tmp_path / "nowhere", tmp_path))
+    hb = tmp_path / "hb.jsonl"
+    r = _run("train", _train_args(tmp_path / "nowhere", tmp_path), FLEET_HEARTBEAT=str(hb),
+             FLEET_ATTEMPT="2")
     assert r.returncode == 2 and str(tmp_path / "nowhere" / "train") in r.stderr
     assert not (tmp_path / "ck").exists()
+    done = json.loads(hb.read_text().splitlines()[-1])  # the agent learns why, too
+    assert (done["event"], done["status"], done["attempt"]) == ("done", "error", 2)
+    assert str(tmp_path / "nowhere") in done["error"]
 
 
 def test_empty_class_folder(small_folder, tmp_path):

@@ -490,6 +490,23 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
     return 0
 
 
+def _fail(hb: Heartbeat | None, message: str, echo: bool = True) -> None:
+    """Report a failed rank on stderr and, as contract 2's "done" event, in its heartbeat
+    file, also when the failure came before the rank joined the cluster."""
+    if echo:
+        log(f"error: {message}")
+    if hb is None and os.environ.get("FLEET_HEARTBEAT") and os.environ.get("MS_ROLE") != "MS_SCHED":
+        try:
+            rank = int(os.environ.get("MS_NODE_ID", "0"))
+            attempt = int(os.environ.get("FLEET_ATTEMPT", "0"))
+        except ValueError:
+            rank, attempt = 0, 0
+        hb = Heartbeat(os.environ["FLEET_HEARTBEAT"], rank, attempt)
+    if hb is not None:
+        hb.emit("done", step=0, status="error", error=message)
+        hb.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     hb: Heartbeat | None = None
     try:
@@ -497,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         env_override(args, os.environ)
         _set_threads(args.num_threads)
         warnings = _check_supported(args)
+        try:
+            attempt = int(os.environ.get("FLEET_ATTEMPT", "0"))
+        except ValueError as e:
+            raise ConfigError(f"FLEET_ATTEMPT={os.environ['FLEET_ATTEMPT']!r} is not an "
+                              "integer") from e
         from workloads.volo.distributed import init_ranks, wants_cluster
 
         world = int(os.environ.get("MS_WORKER_NUM", "1")) if wants_cluster(
@@ -507,31 +529,23 @@ def main(argv: list[str] | None = None) -> int:
         if ranks.world_size != world:
             raise ConfigError(f"MS_WORKER_NUM={world} but the cluster has {ranks.world_size} "
                               "workers")
-        hb = Heartbeat(os.environ.get("FLEET_HEARTBEAT"), ranks.rank,
-                       int(os.environ.get("FLEET_ATTEMPT", "0")), echo=sys.stderr)
+        hb = Heartbeat(os.environ.get("FLEET_HEARTBEAT"), ranks.rank, attempt, echo=sys.stderr)
         for w in warnings:
             if ranks.rank == 0:
                 log(f"warning: {w}")
         return run(plan, ranks.rank, ranks.world_size, hb)
     except (ConfigError, DataError, LayoutError) as e:
-        log(f"error: {e}")
-        if hb is not None:
-            hb.emit("done", step=0, status="error", error=str(e))
+        _fail(hb, str(e))
         return EXIT_CONFIG
     except RecipeMismatchError as e:
-        log(f"error: {e}")
-        if hb is not None:
-            hb.emit("done", step=0, status="error", error=str(e))
+        _fail(hb, str(e))
         return EXIT_RECIPE
     except (CheckpointError, FloatingPointError) as e:
-        log(f"error: {e}")
-        if hb is not None:
-            hb.emit("done", step=0, status="error", error=str(e))
+        _fail(hb, str(e))
         return 1
     except Exception as e:
         # unexpected: still tell the agent why this rank stopped, then keep the traceback
-        if hb is not None:
-            hb.emit("done", step=0, status="error", error=f"{type(e).__name__}: {e}")
+        _fail(hb, f"{type(e).__name__}: {e}", echo=False)
         raise
     finally:
         if hb is not None:
