@@ -258,6 +258,27 @@ def test_workflow_train_validate_export(fleet):
     assert out.read_text().startswith("smoke export")
 
 
+def test_cancel_workflow_cancels_its_steps(fleet):
+    f = fleet
+    doc = {
+        "apiVersion": "fleet/v1", "kind": "Workflow", "metadata": {"name": "wfc"},
+        "spec": {"steps": [
+            {"name": "train", "kind": "TrainJob", "spec": train_doc("x", 1, 500)["spec"]},
+            {"name": "validate", "kind": "ValidateJob", "needs": ["train"], "spec": {
+                "workload": "smoke", "config": "recipe.yaml", "data": {"dir": "data"},
+                "checkpoint": {"fromStep": "train"}}},
+        ]},
+    }
+    res = call(f, "submit", doc, paths(f, ["train", "validate"]))
+    train_id = res["steps"]["train"]
+    wait_for(f, train_id, state_is("RUNNING"), what="train step running")
+    assert call(f, "status", res["id"])["state"] == "RUNNING"
+    assert call(f, "cancel", res["id"])["state"] == "CANCELLED"
+    st = call(f, "status", res["id"])
+    assert [s["state"] for s in st["steps"]] == ["CANCELLED", "CANCELLED"]
+    assert rank_pids(train_id) == []
+
+
 def test_controller_killed_mid_run_loses_nothing(fleet):
     f = fleet
     ray = f["ray"]
