@@ -257,3 +257,16 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["out"] == str(out) and out.stat().st_size > 100_000
     assert (info["num_classes"], info["image_size"]) == (10, 32)
+
+    # the exported graph computes what the checkpointed model computes
+    import mindspore as ms
+    from mindspore import nn
+
+    from workloads.volo import create_model
+
+    net = create_model("volo_tiny", num_classes=10, checkpoint_path=str(
+        reference / "ckpt" / "step-00000006" / "model.ckpt"))
+    net.set_train(False)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    exported = nn.GraphCell(ms.load(str(out)))
+    assert np.allclose(exported(x).asnumpy(), net(x).asnumpy(), atol=1e-5)

@@ -131,6 +131,9 @@ def _check_supported(args: argparse.Namespace) -> list[str]:
         warnings.append("clip_grad is not implemented; ignored")
     if args.layer_decay:
         warnings.append("layer_decay is not implemented; ignored")
+    if args.amp_level != "O0" or args.loss_scale_type != "fixed" or args.loss_scale != 1.0:
+        warnings.append(f"amp_level={args.amp_level} / loss scale ({args.loss_scale_type}, "
+                        f"{args.loss_scale}) are not implemented: training runs in float32")
     return warnings
 
 
