@@ -366,10 +366,14 @@ def compare_to_reference(lin: Lineage, ref: Lineage, total: int, global_batch: i
 
 
 def recovery_seconds(fleet: Fleet, job_id: str, fault_ts: float, attempt: int) -> float | None:
-    """Fault -> first optimizer step completed by the attempt that resumed."""
-    for e in fleet.heartbeats(job_id, attempt):
-        if e.get("event") == "step" and e["ts"] >= fault_ts:
-            return e["ts"] - fault_ts
+    """Fault -> first optimizer step completed after it, by `attempt` or a later one
+    (a restart that itself failed to start counts inside the recovery)."""
+    n = attempt
+    while fleet.attempt_dir(job_id, n).is_dir():
+        for e in fleet.heartbeats(job_id, n):
+            if e.get("event") == "step" and e["ts"] >= fault_ts:
+                return e["ts"] - fault_ts
+        n += 1
     return None
 
 

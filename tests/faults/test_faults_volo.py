@@ -104,7 +104,8 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
         "signal 9" in (st["attempts"][0]["reason"] or ""), st["attempts"][0]
     assert st["attempts"][-1]["plan"]["devices"] == 2
     _check(fleet, j, st, reference, "1 SIGKILL rank (volo)", t_fault, 2,
-           note=st["attempts"][0]["reason"] or "")
+           note=f"{st['attempts'][0]['reason']}; attempts "
+                f"{[a['status'] for a in st['attempts']]}")
 
 
 def test_node_loss_shrinks_then_grows_back(fleet, reference):
