@@ -1,7 +1,7 @@
 """Recovery time: fault -> next optimizer step completed, on a local Ray cluster.
 
     .venv/bin/python bench/recovery.py [--fault rank|node|both] [--workload volo|smoke]
-                                        [--compile-cache] [--json out.json]
+                                        [--json out.json]
 
 A VOLO-tiny job (CPU ranks, 80 digits images, G=8, checkpoint every 2 steps) runs on
 two Ray nodes with {"NPU": 1} each; once a checkpoint is on disk the bench SIGKILLs
