@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                        "--json", str(out)]
                 subprocess.run(cmd, check=True, timeout=1800)  # noqa: S603 - argv list
                 results[kind] = json.loads(out.read_text())["results"][kind]
-        else:
-            with tempfile.TemporaryDirectory(prefix=f"fleet-recovery-{kind}-") as d:
-                results[kind] = run_one(kind, args.workload, Path(d))
+            continue  # the child printed its line
+        with tempfile.TemporaryDirectory(prefix=f"fleet-recovery-{kind}-") as d:
+            results[kind] = run_one(kind, args.workload, Path(d))
         r = results[kind]
         verdict = "meets" if r["total_s"] <= GOALS[kind] else "MISSES"
         print(f"{kind:5s} fault -> next step {r['total_s']:6.1f}s  (goal {GOALS[kind]:.0f}s: "
