@@ -177,8 +177,11 @@ def _configure_mindspore(args: argparse.Namespace) -> None:
     import mindspore as ms
 
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the step functions are compiled with ms.jit
-    ms.set_device(args.device_target)
-    if args.num_threads:
+    # both may only be set before the runtime starts: skip them when already in force, so a
+    # second Trainer in the same process (tests, notebooks) works
+    if ms.get_context("device_target") != args.device_target:
+        ms.set_device(args.device_target)
+    if args.num_threads and ms.get_context("runtime_num_threads") != args.num_threads:
         ms.set_context(runtime_num_threads=args.num_threads)
     if args.deterministic:
         # not every backend accepts it; CPU kernels are deterministic for a fixed thread count
