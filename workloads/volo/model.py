@@ -245,12 +245,14 @@ class OutlookAttention(nn.Cell):
         return self.proj(out.transpose(0, 2, 3, 1))
 
 
-class Outlooker(nn.Cell):
-    def __init__(self, dim, kernel_size, padding, stride, num_heads, mlp_ratio, qkv_bias,
-                 attn_drop=0.0, drop_path=0.0):
+class Block(nn.Cell):
+    """Pre-norm residual block: token mixer, then MLP. VOLO's Outlooker and Transformer
+    blocks differ only in the mixer (outlook attention vs self-attention)."""
+
+    def __init__(self, dim: int, mixer: nn.Cell, mlp_ratio: float, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = _layer_norm(dim)
-        self.attn = OutlookAttention(dim, num_heads, kernel_size, padding, stride, qkv_bias, attn_drop)
+        self.attn = mixer
         self.drop_path = _drop_path(drop_path)
         self.norm2 = _layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -258,6 +260,12 @@ class Outlooker(nn.Cell):
     def construct(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def Outlooker(dim, kernel_size, padding, stride, num_heads, mlp_ratio, qkv_bias,  # noqa: N802
+              attn_drop=0.0, drop_path=0.0) -> Block:
+    mixer = OutlookAttention(dim, num_heads, kernel_size, padding, stride, qkv_bias, attn_drop)
+    return Block(dim, mixer, mlp_ratio, drop_path)
 
 
 class Attention(nn.Cell):
@@ -280,18 +288,8 @@ class Attention(nn.Cell):
         return self.proj(out)
 
 
-class Transformer(nn.Cell):
-    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, attn_drop=0.0, drop_path=0.0):
-        super().__init__()
-        self.norm1 = _layer_norm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop)
-        self.drop_path = _drop_path(drop_path)
-        self.norm2 = _layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def construct(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+def Transformer(dim, num_heads, mlp_ratio, qkv_bias, attn_drop=0.0, drop_path=0.0) -> Block:  # noqa: N802
+    return Block(dim, Attention(dim, num_heads, qkv_bias, attn_drop), mlp_ratio, drop_path)
 
 
 class ClassAttention(nn.Cell):
