@@ -831,6 +831,14 @@ class Controller(JobQueries):
                                        "controller restarted while scheduling")
                 self.store.set_state(job.id, S.PENDING, "requeued after controller restart")
                 continue
+            if job.state == S.RESIZING:
+                # The old controller died inside _resize, after it started stopping the ranks:
+                # finish the resize instead of reattaching to an attempt that is going away.
+                rt.agents = self._find_agents(job.id, att.n, len(plan.slices))
+                self._teardown(rt)
+                self.store.end_attempt(job.id, att.n, "resized",
+                                       "controller restarted while resizing")
+                continue
             agents = self._find_agents(job.id, att.n, len(plan.slices))
             ok = len(agents) == len(plan.slices)
             if ok:

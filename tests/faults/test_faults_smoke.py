@@ -110,9 +110,6 @@ def test_controller_killed_while_running(fleet, reference):
           note=f"controller back in {back_s:.1f}s; reattached; " + SMOKE_NOTE)
 
 
-@pytest.mark.xfail(strict=True, reason="controller restarted in RESIZING reattaches to the "
-                   "stopped attempt and waits for the hang watchdog (attempt 'failed', a "
-                   "restart spent, ~hangTimeoutSeconds lost)")
 def test_controller_killed_while_resizing(fleet, reference):
     f = fleet
     hold = submit(f, smoke_doc("hold", steps=10_000, prio=5))
