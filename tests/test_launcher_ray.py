@@ -8,8 +8,6 @@ recovery are exercised end to end in seconds.
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# The controller's Prometheus exporter on a free port (Ray nodes inherit this env).
-os.environ["FLEET_METRICS_PORT"] = "0"
 
 import threading
 import time
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ray_token import share_token
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = 3
@@ -28,6 +27,11 @@ def fleet(tmp_path_factory):
     from launcher import local
 
     local.quiet_ray()
+    share_token(home)
+    # The controller's Prometheus exporter on, on a free port; Ray nodes inherit this env.
+    # Set here, not at import, so other modules in the same session keep their own setting.
+    saved = {k: os.environ.get(k) for k in ("FLEET_METRICS", "FLEET_METRICS_PORT")}
+    os.environ.update(FLEET_METRICS="1", FLEET_METRICS_PORT="0")
     local.use_local_token(home, create=True)
     import ray
     from ray.cluster_utils import Cluster
@@ -55,6 +59,11 @@ def fleet(tmp_path_factory):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def controller(f):

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray_token import share_token
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("GLOG_v", "3")
 # The Prometheus exporter is not under test here; a second controller on a busy port
@@ -90,7 +92,7 @@ class Fleet:
 
         self.home = home
         local.quiet_ray()
-        _share_token(home)
+        share_token(home)
         local.use_local_token(home, create=True)
         import ray
         from ray.cluster_utils import Cluster
@@ -216,25 +218,6 @@ class Fleet:
             time.sleep(0.05)
         raise AssertionError(f"{job_id}: step {step} not reached in {timeout}s; "
                              f"{_short(self.status(job_id))}")
-
-
-def _share_token(home: Path) -> None:
-    """Reuse the token of a Ray cluster this process already used (another module's).
-
-    Ray caches parts of its auth setup per process; a second cluster with a different
-    token then fails to start its GCS (InvalidAuthToken). Same value, new file: each
-    cluster still has its own home.
-    """
-    prev = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not prev or not Path(prev).is_file():
-        return
-    dest = home / "ray-auth-token"  # launcher.local's per-home token file
-    if dest.exists():
-        return
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(Path(prev).read_text())
 
 
 def read_events(path: Path) -> list[dict]:
