@@ -43,7 +43,8 @@ def run_ranks(job_dir: Path, attempt: int, world: int, accum: int, steps: int) -
         procs.append(subprocess.Popen(
             [sys.executable, str(TRAINER), "--rank", str(rank), "--world-size", str(world),
              "--steps", str(steps), "--ckpt-every", "4", "--val-every", "4",
-             "--min-step-seconds", "0.02"],
+             # a step time set by the sleep, not by machine load, keeps images/s a visible line
+             "--min-step-seconds", "0.1"],
             env=env,
         ))
     for p in procs:
