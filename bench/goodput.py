@@ -38,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "faults"))
+sys.path.insert(0, str(REPO / "tests"))  # ray_token, shared with the suite
 sys.path.insert(0, str(REPO))
 
 GOAL = 0.97
@@ -121,20 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.fault_every <= 0:
         ap.error("--duration and --fault-every must be > 0")
 
-    from faults_harness import Fleet, rank_procs, tiny_digits
+    from faults_harness import Fleet, rank_procs, workload_inputs
 
     with tempfile.TemporaryDirectory(prefix="fleet-goodput-") as d:
         home = Path(d)
         f = Fleet(home, [{"NPU": 1}, {"NPU": 1}])
         try:
-            if args.workload == "volo":
-                data = tiny_digits(home / "digits")
-                cfg = REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
-            else:
-                data = home / "data"
-                data.mkdir()
-                cfg = home / "recipe.yaml"
-                cfg.write_text("model: smoke\n")
+            data, cfg = workload_inputs(home, args.workload)
             t_submit = time.time()
             j = f.submit(job_doc(args.workload, args.ckpt_every), cfg, data)
             t_stop = t_submit + args.duration

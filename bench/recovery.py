@@ -37,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "faults"))
+sys.path.insert(0, str(REPO / "tests"))  # ray_token, shared with the suite
 sys.path.insert(0, str(REPO))
 
 GOALS = {"rank": 10.0, "node": 20.0}
@@ -88,18 +89,11 @@ def breakdown(fleet, job_id: str, t_fault: float) -> dict:
 
 
 def run_one(kind: str, workload: str, home: Path) -> dict:
-    from faults_harness import Fleet, rank_procs, tiny_digits, wait_checkpoint
+    from faults_harness import Fleet, rank_procs, wait_checkpoint, workload_inputs
 
     f = Fleet(home, [{"NPU": 1}, {"NPU": 1}])
     try:
-        if workload == "volo":
-            data = tiny_digits(home / "digits")
-            cfg = REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
-        else:
-            data = home / "data"
-            data.mkdir()
-            cfg = home / "recipe.yaml"
-            cfg.write_text("model: smoke\n")
+        data, cfg = workload_inputs(home, workload)
         j = f.submit(job_doc(f"recovery-{kind}", workload, 40), cfg, data)
         wait_checkpoint(f.ckpt_dir(j), 4, timeout=600)
         f.wait_step(j, 5)

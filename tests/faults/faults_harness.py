@@ -67,6 +67,18 @@ def format_table(rows: list[FaultResult]) -> str:
 
 
 # ------------------------------------------------------------------ data
+def workload_inputs(home: Path, workload: str) -> tuple[Path, Path]:
+    """(data dir, recipe) for a bench job: tiny digits + the tiny VOLO recipe, or the smoke
+    workload's empty data dir and one-line recipe."""
+    if workload == "volo":
+        return tiny_digits(home / "digits"), REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
+    data = home / "data"
+    data.mkdir()
+    cfg = home / "recipe.yaml"
+    cfg.write_text("model: smoke\n")
+    return data, cfg
+
+
 def tiny_digits(out: Path, per_class: int = 8) -> Path:
     """An ImageFolder of per_class images x 10 digits (train only), cut from the
     project's digits data: small enough that a VOLO-tiny step takes well under a second."""
