@@ -351,6 +351,34 @@ def schema() -> None:
     click.echo(specmod.schema_text(), nl=False)
 
 
+def kubernetes_lines(k: dict[str, Any] | None) -> list[str]:
+    """The cluster summary's Kubernetes part: worker group scaling and pod failures."""
+    if not k:
+        return []
+    out = []
+    if k.get("raycluster"):
+        out.append(f"kubernetes: RayCluster {k.get('namespace')}/{k['raycluster']}, "
+                   f"worker group {k.get('worker_group')}")
+    sc = k.get("scaling") or {}
+    if sc.get("asked_servers"):
+        out.append(f"  asked for {sc['asked_servers']} more server(s) {sc['asked_for_s']}s ago")
+    if sc.get("draining_nodes"):
+        out.append(f"  releasing {len(sc['draining_nodes'])} idle server(s)")
+    if sc.get("idle_nodes"):
+        rel = sc.get("idle_release_s") or 0
+        when = f", released after {rel:g}s idle" if rel > 0 else ", idle release off"
+        out.append(f"  {len(sc['idle_nodes'])} idle server(s){when}")
+    for what in ("capped", "last_error"):
+        if sc.get(what):
+            out.append(f"  {sc[what]}")
+    for pod, f in sorted((k.get("worker_failures") or {}).items()):
+        out.append(f"  pod {pod}: {f.get('reason')}: {f.get('message', '')}".rstrip(": "))
+    for key in ("error", "setup_error"):
+        if k.get(key):
+            out.append(f"  error: {k[key]}")
+    return out
+
+
 @cli.command()
 @click.argument("job", required=False, shell_complete=_complete_job)
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text")
@@ -364,6 +392,8 @@ def status(c: Ctx, job: str | None, output: str) -> None:
         else:
             click.echo(f"nodes {st['nodes']}  devices {st['devices']}  free {st['free']}  "
                        f"whole free nodes {st['whole_free_nodes']}  queued {st['queued']}")
+            for line in kubernetes_lines(st.get("kubernetes")):
+                click.echo(line)
         return
     st = c.call("status", job)
     if st is None:

@@ -185,7 +185,9 @@ class Controller(JobQueries):
         self._ticks = 0
         self._last_error = ""
         self.started = time.time()
+        self.k8s_error = ""
         self.k8s = self._start_k8s()
+        self.scaler = self._start_scaler()
         self._known_nodes: frozenset[str] = frozenset()
         self._recover()
         self.exporter = self._start_metrics()
@@ -214,6 +216,19 @@ class Controller(JobQueries):
             return FleetK8s.from_env()
         except Exception as e:  # noqa: BLE001 - Kubernetes is an aid, not a prerequisite
             log.warning("kubernetes integration off: %s", e)
+            self.k8s_error = f"integration off: {e}"
+            return None
+
+    def _start_scaler(self):
+        """Grows and shrinks the RayCluster worker group (launcher/autoscale.py)."""
+        if self.k8s is None:
+            return None
+        from launcher.autoscale import ScalerSettings, WorkerGroupScaler
+        try:
+            return WorkerGroupScaler(self.k8s, ScalerSettings.from_env())
+        except ValueError as e:  # a bad FLEET_K8S_* value: say so, keep scheduling
+            log.warning("kubernetes scaling off: %s", e)
+            self.k8s_error = f"scaling off: {e}"
             return None
 
     def _node_failure_reason(self, node_id: str) -> str:
@@ -284,6 +299,10 @@ class Controller(JobQueries):
                 out["kubernetes"] = self.k8s.status()
             except Exception as e:  # noqa: BLE001
                 out["kubernetes"] = {"error": str(e)}
+            if self.scaler is not None:
+                out["kubernetes"]["scaling"] = self.scaler.status()
+        if self.k8s_error:
+            out.setdefault("kubernetes", {})["setup_error"] = self.k8s_error
         return out
 
     def cancel(self, job_id: str, reason: str = "cancelled by user") -> dict[str, Any]:
@@ -322,14 +341,20 @@ class Controller(JobQueries):
         self._advance_workflows()
         self._schedule()
         self._consider_growth()
+        self._autoscale()
 
     # ---------------------------------------------------------------- cluster
     def _cluster_nodes(self) -> dict[str, list[int]]:
         import ray
         out = {}
         now = time.time()
+        draining = self.scaler.draining if self.scaler is not None else {}
         for n in ray.nodes():
-            if not n.get("Alive") or self.suspect_nodes.get(n["NodeID"], 0) > now:
+            if not n.get("Alive"):
+                if n["NodeID"] in draining:
+                    self.scaler.forget_node(n["NodeID"])
+                continue
+            if self.suspect_nodes.get(n["NodeID"], 0) > now or n["NodeID"] in draining:
                 continue
             npus = int(n.get("Resources", {}).get("NPU", 0))
             if npus > 0:
@@ -422,6 +447,8 @@ class Controller(JobQueries):
                    "(add nodes or lower resources.devices.min)")
         else:
             msg = f"waiting for devices: needs {need}, {free} of {total} free"
+        if self.scaler is not None:
+            msg += self.scaler.note()
         if self._wait_msgs.get(qj.id) != msg:
             self._wait_msgs[qj.id] = msg
             self.store.update_job(qj.id, message=msg)
@@ -729,6 +756,37 @@ class Controller(JobQueries):
                 self.store.add_event(job.id, "grow_wanted", {
                     "from": rt.plan.devices, "to": better.devices,
                     "note": "waiting for the next checkpoint"})
+
+    def _wanted_devices(self) -> int:
+        """Devices the queue needs to start (each job's minimum) or, when nothing
+        waits, that running elastic jobs could still grow into."""
+        queue = [qj for qj in self._queued() if qj.request is not None]
+        if queue:
+            return sum(qj.request.min_devices for qj in queue)
+        growth = 0
+        for rt in self.runtimes.values():
+            job = self.store.get_job(rt.job_id)
+            if (not rt.launched or rt.resize_to is not None or job is None
+                    or job.kind != "TrainJob" or job.state != S.RUNNING):
+                continue
+            req = self._request(job)
+            if req is not None:
+                growth += max(0, req.max_devices - rt.plan.devices)
+        return growth
+
+    def _autoscale(self) -> None:
+        """Ask Kubernetes for servers the jobs want; give back idle ones."""
+        if self.scaler is None:
+            return
+        with self.lock:
+            nodes = self._cluster_nodes()
+            pool = self._pool(nodes)
+            busy = {n for n, chips in nodes.items() if len(pool.free_chips(n)) < len(chips)}
+            events = self.scaler.step({n: len(c) for n, c in nodes.items()}, busy,
+                                      self._wanted_devices(), pool.total_free())
+            for kind, data in events:
+                log.info("kubernetes: %s %s", kind, data)
+                self.store.add_event("controller", kind, data)
 
     def _resize(self, job_id: str, rt: Runtime) -> None:
         self._flush_progress(rt, force=True)

@@ -771,6 +771,7 @@ class ScaleResult:
     replicas_before: int
     replicas: int
     attempts: int
+    released: tuple[str, ...] = ()
 
 
 def _group_index(cluster: Mapping[str, Any], group: str) -> int:
@@ -803,6 +804,8 @@ def _patch_group(kube: KubeClient, cluster: str, group: str,
         if desired is None:
             before = int(groups[index].get("replicas", 0))
             desired = plan(groups[index])
+            if not desired:
+                return ScaleResult(group, before, before, attempt)
         for key, value in desired.items():
             if isinstance(value, dict):
                 groups[index].setdefault(key, {}).update(value)
@@ -852,10 +855,13 @@ def request_workers(kube: KubeClient, cluster: str, group: str, count: int) -> S
 
 
 def release_idle_workers(kube: KubeClient, cluster: str, group: str,
-                         pod_names: Iterable[str], watcher: PodWatcher | None = None
-                         ) -> ScaleResult:
+                         pod_names: Iterable[str], watcher: PodWatcher | None = None,
+                         down_to_min: bool = False) -> ScaleResult:
     """Shrink the group by exactly these pods (KubeRay's scaleStrategy.workersToDelete),
-    so an idle server goes, not a random busy one."""
+    so an idle server goes, not a random busy one.
+
+    Releasing below minReplicas is an error, or with down_to_min only the first pods
+    (sorted by name) that fit above minReplicas go; `released` names them."""
     wanted = sorted(set(pod_names))
     if not wanted:
         raise ValueError("no pods to release")
@@ -864,18 +870,27 @@ def release_idle_workers(kube: KubeClient, cluster: str, group: str,
     if strangers:
         raise ValueError(f"pods {strangers} are not workers of group {group!r} of RayCluster "
                          f"{cluster}")
+    chosen: list[str] = []
 
     def plan(g: dict[str, Any]) -> dict[str, Any]:
         low, _ = _bounds(g)
-        target = int(g.get("replicas", 0)) - len(wanted)
-        if target < low:
-            raise ValueError(f"releasing {len(wanted)} pods would leave {target} replicas in "
-                             f"group {group!r}, below minReplicas {low}")
-        return {"replicas": target, "scaleStrategy": {"workersToDelete": wanted}}
+        replicas = int(g.get("replicas", 0))
+        take = wanted
+        if replicas - len(wanted) < low:
+            if not down_to_min:
+                raise ValueError(f"releasing {len(wanted)} pods would leave "
+                                 f"{replicas - len(wanted)} replicas in group {group!r}, "
+                                 f"below minReplicas {low}")
+            take = wanted[:max(replicas - low, 0)]
+        chosen.extend(take)
+        if watcher is not None:  # before the patch: the deletions are ours, not failures
+            watcher.expect_deletion(take)
+        if not take:
+            return {}
+        return {"replicas": replicas - len(take), "scaleStrategy": {"workersToDelete": take}}
 
-    if watcher is not None:
-        watcher.expect_deletion(wanted)
-    return _patch_group(kube, cluster, group, plan)
+    result = _patch_group(kube, cluster, group, plan)
+    return dataclasses.replace(result, released=tuple(chosen))
 
 
 # ---------------------------------------------------------------- controller facade
@@ -939,10 +954,22 @@ class FleetK8s:
                 return failure
             time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
+    def worker_group(self) -> dict[str, int]:
+        """The group's replicas as asked of KubeRay (not as running) and its bounds."""
+        obj = self.kube.get_raycluster(self.cluster)
+        g = obj["spec"]["workerGroupSpecs"][_group_index(obj, self.group)]
+        low, high = _bounds(g)
+        return {"replicas": int(g.get("replicas", 0)), "minReplicas": low, "maxReplicas": high}
+
+    def in_group(self, node_id: str) -> bool:
+        """Whether a Ray node is (or, not mapped yet, may be) a pod of our worker group."""
+        ref = self.pod_of(node_id)
+        return ref is None or ref.group == self.group
+
     def grow(self, servers: int) -> ScaleResult:
         return request_workers(self.kube, self.cluster, self.group, servers)
 
-    def release(self, node_ids: Iterable[str]) -> ScaleResult:
+    def release(self, node_ids: Iterable[str], down_to_min: bool = False) -> ScaleResult:
         """Give these (idle) Ray nodes' pods back to the cluster."""
         names: list[str] = []
         unknown: list[str] = []
@@ -955,7 +982,8 @@ class FleetK8s:
         if unknown:
             raise ValueError(f"Ray nodes {unknown} map to no pod of RayCluster {self.cluster}: "
                              "call remember_nodes(ray.nodes()) first")
-        return release_idle_workers(self.kube, self.cluster, self.group, names, self.watcher)
+        return release_idle_workers(self.kube, self.cluster, self.group, names, self.watcher,
+                                    down_to_min)
 
     def status(self) -> dict[str, Any]:
         return {
