@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from k8s_fake import objects as o
-from k8s_fake.server import FakeKubeAPI, Fault, forbidden
+from k8s_fake.server import Fault, forbidden, serving
 
 from launcher import k8s
 from launcher.autoscale import ScalerSettings, WorkerGroupScaler
@@ -29,10 +29,8 @@ class Clock:
 
 @pytest.fixture
 def fake():
-    api = FakeKubeAPI(bookmark_interval_s=0.1)
-    api.url = api.start()
-    yield api
-    api.stop()
+    with serving() as api:
+        yield api
 
 
 @pytest.fixture

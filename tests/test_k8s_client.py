@@ -7,7 +7,7 @@ import time
 
 import pytest
 from k8s_fake import objects as o
-from k8s_fake.server import FakeKubeAPI, Fault, forbidden, status_body
+from k8s_fake.server import Fault, forbidden, serving, status_body, write_kubeconfig
 
 from launcher import k8s
 from launcher.k8s import FailureReason as R
@@ -18,10 +18,8 @@ FAST_RETRY = k8s.RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05,
 
 @pytest.fixture
 def fake():
-    api = FakeKubeAPI(bookmark_interval_s=0.1)
-    api.url = api.start()
-    yield api
-    api.stop()
+    with serving() as api:
+        yield api
 
 
 @pytest.fixture
@@ -317,14 +315,7 @@ def test_every_request_is_covered_by_the_role(fake, kube, watcher):
 
 def test_kubeconfig_outside_a_pod(fake, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    cfg = tmp_path / "config"
-    cfg.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{fake.url}"}}}}]
-users: [{{name: me, user: {{token: not-a-secret}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: me, namespace: {o.NAMESPACE}}}}}]
-current-context: fake
-""")
+    cfg = write_kubeconfig(tmp_path / "config", fake.url, o.NAMESPACE)
     fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
     kube = k8s.KubeClient.from_environment(kubeconfig=str(cfg), retry=FAST_RETRY)
     assert kube.namespace == o.NAMESPACE

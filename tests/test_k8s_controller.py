@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from k8s_fake import objects as o
 from k8s_fake.operator import FakeKubeRay
-from k8s_fake.server import FakeKubeAPI
+from k8s_fake.server import FakeKubeAPI, write_kubeconfig
 from ray_token import share_token
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,14 +49,7 @@ def kube_fleet(tmp_path, monkeypatch):
     api = FakeKubeAPI(bookmark_interval_s=0.5)
     url = api.start()
     api.put("rayclusters", o.raycluster(replicas=1, min_replicas=1, max_replicas=2))
-    cfg = tmp_path / "kubeconfig"
-    cfg.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{url}"}}}}]
-users: [{{name: me, user: {{token: not-a-secret}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: me, namespace: {o.NAMESPACE}}}}}]
-current-context: fake
-""")
+    cfg = write_kubeconfig(tmp_path / "kubeconfig", url, o.NAMESPACE)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(cfg))
     monkeypatch.setenv("FLEET_K8S_RAYCLUSTER", o.CLUSTER)

@@ -12,14 +12,17 @@ a watch stream that drops the connection after N events.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -370,3 +373,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(b"")
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+@contextlib.contextmanager
+def serving(bookmark_interval_s: float = 0.1) -> Iterator[FakeKubeAPI]:
+    """A started fake; its base URL is `.url`."""
+    api = FakeKubeAPI(bookmark_interval_s=bookmark_interval_s)
+    api.url = api.start()  # type: ignore[attr-defined]
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+def write_kubeconfig(path: Path, url: str, namespace: str) -> Path:
+    """A kubeconfig whose current context is the fake (a token that is not a secret)."""
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{url}"}}}}]
+users: [{{name: me, user: {{token: not-a-secret}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: me, namespace: {namespace}}}}}]
+current-context: fake
+""")
+    return path
