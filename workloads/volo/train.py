@@ -190,6 +190,35 @@ def _configure_mindspore(args: argparse.Namespace) -> None:
     ms.set_seed(args.seed)
 
 
+def _make_step_cell(net: Any, opt: Any) -> Any:
+    # defined here: train.py does not import MindSpore before the configuration is checked
+    from mindspore import nn, ops
+
+    class StepCell(nn.Cell):
+        """Owns the model and optimizer so their parameters are this Cell's parameters."""
+
+        def __init__(self, net: Any, opt: Any):
+            super().__init__(auto_prefix=False)  # keep the parameter names checkpoints use
+            self.net, self.opt = net, opt
+            self.grad_fn = ops.value_and_grad(self.loss, None, opt.parameters)
+
+        def loss(self, x: Any, t: Any) -> Any:
+            logp = ops.log_softmax(self.net(x), -1)
+            return -(logp * t).sum(-1).mean()
+
+        def micro(self, x: Any, t: Any) -> Any:
+            return self.grad_fn(x, t)
+
+        def update(self, grads: Any, lr: Any) -> Any:
+            # The LR goes in as an input: a compiled graph keeps the value the optimizer's
+            # learning_rate Parameter had at compile time, whatever set_data does later
+            # (measured: a warmup starting at 0 never trained).
+            ops.assign(self.opt.learning_rate, lr)
+            return self.opt(grads)
+
+    return StepCell(net, opt)
+
+
 class Trainer:
     """Model, optimizer and the compiled micro-step / update functions."""
 
@@ -234,27 +263,13 @@ class Trainer:
                                        weight_decay=args.weight_decay,
                                        use_nesterov=args.use_nesterov)
         self.reducer = MeanAllReduce(world_size)
-        net, opt = self.net, self.opt
-
-        def loss_fn(x, t):
-            logp = ops.log_softmax(net(x), -1)
-            return -(logp * t).sum(-1).mean()
-
-        grad_fn = ms.value_and_grad(loss_fn, None, opt.parameters)
-
-        def micro(x, t):
-            return grad_fn(x, t)
-
-        def update(grads, lr):
-            # The LR goes in as an input: a compiled graph keeps the value the optimizer's
-            # learning_rate Parameter had at compile time, whatever set_data does later
-            # (measured: a warmup starting at 0 never trained).
-            ops.assign(opt.learning_rate, lr)
-            return opt(grads)
-
+        steps = _make_step_cell(self.net, self.opt)
         compiled = args.mode == 0
-        self._micro = ms.jit(micro) if compiled else micro
-        self._update = ms.jit(update) if compiled else update
+        # Methods of a Cell, not closures: a graph loaded from MindSpore's compile cache gets
+        # its weights bound by name from the owning Cell's parameters_dict(); a jit-compiled
+        # closure has no owner and the cached graph ran on unbound memory (measured: loss nan).
+        self._micro = ms.jit(steps.micro) if compiled else steps.micro
+        self._update = ms.jit(steps.update) if compiled else steps.update
 
     # -- state -----------------------------------------------------------------------------
     def state_params(self) -> list:
