@@ -135,6 +135,8 @@ def test_exact_resume_after_sigkill(digits, reference, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     start = _events(tmp_path / "resumed.hb.jsonl", "start")[0]
     assert start["resumed_step"] == 3 and start["attempt"] == 1
+    # the restart runs the killed run's cached graphs; the reference compiled its own
+    assert start["compile_cache"] == "hit"
     ref_steps = {s["step"]: s for s in _events(reference / "ref.hb.jsonl", "step")}
     for s in _events(tmp_path / "resumed.hb.jsonl", "step"):
         assert s["sample_hash"] == ref_steps[s["step"]]["sample_hash"]
@@ -217,6 +219,10 @@ def test_resize_two_ranks_equals_one_rank_with_accumulation(digits, reference, t
                          tmp_path / "two", workers=2)
     for r in two:
         assert r.returncode == 0, r.stderr[-3000:]
+    # The 1-rank side runs the graphs the 2-rank side compiled and cached (a node loss does
+    # the same): this is the check that the cache may ignore world size and accumulation.
+    shutil.copytree(tmp_path / "two" / "ckpt" / ".compile-cache",
+                    tmp_path / "one" / "ckpt" / ".compile-cache")
     one = _train([*common, "--ckpt_save_dir", str(tmp_path / "one" / "ckpt"),
                   "--gradient_accumulation_steps", "2"], tmp_path / "one", "one")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -224,6 +230,8 @@ def test_resize_two_ranks_equals_one_rank_with_accumulation(digits, reference, t
     s2 = _events(tmp_path / "two" / "rank0.hb.jsonl", "step")
     s1 = _events(tmp_path / "one" / "one.hb.jsonl", "step")
     assert _events(tmp_path / "two" / "rank0.hb.jsonl", "start")[0]["world_size"] == 2
+    assert _events(tmp_path / "two" / "rank0.hb.jsonl", "start")[0]["compile_cache"] == "miss"
+    assert _events(tmp_path / "one" / "one.hb.jsonl", "start")[0]["compile_cache"] == "hit"
     assert [s["step"] for s in s2] == [s["step"] for s in s1] == [4, 5, 6]
     for a, b in zip(s2, s1, strict=True):
         assert a["sample_hash"] == b["sample_hash"]

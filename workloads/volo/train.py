@@ -379,6 +379,9 @@ def _resume(plan: Plan, trainer: Trainer, rank_world: int) -> int:
 
 def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
     args, lay = plan.args, plan.layout
+    from workloads.volo import compile_cache
+
+    cache = compile_cache.enable(plan, rank)
     trainer = Trainer(plan, world_size)
     start = _resume(plan, trainer, world_size)
     sampler = GlobalBatchSampler(len(plan.train_index), lay, args.seed, args.shuffle,
@@ -401,7 +404,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
         ckpt.clean_stale()
     hb.emit("start", world_size=world_size, micro_batch=lay.micro_batch,
             grad_accum=lay.grad_accum, global_batch=lay.global_batch, resumed_step=start,
-            total_steps=plan.total_steps, stop_step=plan.stop_step)
+            total_steps=plan.total_steps, stop_step=plan.stop_step,
+            compile_cache=cache.status if cache else "off")
     log(f"rank {rank}/{world_size}: G={lay.global_batch} = {world_size} x {lay.micro_batch} x "
         f"{lay.grad_accum}, {plan.steps_per_epoch} steps/epoch, steps {start}->{plan.stop_step}")
 
@@ -472,6 +476,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
                 dt = time.perf_counter() - t0
                 t_train += dt
                 step += 1
+                if cache is not None and step == start + 1:
+                    cache.mark_complete()
                 fields: dict[str, Any] = dict(
                     step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
                     images_per_second=round(lay.global_batch / dt, 2),

@@ -1,0 +1,134 @@
+"""A restarted rank loads its jit graphs from the job's compile cache instead of compiling them,
+and what it computes from them equals an uncached run.
+
+One small recipe (volo_tiny, G=8, one process): run A compiles and writes the cache, run B
+resumes A's checkpoint in the same directory and must hit it (files untouched, first step
+measurably shorter), run C resumes a copy of A's checkpoint with the cache off; B and C must
+agree within the e2e suite's resume tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
+BASE = ["-c", str(TINY), "--batch_size", "8", "--global_batch", "8", "--num_parallel_workers",
+        "1", "--val_while_train", "False", "--lr", "0.001", "--warmup_epochs", "0",
+        "--epoch_size", "1", "--ckpt_save_steps", "2"]
+TIMEOUT = 300
+RESUME_RTOL = 1e-5  # as tests/test_train_e2e.py: CPU kernels are not bitwise reproducible
+# A hit still loads the graphs and runs the first step's kernels; measured 2.4 s against 11.4 s
+# for a compile on an idle core, so half leaves room for load that hits one run only.
+HIT_FRACTION = 0.5
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MS_", "FLEET_")) and k != "RANK_SIZE"}
+    env.update(OMP_NUM_THREADS="1", FLEET_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _train(digits: Path, ckpt: Path, steps: int, hb: Path, **env: str) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "workloads.volo.train", *BASE, "--data_dir",
+                        str(digits), "--ckpt_save_dir", str(ckpt), "--max_steps", str(steps)],
+                       cwd=ROOT, env=_env(FLEET_HEARTBEAT=str(hb), **env), capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in hb.read_text().splitlines()]
+
+
+def _first(events: list[dict], kind: str) -> dict:
+    return next(e for e in events if e["event"] == kind)
+
+
+def _cache_files(ckpt: Path) -> dict[str, tuple[int, int]]:
+    root = ckpt / ".compile-cache"
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*.mindir")}
+
+
+def test_restart_loads_cached_graphs_and_matches_uncached(tmp_path):
+    from workloads.volo.digits import write_digits
+
+    digits = tmp_path / "digits"
+    write_digits(digits)
+    ckpt = tmp_path / "ckpt"
+    a = _train(digits, ckpt, 2, tmp_path / "a.jsonl")
+    assert _first(a, "start")["compile_cache"] == "miss"
+    written = _cache_files(ckpt)
+    assert len(written) >= 2, written  # the micro-step and the update graph
+
+    uncached = tmp_path / "uncached"
+    shutil.copytree(ckpt, uncached, ignore=shutil.ignore_patterns(".compile-cache"))
+
+    b = _train(digits, ckpt, 3, tmp_path / "b.jsonl", FLEET_ATTEMPT="1")
+    assert _first(b, "start")["compile_cache"] == "hit"
+    assert _first(b, "start")["resumed_step"] == 2
+    assert _cache_files(ckpt) == written, "a hit must load the cache, not rewrite it"
+
+    c = _train(digits, uncached, 3, tmp_path / "c.jsonl", FLEET_COMPILE_CACHE="0")
+    assert _first(c, "start")["compile_cache"] == "off"
+    assert not (uncached / ".compile-cache").exists()
+
+    sb, sc = _first(b, "step"), _first(c, "step")
+    assert sb["step"] == sc["step"] == 3 and sb["sample_hash"] == sc["sample_hash"]
+    assert abs(sb["loss"] - sc["loss"]) <= RESUME_RTOL * abs(sc["loss"]), (sb["loss"], sc["loss"])
+    compiled = min(_first(a, "step")["step_seconds"], sc["step_seconds"])
+    assert sb["step_seconds"] < HIT_FRACTION * compiled, (sb["step_seconds"], compiled)
+
+
+def _plan(tmp: Path, micro: int = 4, accum: int = 1) -> SimpleNamespace:
+    args = SimpleNamespace(mode=0, device_target="CPU", num_threads=1)
+    return SimpleNamespace(args=args, ckpt_dir=tmp,
+                           layout=SimpleNamespace(micro_batch=micro, grad_accum=accum),
+                           recipe_hash="r" * 64, num_classes=10)
+
+
+def test_key_separates_micro_batch_and_recipe(tmp_path):
+    pytest.importorskip("mindspore")
+    from workloads.volo.compile_cache import cache_key
+
+    base = cache_key(_plan(tmp_path))
+    assert cache_key(_plan(tmp_path)) == base
+    # accumulation only repeats the micro-step graph (see compile_cache's docstring)
+    assert cache_key(_plan(tmp_path, accum=2)) == base
+    assert cache_key(_plan(tmp_path, micro=8)) != base
+    other = _plan(tmp_path)
+    other.recipe_hash = "s" * 64
+    assert cache_key(other) != base
+    other = _plan(tmp_path)
+    other.args.num_threads = 2
+    assert cache_key(other) != base
+
+
+def test_unfinished_cache_is_discarded(tmp_path):
+    pytest.importorskip("mindspore")
+    from workloads.volo import compile_cache
+
+    env: dict[str, str] = {}
+    first = compile_cache.enable(_plan(tmp_path), 1, env)
+    assert first is not None and not first.hit
+    assert env["MS_COMPILER_CACHE_PATH"] == str(first.dir)
+    partial = first.dir / "rank_1" / "graph_cache" / "compile_cache_0.mindir"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"cut short by SIGKILL")
+    again = compile_cache.enable(_plan(tmp_path), 1, {})
+    assert again is not None and not again.hit and not partial.exists()
+    again.mark_complete()
+    assert compile_cache.enable(_plan(tmp_path), 1, {}).hit
+
+    assert compile_cache.enable(_plan(tmp_path), 1, {"FLEET_COMPILE_CACHE": "0"}) is None
+    user = {"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": "/elsewhere"}
+    assert compile_cache.enable(_plan(tmp_path), 1, user) is None
+    assert user["MS_COMPILER_CACHE_PATH"] == "/elsewhere"

@@ -1,0 +1,125 @@
+"""MindSpore's graph compile cache, per job and per rank, so a restarted rank skips the compile.
+
+A restart (rank kill, node loss, resize) reruns the same jit graphs; compiling them costs
+12 s (one rank alone) to 30+ s (two ranks on two loaded cores) per attempt. MindSpore 2.10 can
+save compiled graphs and load them on the next run (``MS_COMPILER_CACHE_ENABLE=1``,
+``MS_COMPILER_CACHE_PATH``), but what it keys a cache on is weak for a launcher:
+
+* it checks only a hash of the entry script and the imported files outside ``sys.path``
+  (none of this package when the repository is on ``sys.path``, as the agent sets it), not
+  input shapes, the model config or the MindSpore version;
+* graphs are matched to cache files by compile order.
+
+So each cache lives in its own directory under the job's checkpoint directory, named by
+everything that shapes the graphs (recipe hash, micro-batch, class count, device target,
+threads, MindSpore and Python versions and this package's sources): a different micro-batch
+or code gets a fresh directory, never a wrong graph. World size and accumulation are left out
+on purpose: the two graphs (one micro-batch's loss and gradients, one optimizer update) hold
+no collective - ranks average in PyNative between them - so they are the same graphs at any
+world size, and a resize (2 ranks x 4 x 1 -> 1 rank x 4 x 2 after a node loss) reuses them.
+tests/test_train_e2e.py's resize test runs the 1-rank side from the 2-rank side's cache and
+checks it against the 2-rank result.
+
+A rank killed while MindSpore writes its cache would leave a partial one: a rank marks its
+directory complete only after its first optimizer step (both graphs compiled and saved), and
+an unmarked directory is removed before use.
+
+Under ``python -m`` MindSpore records ``-m`` as its entry script when it is first imported and
+the first cached compile dies on ``FileNotFoundError: .../-m``; that record is pointed at
+train.py here, before any compile.
+
+``FLEET_COMPILE_CACHE=0`` turns this off; an ``MS_COMPILER_CACHE_ENABLE`` already set in the
+environment is the user's and left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CompileCache", "cache_key", "enable"]
+
+CACHE_DIRNAME = ".compile-cache"
+_COMPLETE = "complete"
+_OWNED = "FLEET_COMPILE_CACHE_DIR"
+_PACKAGE = Path(__file__).resolve().parent
+_ENTRY = _PACKAGE / "train.py"
+
+
+@dataclass
+class CompileCache:
+    dir: Path  # this rank's MS_COMPILER_CACHE_PATH
+    hit: bool  # a complete cache was there at start: the compile should be skipped
+
+    @property
+    def status(self) -> str:
+        return "hit" if self.hit else "miss"
+
+    def mark_complete(self) -> None:
+        """Call after the first optimizer step: both graphs are compiled and saved by then."""
+        marker = self.dir / _COMPLETE
+        if not marker.exists():
+            marker.write_text("graphs saved by a rank that completed an optimizer step\n")
+
+
+def _sources_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted(_PACKAGE.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(plan: Any) -> str:
+    """Directory name for the graphs of ``plan`` (any world size, any accumulation)."""
+    import mindspore as ms
+
+    args = plan.args
+    micro = plan.layout.micro_batch
+    parts = {"recipe": plan.recipe_hash, "micro_batch": micro, "num_classes": plan.num_classes,
+             "device_target": args.device_target, "num_threads": args.num_threads,
+             "mode": args.mode, "mindspore": ms.__version__, "python": sys.version,
+             "sources": _sources_hash()}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return f"mb{micro}-{digest[:16]}"
+
+
+def _point_entry_script() -> bool:
+    """Give MindSpore a real entry script to hash; False if this MindSpore has no such record."""
+    try:
+        from mindspore.graph import api
+    except ImportError:
+        return False
+    if not hasattr(api, "entry_script_path"):
+        return False
+    path = api.entry_script_path
+    if path is None or not os.path.isfile(path):
+        api.entry_script_path = str(_ENTRY)
+    return True
+
+
+def enable(plan: Any, rank: int, environ: dict[str, str] | Any = None) -> CompileCache | None:
+    """Turn the cache on for this rank before anything is compiled; None when it stays off."""
+    environ = os.environ if environ is None else environ
+    if environ.get("FLEET_COMPILE_CACHE", "1") == "0" or plan.args.mode != 0:
+        return None
+    if "MS_COMPILER_CACHE_ENABLE" in environ and _OWNED not in environ:
+        _point_entry_script()
+        return None
+    if not _point_entry_script():
+        return None
+    d = Path(plan.ckpt_dir) / CACHE_DIRNAME / cache_key(plan) / f"rank-{rank}"
+    hit = (d / _COMPLETE).is_file()
+    if d.exists() and not hit:
+        shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
+    environ["MS_COMPILER_CACHE_PATH"] = str(d)
+    environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+    environ[_OWNED] = str(d)  # a later Trainer in this process may move the cache
+    return CompileCache(d, hit)
