@@ -124,6 +124,8 @@ class NodeAgent:
                 # Ray's own per-worker variables must not leak into the ranks' view of
                 # devices: the rank env decides.
                 env.update(r.env)
+                # lets a rank report how long its interpreter start and imports took
+                env["FLEET_SPAWN_TS"] = repr(time.time())
                 logf = open(r.log, "ab")  # noqa: SIM115 - handed to the child
                 try:
                     p = subprocess.Popen(  # noqa: S603 - argv list, no shell

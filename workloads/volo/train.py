@@ -377,13 +377,23 @@ def _resume(plan: Plan, trainer: Trainer, rank_world: int) -> int:
     return state.step
 
 
-def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
+def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
+        marks: dict[str, float] | None = None) -> int:
     args, lay = plan.args, plan.layout
     from workloads.volo import compile_cache
 
     cache = compile_cache.enable(plan, rank)
     trainer = Trainer(plan, world_size)
+    t_model = time.time()
     start = _resume(plan, trainer, world_size)
+    t_resume = time.time()
+    init: dict[str, float] = {}
+    if marks:
+        spawned = _spawned_at(os.environ)
+        if spawned is not None:
+            init["start_and_import"] = marks["main"] - spawned
+        init.update(plan=marks["plan"] - marks["main"], join=marks["join"] - marks["plan"],
+                    model=t_model - marks["join"], resume=t_resume - t_model)
     sampler = GlobalBatchSampler(len(plan.train_index), lay, args.seed, args.shuffle,
                                  per_epoch=plan.num_samples)
     augment = TrainAugment(
@@ -405,7 +415,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat) -> int:
     hb.emit("start", world_size=world_size, micro_batch=lay.micro_batch,
             grad_accum=lay.grad_accum, global_batch=lay.global_batch, resumed_step=start,
             total_steps=plan.total_steps, stop_step=plan.stop_step,
-            compile_cache=cache.status if cache else "off")
+            compile_cache=cache.status if cache else "off",
+            init_seconds={k: round(v, 3) for k, v in init.items()})
     log(f"rank {rank}/{world_size}: G={lay.global_batch} = {world_size} x {lay.micro_batch} x "
         f"{lay.grad_accum}, {plan.steps_per_epoch} steps/epoch, steps {start}->{plan.stop_step}")
 
@@ -534,8 +545,17 @@ def _fail(hb: Heartbeat | None, message: str, echo: bool = True) -> None:
         hb.close()
 
 
+def _spawned_at(environ: Any) -> float | None:
+    try:
+        return float(environ["FLEET_SPAWN_TS"])
+    except (KeyError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     hb: Heartbeat | None = None
+    # Where a restart's rank init goes (heartbeat "start": init_seconds): the bench splits it.
+    marks: dict[str, float] = {"main": time.time()}
     try:
         args = parse_args(argv)
         env_override(args, os.environ)
@@ -552,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
             args.distribute, os.environ) else 1
         plan = make_plan(args, world)  # every check that can fail early, before joining
         _configure_mindspore(args)
+        marks["plan"] = time.time()
         ranks = init_ranks()  # the MS_SCHED process stays in here until the job ends
+        marks["join"] = time.time()
         if ranks.world_size != world:
             raise ConfigError(f"MS_WORKER_NUM={world} but the cluster has {ranks.world_size} "
                               "workers")
@@ -560,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in warnings:
             if ranks.rank == 0:
                 log(f"warning: {w}")
-        return run(plan, ranks.rank, ranks.world_size, hb)
+        return run(plan, ranks.rank, ranks.world_size, hb, marks)
     except (ConfigError, DataError, LayoutError) as e:
         _fail(hb, str(e))
         return EXIT_CONFIG
