@@ -12,13 +12,11 @@ files and the job's attempt history:
   restart    attempt ended -> the next attempt's ranks are running (backoff + placement
              group + agents + processes)
   rank_init  ranks running -> the rank's "start" heartbeat (python + MindSpore import,
-             data index, checkpoint load)
-  first_step "start" -> first optimizer step done (includes the graph compile)
-
-The model compile is NOT cached: MindSpore 2.10's compile cache
-(MS_COMPILER_CACHE_ENABLE) hashes the entry script sys.argv[0], which is "-m" for
-`python -m workloads.volo.train`, and the rank dies with FileNotFoundError
-'/work/main/-m' on its first jit call. So every restart pays the compile again.
+             data index, cluster join, model build, checkpoint load; the rank's own split
+             of it is printed as init[...])
+  first_step "start" -> first optimizer step done (the graph compile, or loading it from
+             the job's compile cache: "cache hit|miss|off", see
+             workloads/volo/compile_cache.py)
 
 Goals (issue 6): rank kill <= 10 s, node loss <= 20 s.
 """
@@ -85,6 +83,8 @@ def breakdown(fleet, job_id: str, t_fault: float) -> dict:
         "steps_lost": lin.steps_lost,
         "reason": a1["reason"],
         "devices": [a["plan"]["devices"] for a in atts],
+        "compile_cache": start2.get("compile_cache", "off"),
+        "rank_init_split_s": start2.get("init_seconds", {}),
     }
 
 
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:5s} fault -> next step {r['total_s']:6.1f}s  (goal {GOALS[kind]:.0f}s: "
               f"{verdict})  detect {r['detect_s']}s  restart {r['restart_s']}s  rank init "
               f"{r['rank_init_s']}s  first step {r['first_step_s']}s  steps lost "
-              f"{r['steps_lost']}  devices {r['devices']}", flush=True)
-    meta = {"workload": args.workload, "compile_cache": False,
-            "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+              f"{r['steps_lost']}  devices {r['devices']}  cache {r['compile_cache']}  init"
+              f"{r['rank_init_split_s']}", flush=True)
+    meta = {"workload": args.workload, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     print(json.dumps({"meta": meta, "results": results}))
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
