@@ -15,8 +15,11 @@ heartbeat files are split into:
   detect      fault -> the controller ends the attempt
   reschedule  attempt ended -> next attempt started (backoff, placement group, agents)
   rank_init   attempt started -> its first step begins (process start, imports, data
-              index, checkpoint load)
-  compile     first step's time above the median (graph build)
+              index, cluster join, checkpoint load); init_split sums the ranks' own
+              split of it (heartbeat "start": init_seconds)
+  compile     first step's time above the median (graph build; a restart loads the
+              graphs from the job's compile cache instead: compile_cache lists each
+              attempt's hit|miss|off, see workloads/volo/compile_cache.py)
   lost_steps  steps run after the last checkpoint before a fault (redone)
   other       the rest: gaps between steps (data pipeline per epoch, checkpoint saves,
               heartbeats) and the step in flight when a fault hit
@@ -104,11 +107,16 @@ def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[floa
     wall = t_end - t_submit
     b = {k: round(v, 2) for k, v in b.items()}
     b["other"] = round(wall - useful - sum(b.values()), 2)
+    split: dict[str, float] = {}
+    for st in lin.starts:
+        for k, v in (st.get("init_seconds") or {}).items():
+            split[k] = round(split.get(k, 0.0) + float(v), 2)
     return {"wall_s": round(wall, 2), "useful_s": round(useful, 2),
             "goodput": round(useful / wall, 4) if wall > 0 else 0.0,
             "faults": len(faults), "attempts": len(atts),
             "committed_steps": len(lin.committed), "steps_lost": lin.steps_lost,
-            "median_step_s": round(median, 4), "lost": b}
+            "median_step_s": round(median, 4), "lost": b, "init_split": split,
+            "compile_cache": [st.get("compile_cache", "off") for st in lin.starts]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['wall_s']}s, useful {res['useful_s']}s, {res['faults']} faults, "
           f"{res['committed_steps']} committed steps, {res['steps_lost']} redone")
     print("lost time:", ", ".join(f"{k} {v}s" for k, v in res["lost"].items()))
+    print(f"init split (one rank per attempt, summed): {res['init_split']}; compile cache per attempt: "
+          f"{res['compile_cache']}")
     print(json.dumps(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
