@@ -203,6 +203,8 @@ class KubeClient:
             namespace = namespace or os.environ.get("FLEET_K8S_NAMESPACE") or (
                 ns_file.read_text().strip() if ns_file.is_file() else None)
         else:
+            # The client reads KUBECONFIG once, when it is imported: read it now.
+            kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
             try:
                 config.load_kube_config(config_file=kubeconfig, context=context,
                                         client_configuration=configuration)

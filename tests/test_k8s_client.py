@@ -322,6 +322,16 @@ def test_kubeconfig_outside_a_pod(fake, tmp_path, monkeypatch):
     assert len(kube.list_cluster_pods(o.CLUSTER)) == 1
 
 
+def test_kubeconfig_env_set_after_the_client_was_imported(fake, tmp_path, monkeypatch):
+    import kubernetes.config  # noqa: F401 - it reads KUBECONFIG at import: before it is set
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "cfg", fake.url,
+                                                           "elsewhere")))
+    kube = k8s.KubeClient.from_environment(retry=FAST_RETRY)
+    assert kube.namespace == "elsewhere"
+
+
 def test_missing_kubeconfig_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(k8s.KubeError, match="pass --kubeconfig or set KUBECONFIG"):
