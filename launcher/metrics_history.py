@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,21 +452,19 @@ class RunHistory:
             progress.apply(event)
         return progress
 
-    def loss(self) -> Series:
+    def _lead_rank_series(self, value: Callable[[StepEvent], float]) -> Series:
         lead = self.progress().lead_rank
         s = Series()
         for e in self._steps():
             if e.rank == lead:
-                s.add(e.ts - self.t0, e.loss, e.attempt)
+                s.add(e.ts - self.t0, value(e), e.attempt)
         return s
 
+    def loss(self) -> Series:
+        return self._lead_rank_series(lambda e: e.loss)
+
     def lr(self) -> Series:
-        lead = self.progress().lead_rank
-        s = Series()
-        for e in self._steps():
-            if e.rank == lead:
-                s.add(e.ts - self.t0, e.lr, e.attempt)
-        return s
+        return self._lead_rank_series(lambda e: e.lr)
 
     def images_per_second(self) -> Series:
         """Job throughput per optimizer step: mean of the ranks' reports (see JobProgress)."""

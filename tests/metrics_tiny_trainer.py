@@ -17,7 +17,10 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +139,29 @@ def main() -> None:
                 loss=float(-np.log(p[np.arange(len(yv)), yv] + 1e-12).mean()),
             )
     beat("done", step=step, status="ok")
+
+
+def run_ranks(*, attempt: int, world: int, accum: int, steps: int, ckpt_dir: Path,
+              heartbeat: Callable[[int], Path], every: int, extra: Sequence[str] = ()) -> None:
+    """Run `world` ranks of this trainer to the end (for tests): global batch 32,
+    a checkpoint and a validation every `every` steps, heartbeat file per rank."""
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "FLEET_ATTEMPT": str(attempt),
+            "FLEET_GLOBAL_BATCH": "32",
+            "FLEET_MICRO_BATCH": str(32 // (world * accum)),
+            "FLEET_GRAD_ACCUM": str(accum),
+            "FLEET_CHECKPOINT_DIR": str(ckpt_dir),
+            "FLEET_HEARTBEAT": str(heartbeat(rank)),
+        }
+        procs.append(subprocess.Popen(  # noqa: S603 - argv list
+            [sys.executable, __file__, "--rank", str(rank), "--world-size", str(world),
+             "--steps", str(steps), "--ckpt-every", str(every), "--val-every", str(every),
+             *extra], env=env))
+    for p in procs:
+        assert p.wait(timeout=60) == 0
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from metrics_prometheus import PROMTOOL
+from metrics_tiny_trainer import run_ranks
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from launcher.metrics import MetricsExporter, serve_command
 from launcher.metrics_history import HeartbeatError, HeartbeatTail, JobProgress, parse_event
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAINER = ROOT / "tests" / "metrics_tiny_trainer.py"
 
 
 def ev(kind: str, ts: float, rank: int = 0, attempt: int = 0, **fields):
@@ -173,26 +171,8 @@ def test_serve_command_rejects_bad_watch_before_serving(tmp_path):
 
 
 def run_tiny(tmp: Path, attempt: int, steps: int, world: int = 1, accum: int = 2) -> None:
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "FLEET_ATTEMPT": str(attempt),
-            "FLEET_GLOBAL_BATCH": "32",
-            "FLEET_MICRO_BATCH": str(32 // (world * accum)),
-            "FLEET_GRAD_ACCUM": str(accum),
-            "FLEET_CHECKPOINT_DIR": str(tmp / "ckpt"),
-            "FLEET_HEARTBEAT": str(tmp / "hb" / f"attempt-{attempt}-rank-{rank}.jsonl"),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(TRAINER), "--rank", str(rank), "--world-size", str(world),
-                 "--steps", str(steps), "--ckpt-every", "3", "--val-every", "3"],
-                env=env,
-            )
-        )
-    for p in procs:
-        assert p.wait(timeout=60) == 0
+    run_ranks(attempt=attempt, world=world, accum=accum, steps=steps, ckpt_dir=tmp / "ckpt",
+              heartbeat=lambda r: tmp / "hb" / f"attempt-{attempt}-rank-{r}.jsonl", every=3)
 
 
 @pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"), reason="promtool not installed")

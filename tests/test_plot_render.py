@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from metrics_tiny_trainer import run_ranks
 from PIL import Image
 
 from launcher.cli_dashboards import plot_command
 from launcher.metrics_history import RunHistory
 from launcher.plot import render
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAINER = ROOT / "tests" / "metrics_tiny_trainer.py"
 JOB = "plot-digits-1"
 
 # Matplotlib's default colours of the four panels' main lines (launcher/plot.py).
@@ -28,27 +24,13 @@ PANEL_COLOURS = {
 }
 
 
-def run_ranks(job_dir: Path, attempt: int, world: int, accum: int, steps: int) -> None:
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "FLEET_ATTEMPT": str(attempt),
-            "FLEET_GLOBAL_BATCH": "32",
-            "FLEET_MICRO_BATCH": str(32 // (world * accum)),
-            "FLEET_GRAD_ACCUM": str(accum),
-            "FLEET_CHECKPOINT_DIR": str(job_dir / "checkpoints"),
-            "FLEET_HEARTBEAT": str(job_dir / f"attempt-{attempt}" / f"rank-{rank}.heartbeat.jsonl"),
-        }
-        procs.append(subprocess.Popen(
-            [sys.executable, str(TRAINER), "--rank", str(rank), "--world-size", str(world),
-             "--steps", str(steps), "--ckpt-every", "4", "--val-every", "4",
-             # a step time set by the sleep, not by machine load, keeps images/s a visible line
-             "--min-step-seconds", "0.1"],
-            env=env,
-        ))
-    for p in procs:
-        assert p.wait(timeout=60) == 0
+def run_job(job_dir: Path, attempt: int, world: int, accum: int, steps: int) -> None:
+    run_ranks(attempt=attempt, world=world, accum=accum, steps=steps,
+              ckpt_dir=job_dir / "checkpoints",
+              heartbeat=lambda r: job_dir / f"attempt-{attempt}" / f"rank-{r}.heartbeat.jsonl",
+              every=4,
+              # a step time set by the sleep, not by machine load, keeps images/s a visible line
+              extra=["--min-step-seconds", "0.1"])
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +38,8 @@ def home(tmp_path_factory) -> Path:
     """A fleet home with one job: 2 ranks for 8 steps, then resumed on 1 rank to 20."""
     home = tmp_path_factory.mktemp("home")
     job_dir = home / "jobs" / JOB
-    run_ranks(job_dir, attempt=0, world=2, accum=1, steps=8)
-    run_ranks(job_dir, attempt=1, world=1, accum=2, steps=20)
+    run_job(job_dir, attempt=0, world=2, accum=1, steps=8)
+    run_job(job_dir, attempt=1, world=1, accum=2, steps=20)
     return home
 
 
