@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt_save_dir", default="")
     ap.add_argument("--ckpt_path", default="", help="validate/export stand-in: input")
     ap.add_argument("--out", default="", help="export stand-in: output file")
+    ap.add_argument("--smoke_samples", type=int, default=4096,
+                    help="size of the pretend dataset the fixed-G sampler orders")
+    ap.add_argument("--seed", type=int, default=0)
     args, _unknown = ap.parse_known_args(argv)
 
     if args.ckpt_path:
@@ -114,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_dir = Path(os.environ.get("FLEET_CHECKPOINT_DIR") or args.ckpt_save_dir or ".")
     start = latest_step(ckpt_dir)
     g = int(os.environ.get("FLEET_GLOBAL_BATCH", "1"))
+    # The train loop's own sampler: a fault test can check that every optimizer step,
+    # across restarts and resizes, trains the same global batch as an uninterrupted run.
+    from workloads.volo.sampling import GlobalBatchSampler, resolve_layout
+    layout = resolve_layout(int(os.environ.get("RANK_SIZE", "1")),
+                            int(os.environ.get("FLEET_MICRO_BATCH", str(g))),
+                            int(os.environ.get("FLEET_GRAD_ACCUM", "1")), g)
+    sampler = GlobalBatchSampler(max(args.smoke_samples, g), layout, args.seed)
     _hb(hb, event="start", world_size=int(os.environ.get("RANK_SIZE", "1")),
         micro_batch=int(os.environ.get("FLEET_MICRO_BATCH", "1")),
         grad_accum=int(os.environ.get("FLEET_GRAD_ACCUM", "1")), global_batch=g,
@@ -125,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smoke: injected failure at step {step}", flush=True)
             return 17
         dt = time.time() - t0
-        _hb(hb, event="step", step=step, epoch=0, loss=1.0 / step, lr=0.1,
-            images_per_second=g / dt, step_seconds=dt, samples_seen=step * g)
-        print(f"step {step} loss {1.0 / step:.4f}", flush=True)
+        indices = sampler.step_indices(step - 1)
+        # A loss that is a function of the samples: a wrong batch shows in the curve too.
+        loss = 1.0 / step + float(indices.mean()) / sampler.num_samples
+        fields = dict(step=step, epoch=sampler.epoch_of(step - 1), loss=round(loss, 6), lr=0.1,
+                      images_per_second=g / dt, step_seconds=dt, samples_seen=step * g)
+        if rank == 0:
+            fields["sample_hash"] = sampler.sample_hash(indices)
+        _hb(hb, event="step", **fields)
+        print(f"step {step} loss {loss:.4f}", flush=True)
         if rank == 0:
             t1 = time.time()
             path = write_checkpoint(ckpt_dir, step, g)
