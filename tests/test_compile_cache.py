@@ -126,7 +126,18 @@ def test_unfinished_cache_is_discarded(tmp_path):
     again = compile_cache.enable(_plan(tmp_path), 1, {})
     assert again is not None and not again.hit and not partial.exists()
     again.mark_complete()
+    assert not compile_cache.enable(_plan(tmp_path), 1, {}).hit  # complete, yet no graphs
+
+    # graphs saved by a cluster worker serve a lone process (a resize to 1 rank) and back
+    worker = again.dir / "rank_1" / "graph_cache" / "MS_WORKERcompile_cache_0.mindir"
+    worker.parent.mkdir(parents=True)
+    worker.write_bytes(b"graph")
     assert compile_cache.enable(_plan(tmp_path), 1, {}).hit
+    plain = worker.with_name("compile_cache_0.mindir")
+    assert plain.read_bytes() == b"graph"
+    worker.unlink()
+    assert compile_cache.enable(_plan(tmp_path), 1, {"MS_ROLE": "MS_WORKER"}).hit
+    assert worker.read_bytes() == b"graph"
 
     assert compile_cache.enable(_plan(tmp_path), 1, {"FLEET_COMPILE_CACHE": "0"}) is None
     user = {"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": "/elsewhere"}

@@ -65,6 +65,10 @@ def _params(ckpt_dir: Path, step: int) -> dict[str, np.ndarray]:
     return {k: v.asnumpy() for k, v in data.items()}
 
 
+def _graph_mtimes(ckpt_dir: Path) -> set[int]:
+    return {p.stat().st_mtime_ns for p in (ckpt_dir / ".compile-cache").rglob("*.mindir")}
+
+
 def _trainable_names(params: dict[str, np.ndarray]) -> list[str]:
     # BatchNorm running statistics are not trained by gradients: with 2 ranks each rank
     # updates them from its own half of the batch, so they are compared separately.
@@ -223,6 +227,7 @@ def test_resize_two_ranks_equals_one_rank_with_accumulation(digits, reference, t
     # the same): this is the check that the cache may ignore world size and accumulation.
     shutil.copytree(tmp_path / "two" / "ckpt" / ".compile-cache",
                     tmp_path / "one" / "ckpt" / ".compile-cache")
+    compiled = _graph_mtimes(tmp_path / "one" / "ckpt")
     one = _train([*common, "--ckpt_save_dir", str(tmp_path / "one" / "ckpt"),
                   "--gradient_accumulation_steps", "2"], tmp_path / "one", "one")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -232,6 +237,8 @@ def test_resize_two_ranks_equals_one_rank_with_accumulation(digits, reference, t
     assert _events(tmp_path / "two" / "rank0.hb.jsonl", "start")[0]["world_size"] == 2
     assert _events(tmp_path / "two" / "rank0.hb.jsonl", "start")[0]["compile_cache"] == "miss"
     assert _events(tmp_path / "one" / "one.hb.jsonl", "start")[0]["compile_cache"] == "hit"
+    # loaded, not recompiled: a compile would have written graph files of its own
+    assert compiled and _graph_mtimes(tmp_path / "one" / "ckpt") == compiled
     assert [s["step"] for s in s2] == [s["step"] for s in s1] == [4, 5, 6]
     for a, b in zip(s2, s1, strict=True):
         assert a["sample_hash"] == b["sample_hash"]

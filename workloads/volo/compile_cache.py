@@ -17,8 +17,10 @@ or code gets a fresh directory, never a wrong graph. World size and accumulation
 on purpose: the two graphs (one micro-batch's loss and gradients, one optimizer update) hold
 no collective - ranks average in PyNative between them - so they are the same graphs at any
 world size, and a resize (2 ranks x 4 x 1 -> 1 rank x 4 x 2 after a node loss) reuses them.
-tests/test_train_e2e.py's resize test runs the 1-rank side from the 2-rank side's cache and
-checks it against the 2-rank result.
+MindSpore names a cluster worker's files ``MS_WORKER<name>`` and a lone process's ``<name>``,
+so the other mode's files are hard-linked under this mode's names before use.
+tests/test_train_e2e.py's resize test runs the 1-rank side from the 2-rank side's cache
+(no file rewritten) and checks it against the 2-rank result.
 
 A rank killed while MindSpore writes its cache would leave a partial one: a rank marks its
 directory complete only after its first optimizer step (both graphs compiled and saved), and
@@ -48,6 +50,7 @@ __all__ = ["CompileCache", "cache_key", "enable"]
 CACHE_DIRNAME = ".compile-cache"
 _COMPLETE = "complete"
 _OWNED = "FLEET_COMPILE_CACHE_DIR"
+_WORKER_PREFIX = "MS_WORKER"  # MindSpore 2.10: a cluster worker's cache file names start so
 _PACKAGE = Path(__file__).resolve().parent
 _ENTRY = _PACKAGE / "train.py"
 
@@ -104,6 +107,24 @@ def _point_entry_script() -> bool:
     return True
 
 
+def _share_across_modes(d: Path, rank: int, in_cluster: bool) -> bool:
+    """Link the other mode's graph files under this mode's names; True when this mode's
+    graphs are there."""
+    gc = d / f"rank_{rank}" / "graph_cache"
+    if not gc.is_dir():
+        return False
+    for p in list(gc.iterdir()):
+        plain = p.name[len(_WORKER_PREFIX):] if p.name.startswith(_WORKER_PREFIX) else p.name
+        want = gc / (_WORKER_PREFIX + plain if in_cluster else plain)
+        if want.exists():
+            continue
+        try:
+            os.link(p, want)
+        except OSError:
+            shutil.copy2(p, want)
+    return any(gc.glob(f"{_WORKER_PREFIX if in_cluster else ''}compile_cache_*.mindir"))
+
+
 def enable(plan: Any, rank: int, environ: dict[str, str] | Any = None) -> CompileCache | None:
     """Turn the cache on for this rank before anything is compiled; None when it stays off."""
     environ = os.environ if environ is None else environ
@@ -115,9 +136,10 @@ def enable(plan: Any, rank: int, environ: dict[str, str] | Any = None) -> Compil
     if not _point_entry_script():
         return None
     d = Path(plan.ckpt_dir) / CACHE_DIRNAME / cache_key(plan) / f"rank-{rank}"
-    hit = (d / _COMPLETE).is_file()
-    if d.exists() and not hit:
+    complete = (d / _COMPLETE).is_file()
+    if d.exists() and not complete:
         shutil.rmtree(d, ignore_errors=True)
+    hit = complete and _share_across_modes(d, rank, environ.get("MS_ROLE") == "MS_WORKER")
     d.mkdir(parents=True, exist_ok=True)
     environ["MS_COMPILER_CACHE_PATH"] = str(d)
     environ["MS_COMPILER_CACHE_ENABLE"] = "1"
