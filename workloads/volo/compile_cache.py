@@ -22,9 +22,10 @@ so the other mode's files are hard-linked under this mode's names before use.
 tests/test_train_e2e.py's resize test runs the 1-rank side from the 2-rank side's cache
 (no file rewritten) and checks it against the 2-rank result.
 
-A rank killed while MindSpore writes its cache would leave a partial one: a rank marks its
-directory complete only after its first optimizer step (both graphs compiled and saved), and
-an unmarked directory is removed before use.
+A rank killed while MindSpore writes its cache leaves a partial one. MindSpore recompiles
+when a cache file does not parse (measured with a truncated one: an error line, then the
+compile), and besides a rank marks its directory complete only after its first optimizer
+step (both graphs compiled and saved); an unmarked directory is removed before use.
 
 Under ``python -m`` MindSpore records ``-m`` as its entry script when it is first imported and
 the first cached compile dies on ``FileNotFoundError: .../-m``; that record is pointed at
@@ -58,7 +59,7 @@ _ENTRY = _PACKAGE / "train.py"
 @dataclass
 class CompileCache:
     dir: Path  # this rank's MS_COMPILER_CACHE_PATH
-    hit: bool  # a complete cache was there at start: the compile should be skipped
+    hit: bool  # this mode's graphs from a complete cache are there: no compile expected
 
     @property
     def status(self) -> str:
