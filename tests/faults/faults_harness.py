@@ -334,8 +334,8 @@ def lineage(fleet: Fleet, job_id: str, n_attempts: int) -> Lineage:
     return lin
 
 
-def compare_to_reference(lin: Lineage, ref: Lineage, total: int, global_batch: int,
-                         hashes: bool = True) -> dict[str, Any]:
+def compare_to_reference(lin: Lineage, ref: Lineage, total: int, global_batch: int
+                         ) -> dict[str, Any]:
     """What a fault changed in the committed chain, versus the uninterrupted run."""
     missing = [s for s in range(1, total + 1) if s not in lin.committed]
     extra = [s for s in lin.committed if s > total]
@@ -345,7 +345,8 @@ def compare_to_reference(lin: Lineage, ref: Lineage, total: int, global_batch: i
         a, b = lin.committed.get(s), ref.committed.get(s)
         if a is None or b is None:
             continue
-        if hashes and a.get("sample_hash") != b.get("sample_hash"):
+        # A step without a hash cannot be shown to have trained the reference's samples.
+        if a.get("sample_hash") is None or a.get("sample_hash") != b.get("sample_hash"):
             bad_hash.append(s)
         if a.get("samples_seen") != b.get("samples_seen"):
             bad_hash.append(s)

@@ -32,7 +32,7 @@ from faults_harness import (
 
 STEPS = 14
 G = 8
-SMOKE_NOTE = "smoke: samples_seen+loss per step (no sample_hash)"
+SMOKE_NOTE = "smoke: sample_hash + loss per step"
 
 
 def smoke_doc(name: str, devices=(2, 2), step_s: float = 0.3, max_restarts: int = 3,
@@ -84,7 +84,7 @@ def reference(fleet):
 
 def check(f, j, st, ref, fault, fault_ts, resumed_attempt, note=SMOKE_NOTE):
     lin = lineage(f, j, len(st["attempts"]))
-    cmp = compare_to_reference(lin, ref, STEPS, G, hashes=False)
+    cmp = compare_to_reference(lin, ref, STEPS, G)
     ok = st["state"] == "SUCCEEDED" and not (cmp["missing"] or cmp["extra"] or cmp["bad_hash"]
                                              or cmp["bad_loss"] or cmp["gaps"])
     rec = recovery_seconds(f, j, fault_ts, resumed_attempt) if resumed_attempt else None
