@@ -32,7 +32,9 @@ def test_quickstart_workflow_real_volo(tmp_path):
     sets = [f"spec.steps.0.spec.data.dir={data}", f"spec.steps.1.spec.data.dir={data}",
             f"spec.steps.2.spec.out={out}",
             "spec.steps.0.spec.overrides.max_steps=4",
-            "spec.steps.0.spec.overrides.val_while_train=False",
+            # 256 samples per epoch = 4 steps of 64: one validation inside training, at the
+            # end, of the same weights the validate step loads (the best checkpoint).
+            "spec.steps.0.spec.overrides.num_samples=256",
             "spec.steps.0.spec.checkpoint.everySteps=2"]
     args = ["submit", "examples/quickstart.yaml", "--wait"]
     for s in sets:
@@ -54,6 +56,20 @@ def test_quickstart_workflow_real_volo(tmp_path):
         assert steps["validate"]["result"]["images"] == 359
         train_plan = steps["train"]["attempts"][0]["plan"]
         assert (train_plan["devices"], train_plan["grad_accum"]) == (2, 1)
+        # What the train loop's 2-rank validation reported is what validating the saved
+        # checkpoint on 1 device gives: the ranks' BatchNorm statistics are averaged before
+        # both, so the checkpoint is the model that was scored.
+        train_id = steps["train"]["id"]
+        hb = home / "jobs" / train_id / "attempt-1" / "rank-0.heartbeat.jsonl"
+        vals = [e for e in map(json.loads, hb.read_text().splitlines()) if e["event"] == "val"]
+        assert [v["step"] for v in vals] == [4]
+        got = steps["validate"]["result"]
+        print(f"train-loop val loss {vals[0]['loss']} top-1 {vals[0]['top1']}; "
+              f"validate loss {got['loss']} top-1 {got['top1']}")
+        # Without the averaging the gap after these 4 steps was 3.0e-5 (2.310624 vs
+        # 2.310654, same top-1); with it, equal to the 6 decimals both report.
+        assert abs(got["loss"] - vals[0]["loss"]) <= 3e-6
+        assert abs(got["top1"] - vals[0]["top1"]) < 1e-6
         # Both ranks reported; rank 1's log is served too.
         r = fleet(home, "logs", "quickstart-train-2", "--rank", "1")
         assert r.returncode == 0 and "rank 1/2" in r.stdout + r.stderr

@@ -282,6 +282,19 @@ class Trainer:
                 out.append(p)
         return out
 
+    def average_running_stats(self) -> None:
+        """Make every rank's BatchNorm running statistics their mean across ranks.
+
+        Each rank updates them from its own micro-batches only, so without this the
+        ranks hold different models for inference: a validation across ranks scores a
+        mix of them, and the checkpoint (rank 0's) scores differently from what the
+        train loop reported (timm's `--dist-bn reduce` does the same)."""
+        stats = [p for p in self.net.get_parameters() if "moving_" in p.name]
+        if self.reducer.world_size <= 1 or not stats:
+            return
+        for p, mean in zip(stats, self.reducer([p.value() for p in stats]), strict=True):
+            p.set_data(mean)
+
     def load(self, model_ckpt: Path) -> None:
         ms = self.ms
         data = ms.load_checkpoint(str(model_ckpt))
@@ -453,6 +466,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
     def validate(step: int) -> None:
         if val is None:
             return
+        trainer.average_running_stats()
         index, kw = val
         ds, src = eval_dataset(index, **kw)
         top1, top5, loss, n = trainer.evaluate(ds, src)
@@ -506,6 +520,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                 by_epoch = (args.ckpt_save_steps is None and epoch_end
                             and ep_done % max(1, args.ckpt_save_interval) == 0)
                 if (by_steps or by_epoch) and step < plan.stop_step:
+                    trainer.average_running_stats()  # every rank: it is a collective
                     save(step)
                     steps_saved_at = step
         except RuntimeError as e:
@@ -514,6 +529,10 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             raise
         finally:
             del it
+    if step != steps_saved_at:
+        # A collective: decided on what every rank knows alike (a glob of the checkpoint
+        # dir may differ between ranks while rank 0's last save is still being written).
+        trainer.average_running_stats()
     if step != steps_saved_at or not any(plan.ckpt_dir.glob("step-*")):
         save(step, block=True)
     ckpt.wait()
