@@ -70,6 +70,18 @@ def test_quickstart_workflow_real_volo(tmp_path):
         # 2.310654, same top-1); with it, equal to the 6 decimals both report.
         assert abs(got["loss"] - vals[0]["loss"]) <= 3e-6
         assert abs(got["top1"] - vals[0]["top1"]) < 1e-6
+        # The statistics saved at step 4 moved on from those averaged at step 2: averaging
+        # must write into the parameters the compiled step updates, not replace them.
+        import mindspore as ms
+        ckpts = home / "jobs" / train_id / "checkpoints"
+
+        def running_stats(step: int) -> dict:
+            data = ms.load_checkpoint(str(ckpts / f"step-{step:08d}" / "model.ckpt"))
+            return {k: v.asnumpy() for k, v in data.items() if "moving_" in k}
+
+        at2, at4 = running_stats(2), running_stats(4)
+        assert at2 and at2.keys() == at4.keys()
+        assert all((at2[k] != at4[k]).any() for k in at2), "BN statistics froze after step 2"
         # Both ranks reported; rank 1's log is served too.
         r = fleet(home, "logs", "quickstart-train-2", "--rank", "1")
         assert r.returncode == 0 and "rank 1/2" in r.stdout + r.stderr

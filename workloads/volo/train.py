@@ -292,8 +292,12 @@ class Trainer:
         stats = [p for p in self.net.get_parameters() if "moving_" in p.name]
         if self.reducer.world_size <= 1 or not stats:
             return
+        ops = self.ops
         for p, mean in zip(stats, self.reducer([p.value() for p in stats]), strict=True):
-            p.set_data(mean)
+            # Copy into the parameter's memory: set_data would give the Python side a new
+            # buffer while the compiled step went on updating the old one (measured: the
+            # saved statistics froze at the first average and top-1 fell to 24%).
+            ops.assign(p, mean)
 
     def load(self, model_ckpt: Path) -> None:
         ms = self.ms
