@@ -10,7 +10,6 @@ agree within the e2e suite's resume tolerance.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from train_env import train_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
@@ -31,18 +31,10 @@ RESUME_RTOL = 1e-5  # as tests/test_train_e2e.py: CPU kernels are not bitwise re
 HIT_FRACTION = 0.5
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MS_", "FLEET_")) and k != "RANK_SIZE"}
-    env.update(OMP_NUM_THREADS="1", FLEET_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
 def _train(digits: Path, ckpt: Path, steps: int, hb: Path, **env: str) -> list[dict]:
     r = subprocess.run([sys.executable, "-m", "workloads.volo.train", *BASE, "--data_dir",
                         str(digits), "--ckpt_save_dir", str(ckpt), "--max_steps", str(steps)],
-                       cwd=ROOT, env=_env(FLEET_HEARTBEAT=str(hb), **env), capture_output=True,
+                       cwd=ROOT, env=train_env(FLEET_HEARTBEAT=str(hb), **env), capture_output=True,
                        text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(line) for line in hb.read_text().splitlines()]

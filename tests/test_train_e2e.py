@@ -14,7 +14,6 @@ recipe, validate's JSON line and a MINDIR export that reproduces the model's log
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_env import train_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
@@ -37,18 +37,10 @@ RESUME_RTOL = 1e-5  # ~5x the run-to-run noise measured above
 RESUME_ATOL = 1e-5
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MS_", "FLEET_")) and k != "RANK_SIZE"}
-    env.update(OMP_NUM_THREADS="1", FLEET_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
 def _train(args: list[str], tmp: Path, name: str, **env: str) -> subprocess.CompletedProcess:
     hb = tmp / f"{name}.hb.jsonl"
     return subprocess.run([sys.executable, "-m", "workloads.volo.train", *BASE, *args],
-                          cwd=ROOT, env=_env(FLEET_HEARTBEAT=str(hb), **env),
+                          cwd=ROOT, env=train_env(FLEET_HEARTBEAT=str(hb), **env),
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -118,7 +110,7 @@ def test_exact_resume_after_sigkill(digits, reference, tmp_path):
     hb = tmp_path / "killed.hb.jsonl"
     cmd = [sys.executable, "-m", "workloads.volo.train", *BASE, "--data_dir", str(digits),
            "--ckpt_save_dir", str(ckpt), "--max_steps", "6", "--ckpt_save_steps", "3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(FLEET_HEARTBEAT=str(hb)),
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(FLEET_HEARTBEAT=str(hb)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -188,7 +180,7 @@ def _cluster_train(args: list[str], tmp: Path, workers: int) -> list[subprocess.
     port = str(_free_port())
     procs = []
     for role, node in [("MS_SCHED", None)] + [("MS_WORKER", i) for i in range(workers)]:
-        env = _env(MS_ROLE=role, MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=port,
+        env = train_env(MS_ROLE=role, MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=port,
                    MS_WORKER_NUM=str(workers))
         if node is not None:
             env.update(MS_NODE_ID=str(node), FLEET_HEARTBEAT=str(tmp / f"rank{node}.hb.jsonl"))
@@ -257,7 +249,7 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
     r = subprocess.run([sys.executable, "-m", "workloads.volo.validate", "-c", str(TINY),
                         "--data_dir", str(digits), "--ckpt_path", str(reference / "ckpt"),
                         "--num_parallel_workers", "1"],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+                       cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(result) == {"top1", "top5", "loss", "images"}
@@ -267,7 +259,7 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
     r = subprocess.run([sys.executable, "-m", "workloads.volo.export", "--ckpt_path",
                         str(reference / "ckpt" / "step-00000006"), "--model", "volo_tiny",
                         "--format", "MINDIR", "--out", str(out)],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+                       cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["out"] == str(out) and out.stat().st_size > 100_000
