@@ -19,6 +19,7 @@ proves the queries and legends against the documented shape, not real chips.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -241,11 +242,18 @@ def last(expected: float) -> Check:
     return check
 
 
+CHANCE_LOSS = math.log(10)  # cross-entropy of a uniform guess over the 10 digit classes
+
+
 def falls(result: list[dict]) -> None:
-    """Training works: some later loss is below the first one scraped (any rank)."""
+    """Training works: some later loss is below the first one scraped (any rank), or a
+    scraped loss is clearly below chance. The second matters when the first scrape lands
+    after the numpy driver's steep early fall, on a low value that minibatch noise and the
+    restart's redone steps need not beat again in the few seconds left (seen once in CI)."""
     points = sorted((float(t), float(v)) for s in result for t, v in s["values"])
-    first = points[0][1]
-    assert min(v for _, v in points) < first, f"loss never fell below its first value {first}"
+    first, low = points[0][1], min(v for _, v in points)
+    assert low < first or low < 0.9 * CHANCE_LOSS, (
+        f"loss never fell below its first value {first} nor below 0.9 x ln(10)")
 
 
 def ranks(n: int) -> Check:
