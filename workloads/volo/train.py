@@ -263,6 +263,7 @@ class Trainer:
                                        weight_decay=args.weight_decay,
                                        use_nesterov=args.use_nesterov)
         self.reducer = MeanAllReduce(world_size)
+        self._running_stats = [p for p in self.net.get_parameters() if "moving_" in p.name]
         steps = _make_step_cell(self.net, self.opt)
         compiled = args.mode == 0
         # Methods of a Cell, not closures: a graph loaded from MindSpore's compile cache gets
@@ -289,7 +290,7 @@ class Trainer:
         ranks hold different models for inference: a validation across ranks scores a
         mix of them, and the checkpoint (rank 0's) scores differently from what the
         train loop reported (timm's `--dist-bn reduce` does the same)."""
-        stats = [p for p in self.net.get_parameters() if "moving_" in p.name]
+        stats = self._running_stats
         if self.reducer.world_size <= 1 or not stats:
             return
         ops = self.ops
@@ -468,9 +469,6 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
         ckpt.save(state, lambda p: ms.save_checkpoint(params, str(p)), block=block)
 
     def validate(step: int) -> None:
-        if val is None:
-            return
-        trainer.average_running_stats()
         index, kw = val
         ds, src = eval_dataset(index, **kw)
         top1, top5, loss, n = trainer.evaluate(ds, src)
@@ -518,13 +516,18 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                     raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr")
                 epoch_end = step % plan.steps_per_epoch == 0
                 ep_done = step // plan.steps_per_epoch
-                if epoch_end and ep_done % max(1, args.val_interval) == 0:
-                    validate(step)
+                validating = (val is not None and epoch_end
+                              and ep_done % max(1, args.val_interval) == 0)
                 by_steps = args.ckpt_save_steps and step % args.ckpt_save_steps == 0
                 by_epoch = (args.ckpt_save_steps is None and epoch_end
                             and ep_done % max(1, args.ckpt_save_interval) == 0)
-                if (by_steps or by_epoch) and step < plan.stop_step:
-                    trainer.average_running_stats()  # every rank: it is a collective
+                saving = bool(by_steps or by_epoch) and step < plan.stop_step
+                if validating or saving:
+                    # once for both, on every rank alike: it is a collective
+                    trainer.average_running_stats()
+                if validating:
+                    validate(step)
+                if saving:
                     save(step)
                     steps_saved_at = step
         except RuntimeError as e:
