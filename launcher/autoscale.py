@@ -49,7 +49,7 @@ class WorkerGroup(Protocol):
     def pod_of(self, node_id: str) -> Any: ...
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+def _seconds(env: Mapping[str, str], name: str, default: float, hint: str = "") -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -57,7 +57,7 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number of seconds (unset it for the "
-                         f"default {default:g}; 0 turns idle release off)") from None
+                         f"default {default:g}{hint})") from None
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,10 @@ class ScalerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ScalerSettings:
         env = os.environ if env is None else env
-        return cls(idle_release_s=_seconds(env, "FLEET_K8S_IDLE_RELEASE_S", 600.0),
-                   request_timeout_s=_seconds(env, "FLEET_K8S_SCALE_TIMEOUT_S", 600.0))
+        return cls(idle_release_s=_seconds(env, "FLEET_K8S_IDLE_RELEASE_S", cls.idle_release_s,
+                                           "; 0 turns idle release off"),
+                   request_timeout_s=_seconds(env, "FLEET_K8S_SCALE_TIMEOUT_S",
+                                              cls.request_timeout_s))
 
 
 @dataclass

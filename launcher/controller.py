@@ -44,6 +44,9 @@ PG_READY_TIMEOUT_S = 30.0
 # (until heartbeats time out); planning onto it would stall the restart.
 SUSPECT_NODE_S = 60.0
 PROGRESS_FLUSH_S = 1.0
+# Scaling decisions list every Ray node: once a second is quick next to pods that take
+# tens of seconds to start, and spares the GCS a query on every 0.25 s tick.
+AUTOSCALE_INTERVAL_S = 1.0
 # The train loop's exit codes for a bad config (2) or a recipe that differs from
 # its checkpoint's (3): restarting cannot fix them, so do not burn restarts.
 NON_RETRYABLE_EXIT_CODES = frozenset({2, 3})
@@ -189,6 +192,7 @@ class Controller(JobQueries):
         self.k8s = self._start_k8s()
         self.scaler = self._start_scaler()
         self._known_nodes: frozenset[str] = frozenset()
+        self._autoscaled_at = 0.0
         self._recover()
         self.exporter = self._start_metrics()
         self._thread = None
@@ -776,8 +780,9 @@ class Controller(JobQueries):
 
     def _autoscale(self) -> None:
         """Ask Kubernetes for servers the jobs want; give back idle ones."""
-        if self.scaler is None:
+        if self.scaler is None or time.time() - self._autoscaled_at < AUTOSCALE_INTERVAL_S:
             return
+        self._autoscaled_at = time.time()
         with self.lock:
             nodes = self._cluster_nodes()
             pool = self._pool(nodes)

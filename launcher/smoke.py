@@ -124,10 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                             int(os.environ.get("FLEET_MICRO_BATCH", str(g))),
                             int(os.environ.get("FLEET_GRAD_ACCUM", "1")), g)
     sampler = GlobalBatchSampler(max(args.smoke_samples, g), layout, args.seed)
-    _hb(hb, event="start", world_size=int(os.environ.get("RANK_SIZE", "1")),
-        micro_batch=int(os.environ.get("FLEET_MICRO_BATCH", "1")),
-        grad_accum=int(os.environ.get("FLEET_GRAD_ACCUM", "1")), global_batch=g,
-        resumed_step=start, total_steps=args.max_steps)
+    _hb(hb, event="start", world_size=layout.world_size, micro_batch=layout.micro_batch,
+        grad_accum=layout.grad_accum, global_batch=g, resumed_step=start,
+        total_steps=args.max_steps)
     for step in range(start + 1, args.max_steps + 1):
         t0 = time.time()
         time.sleep(args.step_seconds)

@@ -222,5 +222,8 @@ def test_a_forbidden_patch_is_reported_and_retried_not_raised(fake, fleet):
 def test_settings_from_env_name_the_bad_variable():
     s = ScalerSettings.from_env({"FLEET_K8S_IDLE_RELEASE_S": "120"})
     assert (s.idle_release_s, s.request_timeout_s) == (120.0, 600.0)
-    with pytest.raises(ValueError, match="FLEET_K8S_SCALE_TIMEOUT_S='10m' is not a number"):
+    with pytest.raises(ValueError, match="FLEET_K8S_SCALE_TIMEOUT_S='10m' is not a number") as e:
         ScalerSettings.from_env({"FLEET_K8S_SCALE_TIMEOUT_S": "10m"})
+    assert "idle release" not in str(e.value)
+    with pytest.raises(ValueError, match=r"default 600; 0 turns idle release off"):
+        ScalerSettings.from_env({"FLEET_K8S_IDLE_RELEASE_S": "ten minutes"})
