@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,26 @@ def attempt_dir(home: Path, job_id: str, attempt: int) -> Path:
     return home / "jobs" / job_id / f"attempt-{attempt}"
 
 
-def default_ckpt_dir(home: Path, job_id: str) -> Path:
+CHECKPOINT_ROOT_ENV = "FLEET_CHECKPOINT_ROOT"
+
+
+def default_ckpt_dir(home: Path, job_id: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where a job without checkpoint.dir keeps its checkpoints. On Kubernetes the head sets
+    FLEET_CHECKPOINT_ROOT to the volume every pod mounts (the fleet home is the head's alone:
+    a worker pod's rank would write its checkpoints into its own container)."""
+    environ = os.environ if environ is None else environ
+    root = environ.get(CHECKPOINT_ROOT_ENV)
+    if root:
+        return Path(root) / job_id
     return home / "jobs" / job_id / "checkpoints"
+
+
+def compile_cache_store(home: Path, environ: Mapping[str, str] | None = None) -> Path:
+    """The compile cache that jobs share (workloads/volo/compile_cache.py), next to the
+    checkpoints so that every pod sees it; a dot name cannot clash with a DNS-1123 job name."""
+    environ = os.environ if environ is None else environ
+    root = environ.get(CHECKPOINT_ROOT_ENV)
+    return Path(root) / ".compile-cache" if root else home / "compile-cache"
 
 
 def threads_per_rank(cpus_per_device: float) -> int:
@@ -132,6 +151,7 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
             argv += ["--keep_checkpoint_max", str(ck["keep"])]
         argv += override_flags(overrides)
         base_env.update({"FLEET_CHECKPOINT_DIR": ckpt_dir, "FLEET_GLOBAL_BATCH": str(g),
+                         "FLEET_COMPILE_CACHE_STORE": str(compile_cache_store(home)),
                          "FLEET_MICRO_BATCH": str(plan.micro_batch),
                          "FLEET_GRAD_ACCUM": str(plan.grad_accum)})
     elif kind == "ValidateJob":

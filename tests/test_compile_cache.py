@@ -10,6 +10,7 @@ agree within the e2e suite's resume tolerance.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def test_restart_loads_cached_graphs_and_matches_uncached(tmp_path):
     digits = tmp_path / "digits"
     write_digits(digits)
     ckpt = tmp_path / "ckpt"
-    a = _train(digits, ckpt, 2, tmp_path / "a.jsonl")
+    store = tmp_path / "store"
+    a = _train(digits, ckpt, 2, tmp_path / "a.jsonl", FLEET_COMPILE_CACHE_STORE=str(store))
     assert _first(a, "start")["compile_cache"] == "miss"
     written = _cache_files(ckpt)
     assert len(written) >= 2, written  # the micro-step and the update graph
@@ -78,6 +80,16 @@ def test_restart_loads_cached_graphs_and_matches_uncached(tmp_path):
     assert abs(sb["loss"] - sc["loss"]) <= RESUME_RTOL * abs(sc["loss"]), (sb["loss"], sc["loss"])
     compiled = min(_first(a, "step")["step_seconds"], sc["step_seconds"])
     assert sb["step_seconds"] < HIT_FRACTION * compiled, (sb["step_seconds"], compiled)
+
+    # another job with the same recipe (a resubmission) starts from A's published graphs
+    d = _train(digits, tmp_path / "resubmitted", 1, tmp_path / "d.jsonl",
+               FLEET_COMPILE_CACHE_STORE=str(store))
+    assert (_first(d, "start")["compile_cache"], _first(d, "start")["compile_cache_from"]) == (
+        "hit", "store")
+    sd, sa = _first(d, "step"), _first(a, "step")
+    assert sd["step"] == sa["step"] == 1 and sd["sample_hash"] == sa["sample_hash"]
+    assert abs(sd["loss"] - sa["loss"]) <= RESUME_RTOL * abs(sa["loss"]), (sd["loss"], sa["loss"])
+    assert sd["step_seconds"] < HIT_FRACTION * compiled, (sd["step_seconds"], compiled)
 
 
 def _plan(tmp: Path, micro: int = 4, accum: int = 1) -> SimpleNamespace:
@@ -135,3 +147,69 @@ def test_unfinished_cache_is_discarded(tmp_path):
     user = {"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": "/elsewhere"}
     assert compile_cache.enable(_plan(tmp_path), 1, user) is None
     assert user["MS_COMPILER_CACHE_PATH"] == "/elsewhere"
+
+
+def _fake_graphs(cache, names=("compile_cache_0.mindir", "compile_cache_1.mindir")) -> Path:
+    gc = cache.dir / f"rank_{cache.rank}" / "graph_cache"
+    gc.mkdir(parents=True)
+    for n in names:
+        (gc / n).write_bytes(n.encode())
+    return gc
+
+
+def test_shared_store_seeds_a_new_job_and_is_pruned(tmp_path):
+    """A job's rank 0 publishes its complete graphs; another job with the same key starts
+    from them (as a cluster worker too); the store keeps the most recently used keys."""
+    pytest.importorskip("mindspore")
+    from workloads.volo import compile_cache
+    from workloads.volo.config import ConfigError
+
+    store = tmp_path / "store"
+    env = {"FLEET_COMPILE_CACHE_STORE": str(store), "MS_ROLE": "MS_WORKER"}
+    first = compile_cache.enable(_plan(tmp_path / "job-a"), 0, dict(env))
+    assert not first.hit and first.source == "none"
+    _fake_graphs(first, ("MS_WORKERcompile_cache_0.mindir", "MS_WORKERcompile_dependency.hash"))
+    first.mark_complete()
+    first.publisher.join(30)
+    entry = store / first.key
+    assert (entry / "complete").is_file()
+    assert sorted(p.name for p in (entry / "graph_cache").iterdir()) == [
+        "compile_cache_0.mindir", "compile_dependency.hash"]  # one copy, lone-process names
+
+    # a rank other than 0 never publishes; another job's rank 1 starts from the store
+    other = compile_cache.enable(_plan(tmp_path / "job-b"), 1, dict(env))
+    assert other.hit and other.source == "store"
+    gc = other.dir / "rank_1" / "graph_cache"
+    assert (gc / "MS_WORKERcompile_cache_0.mindir").read_bytes() == b"MS_WORKERcompile_cache_0.mindir"
+    other.mark_complete()
+    assert other.publisher is None
+    # its own cache is complete now: the next attempt hits it without the store
+    again = compile_cache.enable(_plan(tmp_path / "job-b"), 1, {})
+    assert again.hit and again.source == "job"
+    # another micro-batch is another key: a miss
+    assert not compile_cache.enable(_plan(tmp_path / "job-c", micro=8), 0, dict(env)).hit
+
+    # a second publisher of the same key loses the race quietly
+    assert not compile_cache.publish(gc, store, first.key, 16)
+
+    # pruning: most recently used first, a dead publisher's leftovers go, a live one's stay
+    for i, name in enumerate(["k-old", "k-mid", "k-new"]):
+        (store / name / "graph_cache").mkdir(parents=True)
+        os.utime(store / name, (1000.0 + i, 1000.0 + i))
+    stale, live = store / ".tmp-k-x-1-1", store / ".tmp-k-y-2-2"
+    stale.mkdir()
+    live.mkdir()
+    os.utime(stale, (1000.0, 1000.0))
+    removed = compile_cache.prune(store, keep=2)
+    assert {p.name for p in removed} == {"k-old", "k-mid", stale.name}
+    assert sorted(p.name for p in store.iterdir()) == sorted([first.key, "k-new", live.name])
+
+    # an entry without its marker is not used, and leaves no half-filled cache behind
+    seeded = compile_cache.enable(_plan(tmp_path / "job-d"), 0, {**env, "MS_ROLE": ""})
+    assert seeded.hit
+    (store / first.key / "complete").unlink()
+    late = compile_cache.enable(_plan(tmp_path / "job-e"), 0, dict(env))
+    assert not late.hit and not any(late.dir.rglob("*.mindir"))
+
+    with pytest.raises(ConfigError, match="FLEET_COMPILE_CACHE_STORE_KEEP"):
+        compile_cache.enable(_plan(tmp_path / "job-f"), 0, {**env, "FLEET_COMPILE_CACHE_STORE_KEEP": "0"})

@@ -155,6 +155,7 @@ def test_rank_env_is_msrun_equivalent(tmp_path):
     assert w9.env["FLEET_GRAD_ACCUM"] == "2" and w9.env["FLEET_ATTEMPT"] == "3"
     assert w9.env["FLEET_NUM_THREADS"] == "2" and w9.env["OMP_NUM_THREADS"] == "2"
     assert w9.env["FLEET_CHECKPOINT_DIR"] == "/h/jobs/j-9/checkpoints"
+    assert w9.env["FLEET_COMPILE_CACHE_STORE"] == "/h/compile-cache"
     assert w9.env["FLEET_HEARTBEAT"] == "/h/jobs/j-9/attempt-3/rank-9.heartbeat.jsonl"
     argv = w9.argv
     assert argv[1:4] == ["-m", "workloads.volo.train", "-c"]
@@ -167,3 +168,22 @@ def test_rank_env_is_msrun_equivalent(tmp_path):
     assert "MS_ROLE" not in r.env and r.argv[r.argv.index("--distribute") + 1] == "False"
     assert r.env["ASCEND_RT_VISIBLE_DEVICES"] == "5" and r.env["DEVICE_ID"] == "0"
     assert json.dumps([n.to_dict() for n in nodes])  # serialisable for Ray and --dry-run
+
+
+def test_checkpoints_default_to_the_volume_every_pod_mounts(tmp_path, monkeypatch):
+    """On Kubernetes the fleet home is the head pod's alone; checkpoints and the shared
+    compile cache must go where worker pods write too (FLEET_CHECKPOINT_ROOT, k8s/base)."""
+    monkeypatch.setenv("FLEET_CHECKPOINT_ROOT", "/mnt/checkpoints")
+    paths = {"config": "/c.yaml", "data_dir": "/data", "workdir": str(tmp_path)}
+    [node] = build_launch(job_id="j-1", attempt=1, kind="TrainJob", spec={"workload": "volo"},
+                          paths=paths, plan=Plan(1, 8, 1, (NodeSlice("a", (0,)),)),
+                          home=Path("/var/lib/fleet"))
+    [r] = node.ranks
+    assert r.env["FLEET_CHECKPOINT_DIR"] == "/mnt/checkpoints/j-1"
+    assert r.argv[r.argv.index("--ckpt_save_dir") + 1] == "/mnt/checkpoints/j-1"
+    assert r.env["FLEET_COMPILE_CACHE_STORE"] == "/mnt/checkpoints/.compile-cache"
+    # a checkpoint.dir in the spec still wins
+    [node] = build_launch(job_id="j-1", attempt=1, kind="TrainJob", spec={"workload": "volo"},
+                          paths=dict(paths, ckpt_dir="/mine"), plan=Plan(1, 8, 1, (
+                              NodeSlice("a", (0,)),)), home=Path("/var/lib/fleet"))
+    assert node.ranks[0].env["FLEET_CHECKPOINT_DIR"] == "/mine"

@@ -434,6 +434,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             grad_accum=lay.grad_accum, global_batch=lay.global_batch, resumed_step=start,
             total_steps=plan.total_steps, stop_step=plan.stop_step,
             compile_cache=cache.status if cache else "off",
+            compile_cache_from=cache.source if cache else "none",
             init_seconds={k: round(v, 3) for k, v in init.items()})
     log(f"rank {rank}/{world_size}: G={lay.global_batch} = {world_size} x {lay.micro_batch} x "
         f"{lay.grad_accum}, {plan.steps_per_epoch} steps/epoch, steps {start}->{plan.stop_step}")
