@@ -72,3 +72,18 @@ def test_optimizer_sees_each_steps_lr(tmp_path):
     after = snapshot()
     assert np.abs(after - before).max() > 1e-4
     assert float(tr.opt.learning_rate.asnumpy()) == pytest.approx(1e-3)
+
+
+def test_input_pipeline_segments_span_epochs_but_stop_at_validation():
+    from workloads.volo.train import SEGMENT_STEPS, segment_end
+
+    # no validation: a 10-step epoch no longer costs a pipeline each; capped, and at the stop
+    assert segment_end(0, 10, 10**6, None) == SEGMENT_STEPS
+    assert segment_end(995, 10, 1200, None) == 1200
+    # a huge epoch is one pipeline
+    assert segment_end(7, 5000, 10**6, None) == 5007
+    # validation every 2 epochs of 10 steps: end at steps 20, 40, ... wherever we start
+    assert segment_end(0, 10, 10**6, 2) == 20
+    assert segment_end(13, 10, 10**6, 2) == 20
+    assert segment_end(20, 10, 10**6, 2) == 40
+    assert segment_end(0, 10, 15, 1) == 10 and segment_end(10, 10, 15, 1) == 15
