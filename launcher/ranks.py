@@ -93,6 +93,8 @@ def compile_cache_store(home: Path, environ: Mapping[str, str] | None = None) ->
     """The compile cache that jobs share (workloads/volo/compile_cache.py), next to the
     checkpoints so that every pod sees it; a dot name cannot clash with a DNS-1123 job name."""
     environ = os.environ if environ is None else environ
+    if environ.get("FLEET_COMPILE_CACHE_STORE"):
+        return Path(environ["FLEET_COMPILE_CACHE_STORE"])
     root = environ.get(CHECKPOINT_ROOT_ENV)
     return Path(root) / ".compile-cache" if root else home / "compile-cache"
 

@@ -117,7 +117,8 @@ class Batch(_Model):
 
 
 class Checkpoint(_Model):
-    dir: str | None = Field(None, description="default: <fleet home>/jobs/<job>/checkpoints")
+    dir: str | None = Field(None, description="default: $FLEET_CHECKPOINT_ROOT/<job> when set "
+                            "(Kubernetes), else <fleet home>/jobs/<job>/checkpoints")
     everySteps: int | None = Field(None, ge=1, description="checkpoint every N optimizer steps")
     keep: int = Field(3, ge=1, description="keep the newest K (plus best)")
 

@@ -182,6 +182,11 @@ def test_checkpoints_default_to_the_volume_every_pod_mounts(tmp_path, monkeypatc
     assert r.env["FLEET_CHECKPOINT_DIR"] == "/mnt/checkpoints/j-1"
     assert r.argv[r.argv.index("--ckpt_save_dir") + 1] == "/mnt/checkpoints/j-1"
     assert r.env["FLEET_COMPILE_CACHE_STORE"] == "/mnt/checkpoints/.compile-cache"
+    monkeypatch.setenv("FLEET_COMPILE_CACHE_STORE", "/fast/graphs")  # the operator's choice
+    [node] = build_launch(job_id="j-1", attempt=1, kind="TrainJob", spec={"workload": "volo"},
+                          paths=paths, plan=Plan(1, 8, 1, (NodeSlice("a", (0,)),)),
+                          home=Path("/var/lib/fleet"))
+    assert node.ranks[0].env["FLEET_COMPILE_CACHE_STORE"] == "/fast/graphs"
     # a checkpoint.dir in the spec still wins
     [node] = build_launch(job_id="j-1", attempt=1, kind="TrainJob", spec={"workload": "volo"},
                           paths=dict(paths, ckpt_dir="/mine"), plan=Plan(1, 8, 1, (
