@@ -22,8 +22,12 @@ heartbeat files are split into:
               graphs from the job's compile cache instead: compile_cache lists each
               attempt's hit|miss|off, see workloads/volo/compile_cache.py)
   lost_steps  steps run after the last checkpoint before a fault (redone)
-  other       the rest: gaps between steps (data pipeline per epoch, checkpoint saves,
-              heartbeats) and the step in flight when a fault hit
+  ckpt_gaps   rank 0's time between a step that checkpoints and the next step (the
+              save's stall: waiting for the device, copying parameters to the writer)
+  step_gaps   rank 0's time between other consecutive steps (heartbeats, a new input
+              pipeline, validation)
+  in_flight   the last step's end -> the fault (the step the fault cut short)
+  other       the rest (should be ~0: time outside every attempt and the above)
 
 --warm-cache first runs the same recipe as another job until its graphs are in the fleet's
 shared compile cache (workloads/volo/compile_cache.py), then cancels it: the timed job is a
@@ -73,7 +77,8 @@ def job_doc(workload: str, ckpt_every: int, name: str = "goodput") -> dict:
     }
 
 
-def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[float]) -> dict:
+def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[float],
+            ckpt_every: int = 0) -> dict:
     from faults_harness import lineage
 
     st = fleet.status(job_id)
@@ -82,8 +87,8 @@ def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[floa
     all_steps = [e for evs in lin.attempts for e in evs if e.get("event") == "step"]
     median = statistics.median(e["step_seconds"] for e in all_steps) if all_steps else 0.0
     firsts = set()
-    b = dict.fromkeys(("queue", "detect", "reschedule", "rank_init", "compile", "lost_steps"),
-                      0.0)
+    b = dict.fromkeys(("queue", "detect", "reschedule", "rank_init", "compile", "lost_steps",
+                       "ckpt_gaps", "step_gaps", "in_flight"), 0.0)
     prev_end = None
     for a, evs in zip(atts, lin.attempts, strict=False):
         steps = [e for e in evs if e.get("event") == "step"]
@@ -100,6 +105,13 @@ def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[floa
         fault = next((t for t in faults if a["started"] <= t <= end), None)
         if fault is not None and a["ended"]:
             b["detect"] += a["ended"] - fault
+        for prev, cur in zip(steps, steps[1:], strict=False):
+            gap = max(0.0, (cur["ts"] - cur["step_seconds"]) - prev["ts"])
+            saved = ckpt_every and prev["step"] % ckpt_every == 0
+            b["ckpt_gaps" if saved else "step_gaps"] += gap
+        if steps:
+            cut = fault if fault is not None and a["ended"] else min(end, t_end)
+            b["in_flight"] += max(0.0, cut - steps[-1]["ts"])
         prev_end = min(end, t_end)
     committed_ids = {(e["attempt"], e["step"]) for e in lin.committed.values()}
     useful = 0.0
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     next_fault += args.fault_every
             t_end = time.time()
             f.call("cancel", j)
-            res = account(f, j, t_submit, t_end, faults)
+            res = account(f, j, t_submit, t_end, faults, args.ckpt_every)
         finally:
             f.close()
     res.update(workload=args.workload, duration=args.duration, warm_cache=args.warm_cache,

@@ -86,6 +86,18 @@ class Runtime:
     checkpoint_ready: bool = False
 
 
+def failure_streak(previous: int, progress: dict) -> int:
+    """The backoff's exponent after a failed attempt: failed attempts in a row that saved no
+    checkpoint past the step they resumed from. A failure after a new checkpoint (a fault in a
+    run that was training well) starts again from the base delay, as Kubernetes forgets a
+    CrashLoopBackOff once a container has run a while; without this, a long run with a fault
+    every few minutes waited 0.2, 0.4, 0.8, 1.6, 3.2 s... (measured: 6 of the 7.6 s of
+    'reschedule' in a 30-minute goodput run with 5 faults)."""
+    saved = progress.get("checkpoint_ok") and \
+        (progress.get("checkpoint_step") or 0) > (progress.get("resumed_step") or 0)
+    return 1 if saved else previous + 1
+
+
 def backoff_seconds(policy: dict, restarts: int) -> float:
     base = float(policy.get("backoffSeconds", 2.0))
     cap = float(policy.get("maxBackoffSeconds", 60.0))
@@ -182,6 +194,8 @@ class Controller(JobQueries):
         self.runtimes: dict[str, Runtime] = {}
         self.suspect_nodes: dict[str, float] = {}  # node id -> until when to avoid it
         self._wait_msgs: dict[str, str] = {}
+        # job -> failure_streak(); in memory: a restarted controller starts from the base delay
+        self._failure_streaks: dict[str, int] = {}
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -698,6 +712,7 @@ class Controller(JobQueries):
         self.runtimes.pop(job_id, None)
         self._teardown(rt)
         self.store.end_attempt(job_id, rt.attempt, "succeeded")
+        self._failure_streaks.pop(job_id, None)
         fields = {"result": result} if result else {}
         msg = "finished"
         if result and "top1" in result:
@@ -716,14 +731,18 @@ class Controller(JobQueries):
             return
         policy = job.spec.get("restart") or {}
         max_restarts = int(policy.get("maxRestarts", 3))
+        streak = failure_streak(self._failure_streaks.get(job_id, 0), rt.progress)
+        self._failure_streaks[job_id] = streak
         if retry and job.restarts < max_restarts:
             n = job.restarts + 1
-            delay = backoff_seconds(policy, n)
+            delay = backoff_seconds(policy, streak)
+            in_a_row = f", {streak} failures in a row without a new checkpoint" if streak > 1 else ""
             self.store.set_state(job_id, S.RESTARTING,
                                  f"attempt {rt.attempt} failed: {reason}; restart {n}/"
-                                 f"{max_restarts} in {delay:.1f}s",
+                                 f"{max_restarts} in {delay:.1f}s{in_a_row}",
                                  restarts=n, not_before=time.time() + delay)
         else:
+            self._failure_streaks.pop(job_id, None)
             history = "; ".join(f"#{a.n} {a.status}: {a.reason}"
                                 for a in self.store.attempts(job_id))
             why = "" if retry else " (not retryable: configuration or recipe error)"

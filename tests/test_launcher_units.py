@@ -192,3 +192,22 @@ def test_checkpoints_default_to_the_volume_every_pod_mounts(tmp_path, monkeypatc
                           paths=dict(paths, ckpt_dir="/mine"), plan=Plan(1, 8, 1, (
                               NodeSlice("a", (0,)),)), home=Path("/var/lib/fleet"))
     assert node.ranks[0].env["FLEET_CHECKPOINT_DIR"] == "/mine"
+
+
+def test_backoff_grows_only_while_attempts_fail_without_a_new_checkpoint(monkeypatch):
+    from launcher import controller as ctl
+
+    monkeypatch.setattr(ctl.random, "random", lambda: 0.0)  # no jitter
+    policy = {"backoffSeconds": 2.0, "maxBackoffSeconds": 10.0}
+    crashed = {"resumed_step": 40, "checkpoint_step": 40, "checkpoint_ok": True}
+    streak, delays = 0, []
+    for _ in range(4):  # dies before saving anything new: crash loop, 2, 4, 8, 10 (cap)
+        streak = ctl.failure_streak(streak, crashed)
+        delays.append(ctl.backoff_seconds(policy, streak))
+    assert delays == [2.0, 4.0, 8.0, 10.0]
+    # an attempt that saved step 50 after resuming from 40 was healthy: back to the base
+    healthy = {"resumed_step": 40, "checkpoint_step": 50, "checkpoint_ok": True}
+    assert ctl.failure_streak(streak, healthy) == 1
+    # a failed save is no progress; nor is an attempt that died before its start heartbeat
+    assert ctl.failure_streak(1, dict(healthy, checkpoint_ok=False)) == 2
+    assert ctl.failure_streak(2, {}) == 3
