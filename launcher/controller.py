@@ -828,6 +828,7 @@ class Controller(JobQueries):
         if job is None or job.state in TERMINAL:
             return
         rt = self.runtimes.pop(job_id, None)
+        self._failure_streaks.pop(job_id, None)
         if rt is not None:
             self._teardown(rt)
             self.store.end_attempt(job_id, rt.attempt, "cancelled", reason)

@@ -76,6 +76,7 @@ def attempt_dir(home: Path, job_id: str, attempt: int) -> Path:
 
 
 CHECKPOINT_ROOT_ENV = "FLEET_CHECKPOINT_ROOT"
+COMPILE_CACHE_STORE_ENV = "FLEET_COMPILE_CACHE_STORE"  # read by workloads/volo/compile_cache.py
 
 
 def default_ckpt_dir(home: Path, job_id: str, environ: Mapping[str, str] | None = None) -> Path:
@@ -93,8 +94,8 @@ def compile_cache_store(home: Path, environ: Mapping[str, str] | None = None) ->
     """The compile cache that jobs share (workloads/volo/compile_cache.py), next to the
     checkpoints so that every pod sees it; a dot name cannot clash with a DNS-1123 job name."""
     environ = os.environ if environ is None else environ
-    if environ.get("FLEET_COMPILE_CACHE_STORE"):
-        return Path(environ["FLEET_COMPILE_CACHE_STORE"])
+    if environ.get(COMPILE_CACHE_STORE_ENV):
+        return Path(environ[COMPILE_CACHE_STORE_ENV])
     root = environ.get(CHECKPOINT_ROOT_ENV)
     return Path(root) / ".compile-cache" if root else home / "compile-cache"
 
@@ -153,7 +154,7 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
             argv += ["--keep_checkpoint_max", str(ck["keep"])]
         argv += override_flags(overrides)
         base_env.update({"FLEET_CHECKPOINT_DIR": ckpt_dir, "FLEET_GLOBAL_BATCH": str(g),
-                         "FLEET_COMPILE_CACHE_STORE": str(compile_cache_store(home)),
+                         COMPILE_CACHE_STORE_ENV: str(compile_cache_store(home)),
                          "FLEET_MICRO_BATCH": str(plan.micro_batch),
                          "FLEET_GRAD_ACCUM": str(plan.grad_accum)})
     elif kind == "ValidateJob":

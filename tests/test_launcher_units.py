@@ -175,23 +175,22 @@ def test_checkpoints_default_to_the_volume_every_pod_mounts(tmp_path, monkeypatc
     compile cache must go where worker pods write too (FLEET_CHECKPOINT_ROOT, k8s/base)."""
     monkeypatch.setenv("FLEET_CHECKPOINT_ROOT", "/mnt/checkpoints")
     paths = {"config": "/c.yaml", "data_dir": "/data", "workdir": str(tmp_path)}
-    [node] = build_launch(job_id="j-1", attempt=1, kind="TrainJob", spec={"workload": "volo"},
-                          paths=paths, plan=Plan(1, 8, 1, (NodeSlice("a", (0,)),)),
-                          home=Path("/var/lib/fleet"))
-    [r] = node.ranks
+
+    def rank_of(**extra_paths: str) -> RankSpec:
+        [node] = build_launch(job_id="j-1", attempt=1, kind="TrainJob", spec={"workload": "volo"},
+                              paths=dict(paths, **extra_paths), home=Path("/var/lib/fleet"),
+                              plan=Plan(1, 8, 1, (NodeSlice("a", (0,)),)))
+        [r] = node.ranks
+        return r
+
+    r = rank_of()
     assert r.env["FLEET_CHECKPOINT_DIR"] == "/mnt/checkpoints/j-1"
     assert r.argv[r.argv.index("--ckpt_save_dir") + 1] == "/mnt/checkpoints/j-1"
     assert r.env["FLEET_COMPILE_CACHE_STORE"] == "/mnt/checkpoints/.compile-cache"
     monkeypatch.setenv("FLEET_COMPILE_CACHE_STORE", "/fast/graphs")  # the operator's choice
-    [node] = build_launch(job_id="j-1", attempt=1, kind="TrainJob", spec={"workload": "volo"},
-                          paths=paths, plan=Plan(1, 8, 1, (NodeSlice("a", (0,)),)),
-                          home=Path("/var/lib/fleet"))
-    assert node.ranks[0].env["FLEET_COMPILE_CACHE_STORE"] == "/fast/graphs"
+    assert rank_of().env["FLEET_COMPILE_CACHE_STORE"] == "/fast/graphs"
     # a checkpoint.dir in the spec still wins
-    [node] = build_launch(job_id="j-1", attempt=1, kind="TrainJob", spec={"workload": "volo"},
-                          paths=dict(paths, ckpt_dir="/mine"), plan=Plan(1, 8, 1, (
-                              NodeSlice("a", (0,)),)), home=Path("/var/lib/fleet"))
-    assert node.ranks[0].env["FLEET_CHECKPOINT_DIR"] == "/mine"
+    assert rank_of(ckpt_dir="/mine").env["FLEET_CHECKPOINT_DIR"] == "/mine"
 
 
 def test_backoff_grows_only_while_attempts_fail_without_a_new_checkpoint(monkeypatch):

@@ -32,8 +32,9 @@ the first cached compile dies on ``FileNotFoundError: .../-m``; that record is p
 train.py here, before any compile.
 
 Shared store (``FLEET_COMPILE_CACHE_STORE``, set by the launcher to a directory every pod
-mounts): the first rank of any job to complete a key's graphs publishes a copy there, and a
-rank whose own job has none for its key starts from that copy. A second submission of the same
+mounts): rank 0 of the first job to complete a key's graphs publishes a copy there, and a
+rank (any rank: the graphs are the same) whose own job has none for its key starts from that
+copy. A second submission of the same
 recipe (a rerun, a clone with another name, a workflow's next step on the same graphs) then
 skips the first compile, which is the largest single loss of a job's goodput (12 s for the
 tiny recipe on CPU, minutes for VOLO-D5 on Ascend). Entries are published whole: copied into a
