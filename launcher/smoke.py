@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step_seconds", type=float, default=0.2)
     ap.add_argument("--fail_at_step", type=int, default=0,
                     help="exit 17 at this step on the first attempt (restart tests)")
+    ap.add_argument("--fail_at_steps", default="",
+                    help="comma list: attempt k exits 17 at the k-th step listed, 0 for none "
+                         "(crash-loop and backoff tests)")
     ap.add_argument("--ckpt_save_dir", default="")
     ap.add_argument("--ckpt_path", default="", help="validate/export stand-in: input")
     ap.add_argument("--out", default="", help="export stand-in: output file")
@@ -127,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     _hb(hb, event="start", world_size=layout.world_size, micro_batch=layout.micro_batch,
         grad_accum=layout.grad_accum, global_batch=g, resumed_step=start,
         total_steps=args.max_steps)
+    fail_plan = [int(x) for x in args.fail_at_steps.split(",") if x.strip()]
+    fail_at = fail_plan[attempt - 1] if attempt <= len(fail_plan) else 0
+    if attempt == 1 and args.fail_at_step:
+        fail_at = args.fail_at_step
     for step in range(start + 1, args.max_steps + 1):
         t0 = time.time()
         time.sleep(args.step_seconds)
-        if args.fail_at_step and step == args.fail_at_step and attempt == 1:
+        if fail_at and step == fail_at:
             print(f"smoke: injected failure at step {step}", flush=True)
             return 17
         dt = time.time() - t0

@@ -203,6 +203,29 @@ def test_restart_resumes_from_checkpoint(fleet):
     assert start["event"] == "start" and start["resumed_step"] == 2
 
 
+def test_backoff_restarts_from_its_base_after_an_attempt_that_checkpointed(fleet):
+    """Attempt 1 dies at step 1 (nothing saved), attempt 2 checkpoints steps 1-2 and dies at
+    3, attempt 3 dies at once: the delays are base, base (not 2x: attempt 2 was healthy),
+    then 2x base with the crash loop named; attempt 4 finishes."""
+    import re
+
+    f = fleet
+    doc = train_doc("backoff", 1, 4, step_s=0.1, max_restarts=3)
+    doc["spec"]["overrides"]["fail_at_steps"] = "1,3,3"
+    j = submit(f, doc)["id"]
+    st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="backoff done")
+    assert st["state"] == "SUCCEEDED", st["message"]
+    assert [a["status"] for a in st["attempts"]] == ["failed"] * 3 + ["succeeded"]
+    restarts = [e["message"] for e in st["events"]
+                if e["kind"] == "state" and e.get("state") == "RESTARTING"]
+    delays = [float(re.search(r"restart \d/3 in ([\d.]+)s", m).group(1)) for m in restarts]
+    assert len(delays) == 3, restarts
+    # backoffSeconds 0.2 with up to 25 % jitter; printed to 0.1 s
+    assert delays[0] <= 0.3 and delays[1] <= 0.3 and 0.4 <= delays[2] <= 0.5, restarts
+    assert "in a row" not in restarts[1]
+    assert "2 failures in a row without a new checkpoint" in restarts[2]
+
+
 def test_hung_rank_is_restarted_by_the_watchdog(fleet):
     import signal
 
