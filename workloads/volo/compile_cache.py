@@ -131,16 +131,17 @@ def cache_key(plan: Any) -> str:
 
 
 def _point_entry_script() -> bool:
-    """Give MindSpore a real entry script to hash; False if this MindSpore has no such record."""
+    """Give MindSpore the train loop as the entry script to hash; False if this MindSpore has
+    no such record. Always the train loop: MindSpore records sys.argv[0] when it is imported,
+    which is launcher/standby.py in a rank that started from a standby process (its graphs
+    would never match: measured 11 s first steps on a "hit")."""
     try:
         from mindspore.graph import api
     except ImportError:
         return False
     if not hasattr(api, "entry_script_path"):
         return False
-    path = api.entry_script_path
-    if path is None or not os.path.isfile(path):
-        api.entry_script_path = str(_ENTRY)
+    api.entry_script_path = str(_ENTRY)
     return True
 
 
