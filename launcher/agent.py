@@ -8,7 +8,10 @@ without Ray) that the controller wraps with `ray.remote`. It
 * watches them itself and tears the whole group down at the first failed exit
   (MindSpore takes ~30-60 s to notice a dead peer - far too slow),
 * tails the per-rank heartbeat files and hands new events to the controller,
-* serves log chunks for `fleet logs`.
+* serves log chunks for `fleet logs`,
+* when the controller restarts a job in place, starts the next attempt's ranks on the same
+  devices, from standby processes that imported the workload while the last attempt
+  trained (launcher/standby.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.ranks import RankSpec
+from launcher.standby import module_of, standby_argv, standby_key
 
 PR_SET_PDEATHSIG = 1
 MAX_EVENTS_PER_POLL = 2000
@@ -71,10 +75,20 @@ class _Tail:
 
 
 class NodeAgent:
-    def __init__(self, job_id: str, attempt: int, index: int):
+    def __init__(self, job_id: str, attempt: int, index: int, standby: bool = False):
         self.job_id = job_id
         self.attempt = attempt
         self.index = index
+        # standby processes, spawned once the attempt's first step is done (they would
+        # compete with the ranks' own imports and compile before that)
+        self.standby = standby
+        # (key, label of the rank it was spawned from, process)
+        self._standbys: list[tuple[str, str, subprocess.Popen]] = []
+        self._lock = threading.RLock()
+        self._generation = 0  # one per attempt: an old monitor thread must not watch a new one
+        self._reset()
+
+    def _reset(self) -> None:
         self._ranks: list[RankSpec] = []
         self._procs: dict[str, subprocess.Popen] = {}
         self._exits: dict[str, int] = {}
@@ -84,10 +98,10 @@ class NodeAgent:
         self._status = "idle"
         self._reason = ""
         self._exit_code: int | None = None
-        self._lock = threading.RLock()
         self._monitor: threading.Thread | None = None
         self._stopping = False
         self._started_at = 0.0
+        self._standby_spawned = False
 
     # -- info --------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -109,12 +123,20 @@ class NodeAgent:
             return s.getsockname()[1]
 
     # -- processes ---------------------------------------------------------
-    def start(self, ranks: list[dict]) -> dict[str, Any]:
+    def start(self, ranks: list[dict], attempt: int | None = None) -> dict[str, Any]:
+        """Start the ranks of this agent's attempt, or of a later `attempt` on the same
+        devices once the previous one has ended (a restart in place)."""
         with self._lock:
             if self._procs:
-                return {"status": self._status, "already": True}
+                if attempt is None or attempt == self.attempt or self._status == "running":
+                    return {"status": self._status, "already": True}
+                self._kill_all(grace=0)
+                self._reset()
+                self.attempt = attempt
             self._ranks = [RankSpec.from_dict(r) for r in ranks]
             self._started_at = time.time()
+            self._generation += 1
+            from_standby: list[str] = []
             for r in self._ranks:
                 Path(r.log).parent.mkdir(parents=True, exist_ok=True)
                 if r.heartbeat:
@@ -126,29 +148,95 @@ class NodeAgent:
                 env.update(r.env)
                 # lets a rank report how long its interpreter start and imports took
                 env["FLEET_SPAWN_TS"] = repr(time.time())
-                logf = open(r.log, "ab")  # noqa: SIM115 - handed to the child
-                try:
-                    p = subprocess.Popen(  # noqa: S603 - argv list, no shell
-                        r.argv, env=env, cwd=r.cwd or None, stdout=logf,
-                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                        start_new_session=True, preexec_fn=_die_with_parent)
-                except OSError as e:
-                    logf.close()
-                    self._status, self._reason = "failed", f"{r.label}: cannot start: {e}"
-                    self._kill_all(grace=0)
-                    return {"status": self._status, "reason": self._reason}
-                logf.close()
+                p = self._take_standby(r, env)
+                if p is not None:
+                    from_standby.append(r.label)
+                else:
+                    try:
+                        p = self._spawn(r.argv, env, r.cwd, r.log, stdin=subprocess.DEVNULL)
+                    except OSError as e:
+                        self._status, self._reason = "failed", f"{r.label}: cannot start: {e}"
+                        self._kill_all(grace=0)
+                        return {"status": self._status, "reason": self._reason}
                 self._procs[r.label] = p
+            self._release_standbys()  # what is left matches no rank of this attempt
             self._status = "running"
-            self._monitor = threading.Thread(target=self._watch, daemon=True,
-                                             name=f"agent-{self.job_id}")
+            self._monitor = threading.Thread(target=self._watch, args=(self._generation,),
+                                             daemon=True, name=f"agent-{self.job_id}")
             self._monitor.start()
-        return {"status": "running", "pids": {k: p.pid for k, p in self._procs.items()}}
+        return {"status": "running", "pids": {k: p.pid for k, p in self._procs.items()},
+                "from_standby": from_standby}
 
-    def _watch(self) -> None:
+    @staticmethod
+    def _spawn(argv: list[str], env: dict[str, str], cwd: str | None, log: str,
+               stdin: int) -> subprocess.Popen:
+        logf = open(log, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            return subprocess.Popen(  # noqa: S603 - argv list, no shell
+                argv, env=env, cwd=cwd or None, stdout=logf, stderr=subprocess.STDOUT,
+                stdin=stdin, start_new_session=True, preexec_fn=_die_with_parent)
+        finally:
+            logf.close()
+
+    # -- standbys ------------------------------------------------------------
+    def _take_standby(self, r: RankSpec, env: dict[str, str]) -> subprocess.Popen | None:
+        """A live standby for rank `r`, already told to become it; None to start cold.
+        One spawned from the same rank comes first: /proc/PID/environ keeps showing the
+        environment a process started with, so that one shows the right RANK_ID."""
+        key = standby_key(r.argv, r.env, r.cwd)
+        fits = [(lb != r.label, i) for i, (k, lb, p) in enumerate(self._standbys)
+                if k == key and p.poll() is None]
+        if not fits:
+            return None
+        p = self._standbys.pop(min(fits)[1])[2]
+        launch = {"argv": r.argv, "env": env, "cwd": r.cwd, "log": r.log}
+        try:
+            assert p.stdin is not None
+            p.stdin.write((json.dumps(launch) + "\n").encode())
+            p.stdin.close()
+        except OSError:  # it died between poll() and the write
+            self._kill_standby(p)
+            return None
+        return p
+
+    def _spawn_standbys(self) -> None:
+        """One standby per rank of this attempt, for the next restart in place. Runs on the
+        caller's thread: PDEATHSIG fires when the spawning *thread* ends, and the actor's
+        request threads live as long as the actor."""
+        self._standby_spawned = True
+        for r in self._ranks:
+            if module_of(r.argv) is None:
+                continue
+            env = dict(os.environ)
+            env.update(r.env)
+            log = str(Path(r.log).with_suffix(".standby.log"))
+            try:
+                p = self._spawn(standby_argv(r.argv), env, r.cwd, log, stdin=subprocess.PIPE)
+            except OSError:
+                continue  # the next restart starts this rank cold
+            self._standbys.append((standby_key(r.argv, r.env, r.cwd), r.label, p))
+
+    @staticmethod
+    def _kill_standby(p: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=5)
+
+    def _release_standbys(self) -> None:
+        standbys, self._standbys = self._standbys, []
+        for _, _, p in standbys:
+            self._kill_standby(p)
+
+    def standbys(self) -> list[int]:
+        """PIDs of the live standbys (for tests and `fleet status` debugging)."""
+        with self._lock:
+            return [p.pid for _, _, p in self._standbys if p.poll() is None]
+
+    def _watch(self, generation: int) -> None:
         while True:
             with self._lock:
-                if self._status != "running":
+                if self._status != "running" or self._generation != generation:
                     return
                 failed = None
                 for label, p in self._procs.items():
@@ -191,12 +279,16 @@ class NodeAgent:
                     p.wait(timeout=5)
             self._exits.setdefault(k, p.returncode if p.returncode is not None else -9)
 
-    def stop(self, grace: float = 5.0, reason: str = "stopped") -> dict[str, Any]:
+    def stop(self, grace: float = 5.0, reason: str = "stopped",
+             keep_standbys: bool = False) -> dict[str, Any]:
+        """Stop the ranks; the standbys too unless a restart in place follows."""
         with self._lock:
             self._stopping = True
             if self._status == "running":
                 self._status, self._reason = "stopped", reason
             self._kill_all(grace)
+            if not keep_standbys:
+                self._release_standbys()
         return self.poll()
 
     # -- monitoring --------------------------------------------------------
@@ -208,6 +300,9 @@ class NodeAgent:
                 if new:
                     self._last_hb[label] = time.time()
                 events += new
+            if (self.standby and not self._standby_spawned and self._status == "running"
+                    and any(e.get("event") == "step" for e in events)):
+                self._spawn_standbys()
             if len(events) > MAX_EVENTS_PER_POLL:
                 # Keep every non-step event and the newest step events.
                 keep = [e for e in events if e.get("event") != "step"]

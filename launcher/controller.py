@@ -54,12 +54,39 @@ NON_RETRYABLE_EXIT_CODES = frozenset({2, 3})
 S = JobState
 
 
-def agent_name(job_id: str, attempt: int, index: int) -> str:
-    return f"fleet-agent-{job_id}-a{attempt}-{index}"
+def agent_name(placement: str, index: int) -> str:
+    """Agents are named after their placement group: a restart in place keeps both."""
+    return f"{placement.replace('fleet-pg-', 'fleet-agent-', 1)}-{index}"
 
 
 def pg_name(job_id: str, attempt: int | str) -> str:
     return f"fleet-pg-{job_id}-a{attempt}"
+
+
+@dataclass
+class HeldPlacement:
+    """A failed attempt's placement group and agents, kept for a restart in place."""
+
+    plan: Plan
+    pg: Any
+    pg_name: str
+    agents: list
+
+
+class RestartInPlace:
+    """Whether a failed attempt's ranks restart on the devices they had.
+
+    A rank that exited or hung on a healthy node says nothing against its devices, and
+    keeping them skips the placement group, the agents and (with standbys) the imports
+    (bench/recovery.py). A rank that keeps failing with no new checkpoint may have a bad
+    device: after `max_streak` such failures in a row the job is planned afresh, like
+    MindCluster's move from process-level to pod-level rescheduling."""
+
+    def __init__(self, max_streak: int = 2):
+        self.max_streak = max_streak
+
+    def keep(self, policy: dict, streak: int) -> bool:
+        return bool(policy.get("inPlace", True)) and streak <= self.max_streak
 
 
 @dataclass
@@ -69,6 +96,7 @@ class Runtime:
     job_id: str
     attempt: int
     plan: Plan
+    pg_name: str = ""
     pg: Any = None
     agents: list = field(default_factory=list)
     launched: bool = False
@@ -196,6 +224,8 @@ class Controller(JobQueries):
         self._wait_msgs: dict[str, str] = {}
         # job -> failure_streak(); in memory: a restarted controller starts from the base delay
         self._failure_streaks: dict[str, int] = {}
+        self.restart_placement = RestartInPlace()
+        self._held: dict[str, HeldPlacement] = {}  # RESTARTING jobs that keep their devices
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -404,6 +434,11 @@ class Controller(JobQueries):
                 if s.chips and s.node in nodes:
                     with contextlib.suppress(ValueError):
                         pool.take([s])
+        for held in self._held.values():
+            for s in held.plan.slices:
+                if s.chips and s.node in nodes:
+                    with contextlib.suppress(ValueError):
+                        pool.take([s])
         return pool
 
     # ---------------------------------------------------------------- schedule
@@ -411,7 +446,7 @@ class Controller(JobQueries):
         out = []
         done_steps: dict[str, dict[str, JobState]] = {}
         for j in self.store.jobs({S.PENDING, S.RESTARTING, S.RESIZING}):
-            if j.kind == "Workflow" or j.id in self.runtimes:
+            if j.kind == "Workflow" or j.id in self.runtimes or j.id in self._held:
                 continue
             if j.parent:
                 sib = done_steps.get(j.parent)
@@ -440,7 +475,35 @@ class Controller(JobQueries):
         res = specmod.Resources.model_validate(j.spec.get("resources") or {})
         return res.topology()
 
+    def _restart_held(self) -> None:
+        """Restart in place the jobs whose backoff is over; a placement on a node that is
+        gone (or suspect) is released and the job planned like any other."""
+        if not self._held:
+            return
+        now = time.time()
+        with self.lock:
+            nodes = self._cluster_nodes()
+            for job_id, held in list(self._held.items()):
+                job = self.store.get_job(job_id)
+                if job is None or job.state != S.RESTARTING:
+                    self._release_held(job_id)
+                    continue
+                if job.not_before > now:
+                    continue
+                if any(s.node not in nodes for s in held.plan.slices if s.chips):
+                    self._release_held(job_id)
+                    continue
+                del self._held[job_id]
+                self._begin_attempt(job_id, held.plan, held)
+
+    def _release_held(self, job_id: str) -> None:
+        held = self._held.pop(job_id, None)
+        if held is not None:
+            rt = Runtime(job_id, 0, held.plan, held.pg_name, held.pg, held.agents)
+            self._teardown(rt)
+
     def _schedule(self) -> None:
+        self._restart_held()
         with self.lock:
             queue = self._queued()
             if not queue:
@@ -471,7 +534,8 @@ class Controller(JobQueries):
             self._wait_msgs[qj.id] = msg
             self.store.update_job(qj.id, message=msg)
 
-    def _begin_attempt(self, job_id: str, plan: Plan) -> None:
+    def _begin_attempt(self, job_id: str, plan: Plan,
+                       held: HeldPlacement | None = None) -> None:
         job = self.store.get_job(job_id)
         if job.kind in ("ValidateJob", "ExportJob") and job.parent:
             err = self._resolve_step_checkpoint(job)
@@ -479,17 +543,20 @@ class Controller(JobQueries):
                 self.store.set_state(job_id, S.FAILED, err)
                 return
             job = self.store.get_job(job_id)
-        att = self.store.add_attempt(job_id, plan.to_dict(), pg_name(job_id, "{n}"))
+        att = self.store.add_attempt(job_id, plan.to_dict(),
+                                     held.pg_name if held else pg_name(job_id, "{n}"))
         name = att.pg_name
+        where = "in place, on the same devices" if held else f"on {len(plan.slices)} node(s)"
         self.store.set_state(job_id, S.SCHEDULING,
-                             f"attempt {att.n}: {plan.devices} devices on "
-                             f"{len(plan.slices)} node(s)")
-        rt = Runtime(job_id, att.n, plan)
+                             f"attempt {att.n}: {plan.devices} devices {where}")
+        rt = Runtime(job_id, att.n, plan, name)
+        if held is not None:
+            rt.pg, rt.agents = held.pg, held.agents
         self.runtimes[job_id] = rt
         if job.parent:
             self._parent_running(job.parent)
-        threading.Thread(target=self._start_attempt, args=(job, rt, name), daemon=True,
-                         name=f"start-{job_id}").start()
+        threading.Thread(target=self._start_attempt, args=(job, rt, name, held is not None),
+                         daemon=True, name=f"start-{job_id}").start()
 
     def _resolve_step_checkpoint(self, job: JobRow) -> str | None:
         ref = job.spec.get("checkpoint") or {}
@@ -517,40 +584,49 @@ class Controller(JobQueries):
             out.append(b)
         return out
 
-    def _start_attempt(self, job: JobRow, rt: Runtime, name: str) -> None:
-        """Runs on its own thread: placement group -> agents -> ranks."""
+    def _place(self, job: JobRow, rt: Runtime, name: str) -> None:
+        """A placement group for the attempt's plan and one agent per bundle."""
         import ray
         from ray.util import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from launcher.agent import NodeAgent
 
+        bundles = self._bundles(job, rt.plan)
+        selectors = [{"ray.io/node-id": s.node} for s in rt.plan.slices]
+        strategy = "STRICT_SPREAD" if len(bundles) > 1 else "PACK"
+        pg = placement_group(bundles, strategy=strategy, name=name, lifetime="detached",
+                             bundle_label_selector=selectors)
+        rt.pg = pg
+        with self.lock:
+            self.store.add_event(job.id, "placement_group", {"name": name, "bundles": bundles})
+        ready, _ = ray.wait([pg.ready()], timeout=PG_READY_TIMEOUT_S)
+        if not ready:
+            raise _Unplaceable(f"placement group not placed within {PG_READY_TIMEOUT_S:.0f}s")
+        policy = job.spec.get("restart") or {}
+        # standbys serve restarts in place of a training job only
+        standby = job.kind == "TrainJob" and bool(policy.get("inPlace", True)) and \
+            bool(policy.get("standby", True))
+        agent_cls = ray.remote(NodeAgent)
+        for i, b in enumerate(bundles):
+            opts: dict[str, Any] = dict(
+                name=agent_name(name, i), namespace=NAMESPACE,
+                lifetime="detached", num_cpus=b["CPU"], max_restarts=0,
+                max_concurrency=4,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
+            if "NPU" in b:
+                opts["resources"] = {"NPU": b["NPU"]}
+            rt.agents.append(agent_cls.options(**opts).remote(job.id, rt.attempt, i, standby))
+
+    def _start_attempt(self, job: JobRow, rt: Runtime, name: str, in_place: bool = False) -> None:
+        """Runs on its own thread: placement group -> agents -> ranks (in place: the
+        placement group and agents of the last attempt -> ranks)."""
+        import ray
+
         try:
-            bundles = self._bundles(job, rt.plan)
-            selectors = [{"ray.io/node-id": s.node} for s in rt.plan.slices]
-            strategy = "STRICT_SPREAD" if len(bundles) > 1 else "PACK"
-            pg = placement_group(bundles, strategy=strategy, name=name, lifetime="detached",
-                                 bundle_label_selector=selectors)
-            rt.pg = pg
-            with self.lock:
-                self.store.add_event(job.id, "placement_group", {"name": name,
-                                                                  "bundles": bundles})
-            ready, _ = ray.wait([pg.ready()], timeout=PG_READY_TIMEOUT_S)
-            if not ready:
-                raise _Unplaceable(f"placement group not placed within "
-                                   f"{PG_READY_TIMEOUT_S:.0f}s")
-            agent_cls = ray.remote(NodeAgent)
-            agents = []
-            for i, b in enumerate(bundles):
-                opts: dict[str, Any] = dict(
-                    name=agent_name(job.id, rt.attempt, i), namespace=NAMESPACE,
-                    lifetime="detached", num_cpus=b["CPU"], max_restarts=0,
-                    max_concurrency=4,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
-                if "NPU" in b:
-                    opts["resources"] = {"NPU": b["NPU"]}
-                agents.append(agent_cls.options(**opts).remote(job.id, rt.attempt, i))
-            rt.agents = agents
+            if not in_place:
+                self._place(job, rt, name)
+            agents = rt.agents
             infos = ray.get([a.info.remote() for a in agents], timeout=120)
             port = ray.get(agents[0].free_port.remote(), timeout=30)
             launches = build_launch(job_id=job.id, attempt=rt.attempt, kind=job.kind,
@@ -561,11 +637,12 @@ class Controller(JobQueries):
                 cur = self.store.get_job(job.id)
                 if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
-            res = ray.get([a.start.remote([r.to_dict() for r in nl.ranks])
+            res = ray.get([a.start.remote([r.to_dict() for r in nl.ranks], rt.attempt)
                            for a, nl in zip(agents, launches, strict=True)], timeout=120)
             bad = [r for r in res if r.get("status") == "failed"]
             if bad:
                 raise RuntimeError(bad[0].get("reason", "rank start failed"))
+            from_standby = sorted(lb for r in res for lb in r.get("from_standby", []))
             with self.lock:
                 cur = self.store.get_job(job.id)
                 if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
@@ -573,7 +650,8 @@ class Controller(JobQueries):
                 rt.launched = True
                 rt.started = rt.last_heartbeat = time.time()
                 self.store.add_event(job.id, "launched", {
-                    "attempt": rt.attempt, "agents": infos,
+                    "attempt": rt.attempt, "agents": infos, "in_place": in_place,
+                    "from_standby": from_standby,
                     "ranks": sum(len(nl.ranks) for nl in launches)})
                 self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running")
         except _Aborted:
@@ -641,7 +719,7 @@ class Controller(JobQueries):
                 if any(s == "failed" for s in statuses):
                     bad = next(r for r in results if r and r["status"] == "failed")
                     self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
-                        "exit_code") not in NON_RETRYABLE_EXIT_CODES)
+                        "exit_code") not in NON_RETRYABLE_EXIT_CODES, in_place=True)
                 elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
                     result = next((r["result"] for r in results if r and r.get("result")), None)
                     self._attempt_succeeded(job_id, rt, result)
@@ -655,7 +733,7 @@ class Controller(JobQueries):
                     if job.kind == "TrainJob" and stalled > hang:
                         self._attempt_failed(job_id, rt,
                                              f"heartbeat stalled for {stalled:.0f}s "
-                                             f"(hangTimeoutSeconds={hang:g})")
+                                             f"(hangTimeoutSeconds={hang:g})", in_place=True)
 
     def _absorb(self, rt: Runtime, r: dict) -> None:
         """Fold heartbeat events into the job's progress summary."""
@@ -721,25 +799,33 @@ class Controller(JobQueries):
         self._wake.set()
 
     def _attempt_failed(self, job_id: str, rt: Runtime, reason: str,
-                        retry: bool = True) -> None:
+                        retry: bool = True, in_place: bool = False) -> None:
+        """in_place: the agents are alive (a rank exited or hung), so the ranks may restart
+        on the same devices if the policy agrees."""
         self._flush_progress(rt, force=True)
         self.runtimes.pop(job_id, None)
-        self._teardown(rt)
-        self.store.end_attempt(job_id, rt.attempt, "failed", reason)
         job = self.store.get_job(job_id)
-        if job.state in TERMINAL:
-            return
         policy = job.spec.get("restart") or {}
         max_restarts = int(policy.get("maxRestarts", 3))
         streak = failure_streak(self._failure_streaks.get(job_id, 0), rt.progress)
+        restarts = retry and job.state not in TERMINAL and job.restarts < max_restarts
+        if not (restarts and in_place and self.restart_placement.keep(policy, streak)
+                and self._hold(rt)):
+            self._teardown(rt)
+        self.store.end_attempt(job_id, rt.attempt, "failed", reason)
+        job = self.store.get_job(job_id)
+        if job.state in TERMINAL:
+            self._release_held(job_id)
+            return
         self._failure_streaks[job_id] = streak
-        if retry and job.restarts < max_restarts:
+        if restarts:
             n = job.restarts + 1
             delay = backoff_seconds(policy, streak)
             in_a_row = f", {streak} failures in a row without a new checkpoint" if streak > 1 else ""
+            where = " in place" if job_id in self._held else ""
             self.store.set_state(job_id, S.RESTARTING,
                                  f"attempt {rt.attempt} failed: {reason}; restart {n}/"
-                                 f"{max_restarts} in {delay:.1f}s{in_a_row}",
+                                 f"{max_restarts}{where} in {delay:.1f}s{in_a_row}",
                                  restarts=n, not_before=time.time() + delay)
         else:
             self._failure_streaks.pop(job_id, None)
@@ -829,10 +915,27 @@ class Controller(JobQueries):
             return
         rt = self.runtimes.pop(job_id, None)
         self._failure_streaks.pop(job_id, None)
+        self._release_held(job_id)
         if rt is not None:
             self._teardown(rt)
             self.store.end_attempt(job_id, rt.attempt, "cancelled", reason)
         self.store.set_state(job_id, S.CANCELLED, reason)
+
+    def _hold(self, rt: Runtime) -> bool:
+        """Stop the ranks but keep the placement group, agents and standbys for a restart
+        in place; False (nothing kept) when an agent does not answer."""
+        import ray
+
+        if rt.pg is None or not rt.agents:
+            return False
+        try:
+            ray.get([a.stop.remote(3.0, "restarting in place", True) for a in rt.agents],
+                    timeout=15)
+        except Exception as e:  # noqa: BLE001 - any agent error means: start afresh
+            log.warning("job %s: no restart in place (%s)", rt.job_id, e)
+            return False
+        self._held[rt.job_id] = HeldPlacement(rt.plan, rt.pg, rt.pg_name, rt.agents)
+        return True
 
     def _teardown(self, rt: Runtime) -> None:
         """Stop ranks, kill agents, free the placement group. Best effort, bounded."""
@@ -853,7 +956,7 @@ class Controller(JobQueries):
             with contextlib.suppress(Exception):
                 remove_placement_group(rt.pg)
         else:
-            self._remove_pg_by_name(pg_name(rt.job_id, rt.attempt))
+            self._remove_pg_by_name(rt.pg_name or pg_name(rt.job_id, rt.attempt))
 
     @staticmethod
     def _remove_pg_by_name(name: str) -> None:
@@ -900,15 +1003,24 @@ class Controller(JobQueries):
         """Rebuild runtimes after a (re)start: reattach to live agents or restart."""
         import ray
 
+        for job in self.store.jobs({S.RESTARTING}):
+            # The old controller may have kept the job's devices for a restart in place;
+            # that is in memory only, so give them back and plan the job afresh.
+            atts = self.store.attempts(job.id)
+            if atts and atts[-1].ended is not None:
+                last = atts[-1]
+                n = len(Plan.from_dict(last.plan).slices)
+                self._teardown(Runtime(job.id, last.n, Plan.from_dict(last.plan), last.pg_name,
+                                       agents=self._find_agents(last.pg_name, n)))
         for job in self.store.jobs(set(HOLDS_DEVICES)):
             att = self.store.open_attempt(job.id)
             if att is None:
                 continue
             plan = Plan.from_dict(att.plan)
-            rt = Runtime(job.id, att.n, plan)
+            rt = Runtime(job.id, att.n, plan, att.pg_name)
             if job.state == S.SCHEDULING:
                 # The start thread died with the old controller: undo and requeue.
-                rt.agents = self._find_agents(job.id, att.n, len(plan.slices))
+                rt.agents = self._find_agents(att.pg_name, len(plan.slices))
                 self._teardown(rt)
                 self.store.end_attempt(job.id, att.n, "interrupted",
                                        "controller restarted while scheduling")
@@ -917,12 +1029,12 @@ class Controller(JobQueries):
             if job.state == S.RESIZING:
                 # The old controller died inside _resize, after it started stopping the ranks:
                 # finish the resize instead of reattaching to an attempt that is going away.
-                rt.agents = self._find_agents(job.id, att.n, len(plan.slices))
+                rt.agents = self._find_agents(att.pg_name, len(plan.slices))
                 self._teardown(rt)
                 self.store.end_attempt(job.id, att.n, "resized",
                                        "controller restarted while resizing")
                 continue
-            agents = self._find_agents(job.id, att.n, len(plan.slices))
+            agents = self._find_agents(att.pg_name, len(plan.slices))
             ok = len(agents) == len(plan.slices)
             if ok:
                 try:
@@ -933,7 +1045,7 @@ class Controller(JobQueries):
             if ok:
                 with contextlib.suppress(Exception):
                     from ray.util import get_placement_group
-                    rt.pg = get_placement_group(pg_name(job.id, att.n))
+                    rt.pg = get_placement_group(att.pg_name)
                 rt.launched = True
                 rt.progress = dict(job.progress)
                 self.runtimes[job.id] = rt
@@ -942,12 +1054,12 @@ class Controller(JobQueries):
                 self._attempt_failed(job.id, rt, "agents lost while the controller was down")
 
     @staticmethod
-    def _find_agents(job_id: str, attempt: int, n: int) -> list:
+    def _find_agents(placement: str, n: int) -> list:
         import ray
         out = []
         for i in range(n):
             try:
-                out.append(ray.get_actor(agent_name(job_id, attempt, i), namespace=NAMESPACE))
+                out.append(ray.get_actor(agent_name(placement, i), namespace=NAMESPACE))
             except ValueError:
                 break
         return out

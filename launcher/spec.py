@@ -129,6 +129,12 @@ class RestartPolicy(_Model):
     maxBackoffSeconds: float = Field(60.0, ge=0)
     hangTimeoutSeconds: float = Field(600.0, gt=0,
                                       description="heartbeat stall that counts as a hang")
+    inPlace: bool = Field(True, description=(
+        "restart after a rank exit or hang on the same devices, keeping the placement "
+        "(after 3 failures in a row without a new checkpoint the job is planned afresh)"))
+    standby: bool = Field(True, description=(
+        "keep one standby process per rank that has imported the workload, so that a "
+        "restart in place skips the imports (about 0.5 GB of host memory per rank)"))
 
 
 class DataCreate(_Model):

@@ -5,6 +5,7 @@ checkpoints and sleep), so scheduling, cancellation, restarts and controller
 recovery are exercised end to end in seconds.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -203,6 +204,107 @@ def test_restart_resumes_from_checkpoint(fleet):
     assert start["event"] == "start" and start["resumed_step"] == 2
 
 
+def _launched(st, attempt):
+    return next(e for e in st["events"] if e["kind"] == "launched" and e["attempt"] == attempt)
+
+
+def test_rank_exit_restarts_in_place_from_standby_processes(fleet):
+    """A rank exit on a healthy node: attempt 2 reuses attempt 1's placement group and agents,
+    and every process (scheduler and both workers) starts from a standby that had imported
+    the workload, so the rank reports ~no import time; the resume is unchanged."""
+    import json
+
+    f = fleet
+    j = submit(f, train_doc("inplace", 2, 8, fail_at=4))["id"]
+    st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="in-place restart done")
+    assert st["state"] == "SUCCEEDED", st["message"]
+    a1, a2 = st["attempts"]
+    assert a1["pg_name"] == a2["pg_name"]
+    second = _launched(st, 2)
+    assert second["in_place"] is True
+    assert second["from_standby"] == ["rank-0", "rank-1", "scheduler"]
+    assert [a["pid"] for a in second["agents"]] == [a["pid"] for a in _launched(st, 1)["agents"]]
+    restarting = [e["message"] for e in st["events"]
+                  if e["kind"] == "state" and e.get("state") == "RESTARTING"]
+    assert "restart 1/3 in place" in restarting[0], restarting
+    hb = f["home"] / "jobs" / j / "attempt-2" / "rank-1.heartbeat.jsonl"
+    start = json.loads(hb.read_text().splitlines()[0])
+    assert start["event"] == "start" and start["resumed_step"] == 3 and start["attempt"] == 2
+    # the standby really became the rank: its log holds the rank's output
+    log2 = (f["home"] / "jobs" / j / "attempt-2" / "rank-1.log").read_text()
+    assert "step 8 loss" in log2
+    # nothing outlives the job: no standby of it is left
+    time.sleep(1.0)
+    assert rank_pids(j) == []
+
+
+def _pg_state(ray, name):
+    from ray.util import placement_group_table
+    return [pg["state"] for pg in placement_group_table().values() if pg["name"] == name]
+
+
+def _held_job(f, name, backoff):
+    """A job that failed at step 3 and waits `backoff` s to restart in place."""
+    doc = train_doc(name, 2, 8, fail_at=3)
+    doc["spec"]["restart"]["backoffSeconds"] = backoff
+    j = submit(f, doc)["id"]
+    st = wait_for(f, j, state_is("RESTARTING"), what="restarting")
+    assert "in place" in st["message"], st["message"]
+    pg = st["attempts"][0]["pg_name"]
+    assert _pg_state(f["ray"], pg) == ["CREATED"]  # the devices stay held
+    deadline = time.time() + 20
+    while len(rank_pids(j)) < 3 and time.time() < deadline:  # the three standbys
+        time.sleep(0.2)
+    assert len(rank_pids(j)) == 3
+    return j, pg
+
+
+def test_cancel_while_restarting_in_place_frees_everything(fleet):
+    f = fleet
+    j, pg = _held_job(f, "heldcancel", 30)
+    call(f, "cancel", j)
+    wait_for(f, j, state_is("CANCELLED"), what="cancelled")
+    assert _pg_state(f["ray"], pg) == ["REMOVED"]
+    deadline = time.time() + 10
+    while rank_pids(j) and time.time() < deadline:
+        time.sleep(0.2)
+    assert rank_pids(j) == []
+
+
+def test_controller_restart_while_restarting_in_place_plans_afresh(fleet):
+    """The held placement lives in the old controller's memory only: the new one gives
+    the devices back and plans the job like any other."""
+    f = fleet
+    ray = f["ray"]
+    j, pg = _held_job(f, "heldover", 10)
+    old_pid = call(f, "ping")["pid"]
+    ray.kill(controller(f), no_restart=False)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if call(f, "ping", timeout=10)["pid"] != old_pid:
+                break
+        except Exception:
+            pass
+        time.sleep(0.5)
+    assert _pg_state(ray, pg) == ["REMOVED"]
+    st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), timeout=120, what="heldover done")
+    assert st["state"] == "SUCCEEDED", st["message"]
+    assert st["attempts"][1]["pg_name"] != pg
+
+
+def test_in_place_off_plans_the_restart_afresh(fleet):
+    f = fleet
+    doc = train_doc("afresh", 1, 5, fail_at=2)
+    doc["spec"]["restart"]["inPlace"] = False
+    j = submit(f, doc)["id"]
+    st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="afresh done")
+    assert st["state"] == "SUCCEEDED", st["message"]
+    a1, a2 = st["attempts"]
+    assert a1["pg_name"] != a2["pg_name"]
+    assert _launched(st, 2)["in_place"] is False and _launched(st, 2)["from_standby"] == []
+
+
 def test_backoff_restarts_from_its_base_after_an_attempt_that_checkpointed(fleet):
     """Attempt 1 dies at step 1 (nothing saved), attempt 2 checkpoints steps 1-2 and dies at
     3, attempt 3 dies at once: the delays are base, base (not 2x: attempt 2 was healthy),
@@ -218,7 +320,8 @@ def test_backoff_restarts_from_its_base_after_an_attempt_that_checkpointed(fleet
     assert [a["status"] for a in st["attempts"]] == ["failed"] * 3 + ["succeeded"]
     restarts = [e["message"] for e in st["events"]
                 if e["kind"] == "state" and e.get("state") == "RESTARTING"]
-    delays = [float(re.search(r"restart \d/3 in ([\d.]+)s", m).group(1)) for m in restarts]
+    delays = [float(re.search(r"restart \d/3(?: in place)? in ([\d.]+)s", m).group(1))
+              for m in restarts]
     assert len(delays) == 3, restarts
     # backoffSeconds 0.2 with up to 25 % jitter; printed to 0.1 s
     assert delays[0] <= 0.3 and delays[1] <= 0.3 and 0.4 <= delays[2] <= 0.5, restarts
@@ -240,8 +343,11 @@ def test_hung_rank_is_restarted_by_the_watchdog(fleet):
             env = p.environ()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if env.get("FLEET_JOB_ID") == j and env.get("RANK_ID") == "1":
-            rank1 = p
+        # stdout names the rank: /proc environ of a rank from a standby is the standby's
+        with contextlib.suppress(OSError):
+            if env.get("FLEET_JOB_ID") == j and \
+                    os.readlink(f"/proc/{p.pid}/fd/1").endswith("/rank-1.log"):
+                rank1 = p
     assert rank1 is not None
     rank1.send_signal(signal.SIGSTOP)  # hung, not dead: only the watchdog can tell
     st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="hung done", timeout=120)

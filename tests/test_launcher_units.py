@@ -210,3 +210,92 @@ def test_backoff_grows_only_while_attempts_fail_without_a_new_checkpoint(monkeyp
     # a failed save is no progress; nor is an attempt that died before its start heartbeat
     assert ctl.failure_streak(1, dict(healthy, checkpoint_ok=False)) == 2
     assert ctl.failure_streak(2, {}) == 3
+
+
+def _probe(tmp_path, attempt, seconds, code, **env):
+    adir = tmp_path / f"attempt-{attempt}"
+    env = {"FLEET_ATTEMPT": str(attempt), "FLEET_HEARTBEAT": str(adir / "rank-0.hb"),
+           "PYTHONPATH": str(Path(__file__).parent), **env}
+    return RankSpec(0, [sys.executable, "-m", "standby_probe", str(seconds), str(code)], env,
+                    str(adir / "rank-0.log"), env["FLEET_HEARTBEAT"], str(tmp_path)).to_dict()
+
+
+def _probe_report(tmp_path, attempt):
+    lines = (tmp_path / f"attempt-{attempt}" / "rank-0.log").read_text().splitlines()
+    return json.loads(next(ln for ln in lines if ln.startswith("{")))
+
+
+def test_agent_restarts_in_place_from_a_standby_process(tmp_path):
+    import psutil
+
+    a = NodeAgent("j-sb", 1, 0, standby=True)
+    a.start([_probe(tmp_path, 1, 30, 0)])
+    assert a.standbys() == []  # none before the attempt's first step
+    deadline = time.time() + 20
+    while not a.standbys() and time.time() < deadline:
+        a.poll()  # the step event makes the agent spawn the standby
+        time.sleep(0.1)
+    (standby,) = a.standbys()
+    a.stop(grace=1.0, keep_standbys=True)
+    assert a.standbys() == [standby]
+
+    # attempt 2: the standby becomes the rank (same pid), with the new attempt's env
+    res = a.start([_probe(tmp_path, 2, 0, 5)], attempt=2)
+    assert res["from_standby"] == ["rank-0"] and res["pids"]["rank-0"] == standby
+    r = _wait(a, "failed")
+    assert "rank-0 exited with exit code 5" in r["reason"] and a.attempt == 2
+    rep = _probe_report(tmp_path, 2)
+    assert rep == {"pid": standby, "attempt": "2", "standby": "1", "cwd": str(tmp_path),
+                   "argv": ["0", "5"], "preloaded": True}
+
+    # a signal death is reported as one, as for a rank started cold
+    a.stop(grace=1.0, keep_standbys=True)
+    deadline = time.time() + 20
+    while not a.standbys() and time.time() < deadline:
+        time.sleep(0.1)
+    if not a.standbys():  # attempt 2 failed before its step was polled: start cold once
+        a.start([_probe(tmp_path, 3, 30, 0)], attempt=3)
+        while not a.standbys() and time.time() < deadline + 20:
+            a.poll()
+            time.sleep(0.1)
+        a.stop(grace=1.0, keep_standbys=True)
+    (standby,) = a.standbys()
+    res = a.start([_probe(tmp_path, 4, 30, 0)], attempt=4)
+    assert res["pids"]["rank-0"] == standby
+    psutil.Process(standby).kill()
+    assert "rank-0 exited with signal 9" in _wait(a, "failed")["reason"]
+
+    # a rank whose import-time environment differs starts cold; the stale standby goes
+    a.stop(grace=1.0, keep_standbys=True)
+    stale = a.standbys()
+    res = a.start([_probe(tmp_path, 5, 0, 0, OMP_NUM_THREADS="3")], attempt=5)
+    assert res["from_standby"] == [] and res["pids"]["rank-0"] not in stale
+    _wait(a, "succeeded")
+    assert _probe_report(tmp_path, 5)["standby"] is None
+    assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+               for p in stale)
+    a.stop()
+    assert a.standbys() == []
+
+
+def test_standby_key_ignores_only_what_is_read_at_launch():
+    from launcher.standby import standby_key
+
+    argv = [sys.executable, "-m", "workloads.volo.train", "-c", "x.yaml"]
+    env = {"MS_ROLE": "MS_WORKER", "RANK_ID": "0", "FLEET_ATTEMPT": "1", "OMP_NUM_THREADS": "2"}
+    same = dict(env, RANK_ID="1", FLEET_ATTEMPT="7", MS_SCHED_PORT="4242")
+    assert standby_key(argv, env, "/w") == standby_key(argv, same, "/w")
+    # roles stand by apart; thread counts and the interpreter are fixed at import
+    assert standby_key(argv, env, "/w") != standby_key(argv, dict(env, MS_ROLE="MS_SCHED"), "/w")
+    assert standby_key(argv, env, "/w") != standby_key(argv, dict(env, OMP_NUM_THREADS="4"), "/w")
+    assert standby_key(argv, env, "/w") != standby_key(["/other/python", *argv[1:]], env, "/w")
+    assert standby_key(argv, env, "/w") != standby_key(argv, env, "/elsewhere")
+
+
+def test_restart_in_place_until_the_failures_in_a_row_suggest_a_bad_device():
+    from launcher.controller import RestartInPlace
+
+    policy = RestartInPlace(max_streak=2)
+    assert policy.keep({}, 1) and policy.keep({}, 2)
+    assert not policy.keep({}, 3)
+    assert not policy.keep({"inPlace": False}, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -253,6 +254,21 @@ def _short(st: dict | None) -> str:
 
 
 # ------------------------------------------------------------------ rank processes
+_RANK_LOG = re.compile(r"/attempt-(\d+)/(rank-\d+|scheduler)\.log$")
+
+
+def rank_role(pid: int) -> tuple[int, str] | None:
+    """(attempt, label) of a rank process, from the log its stdout writes to.
+
+    Not from /proc/PID/environ: a rank that started from a standby process
+    (launcher/standby.py) still shows the environment the standby started with."""
+    try:
+        m = _RANK_LOG.search(os.readlink(f"/proc/{pid}/fd/1"))
+    except OSError:
+        return None
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def rank_procs(job_id: str, attempt: int | None = None) -> dict[str, Any]:
     """label ('rank-0', 'scheduler') -> psutil.Process of a job's live rank processes."""
     import psutil
@@ -265,15 +281,15 @@ def rank_procs(job_id: str, attempt: int | None = None) -> dict[str, Any]:
             continue
         if env.get("FLEET_JOB_ID") != job_id:
             continue
-        if attempt is not None and env.get("FLEET_ATTEMPT") != str(attempt):
+        role = rank_role(p.pid)  # None: a standby that is not a rank yet
+        if role is None or (attempt is not None and role[0] != attempt):
             continue
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
                 continue
         except psutil.NoSuchProcess:
             continue
-        label = "scheduler" if env.get("MS_ROLE") == "MS_SCHED" else \
-            f"rank-{env.get('RANK_ID', '0')}"
+        label = role[1]
         # The rank's own python, not a helper it forked (dataset workers inherit env).
         if label not in out or p.pid < out[label].pid:
             out[label] = p

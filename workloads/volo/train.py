@@ -54,6 +54,12 @@ __all__ = ["evaluate_model", "lr_at", "main"]
 EXIT_CONFIG = 2
 EXIT_RECIPE = 3
 _MIX_TAG = 0x6D6978  # separates the mixup random stream from the per-sample one
+# What a standby rank process imports before it knows its rank (launcher/standby.py): the
+# modules main() imports lazily, so that a restart in place skips them.
+STANDBY_PRELOAD = ("mindspore", "mindspore.nn", "mindspore.ops", "mindspore.dataset",
+                   "mindspore.dataset.vision", "mindspore.communication",
+                   "workloads.volo.model", "workloads.volo.optim",
+                   "workloads.volo.distributed", "workloads.volo.compile_cache")
 
 
 # ----------------------------------------------------------------------------------------------
