@@ -16,11 +16,13 @@ whose command and environment equal the standby's apart from PER_LAUNCH_ENV.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import runpy
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 
 # Differ between the attempts and ranks that one standby may serve; read by MindSpore and
@@ -52,6 +54,35 @@ def standby_argv(argv: Sequence[str]) -> list[str]:
     if mod is None:
         raise ValueError(f"not a `python -m MODULE` command: {list(argv)[:3]}")
     return [argv[0], "-m", "launcher.standby", mod]
+
+
+def _preload_when_idle(module: str) -> None:
+    """_preload on a thread that runs only when a core is idle (SCHED_IDLE).
+
+    A standby imports while the ranks it will replace are training, on the same cores:
+    at normal priority its imports slowed the steps after each start by ~4 s on a 2-core
+    machine (bench/goodput.py 'after_start', three standbys). The policy is the importing
+    thread's alone; the main thread, which later runs the rank, keeps the normal one
+    (an unprivileged process cannot leave SCHED_IDLE). numpy is imported first, here,
+    because its BLAS starts worker threads that would inherit the idle policy."""
+    with contextlib.suppress(ImportError):
+        import numpy  # noqa: F401
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        # not Linux: import at normal priority
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+        try:
+            _preload(module)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            failed.append(e)
+
+    t = threading.Thread(target=run, name="standby-preload")
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
 
 
 def _preload(module: str) -> None:
@@ -90,7 +121,7 @@ def main(args: list[str] | None = None) -> int:
         print("usage: python -m launcher.standby MODULE  (started by the node agent; it "
               "imports MODULE, then reads one JSON launch line on stdin)", file=sys.stderr)
         return 2
-    _preload(args[0])
+    _preload_when_idle(args[0])
     line = sys.stdin.readline()
     if not line.strip():
         return 0  # the agent let it go unused

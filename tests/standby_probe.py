@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-STANDBY_PRELOAD = ("decimal",)  # a module the probe does not import itself
+STANDBY_PRELOAD = ("standby_probe_policy",)  # a module the probe does not import itself
 
 
 def main() -> int:
@@ -15,7 +15,10 @@ def main() -> int:
         f.write(json.dumps({"event": "step", "step": 1, "rank": 0}) + "\n")
     print(json.dumps({"pid": os.getpid(), "attempt": os.environ.get("FLEET_ATTEMPT"),
                       "standby": os.environ.get("FLEET_STANDBY"), "cwd": os.getcwd(),
-                      "argv": sys.argv[1:], "preloaded": "decimal" in sys.modules}), flush=True)
+                      "argv": sys.argv[1:],
+                      "import_policy": getattr(sys.modules.get("standby_probe_policy"),
+                                               "IMPORT_POLICY", None),
+                      "run_policy": os.sched_getscheduler(0)}), flush=True)
     time.sleep(seconds)
     return code
 

@@ -118,6 +118,21 @@ def wait_for(f, job_id, pred, timeout=90, what=""):
     raise AssertionError(f"{job_id}: timed out waiting for {what}; last status {st}")
 
 
+def restart_controller(f):
+    """Kill the controller actor; Ray restarts it and its __init__ recovers."""
+    old_pid = call(f, "ping")["pid"]
+    f["ray"].kill(controller(f), no_restart=False)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if call(f, "ping", timeout=10)["pid"] != old_pid:
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the controller did not come back within 90 s")
+
+
 def state_is(*states):
     return lambda st: st["state"] in states
 
@@ -238,7 +253,7 @@ def test_rank_exit_restarts_in_place_from_standby_processes(fleet):
     assert rank_pids(j) == []
 
 
-def _pg_state(ray, name):
+def _pg_state(name):
     from ray.util import placement_group_table
     return [pg["state"] for pg in placement_group_table().values() if pg["name"] == name]
 
@@ -251,7 +266,7 @@ def _held_job(f, name, backoff):
     st = wait_for(f, j, state_is("RESTARTING"), what="restarting")
     assert "in place" in st["message"], st["message"]
     pg = st["attempts"][0]["pg_name"]
-    assert _pg_state(f["ray"], pg) == ["CREATED"]  # the devices stay held
+    assert _pg_state(pg) == ["CREATED"]  # the devices stay held
     deadline = time.time() + 20
     while len(rank_pids(j)) < 3 and time.time() < deadline:  # the three standbys
         time.sleep(0.2)
@@ -264,7 +279,7 @@ def test_cancel_while_restarting_in_place_frees_everything(fleet):
     j, pg = _held_job(f, "heldcancel", 30)
     call(f, "cancel", j)
     wait_for(f, j, state_is("CANCELLED"), what="cancelled")
-    assert _pg_state(f["ray"], pg) == ["REMOVED"]
+    assert _pg_state(pg) == ["REMOVED"]
     deadline = time.time() + 10
     while rank_pids(j) and time.time() < deadline:
         time.sleep(0.2)
@@ -275,19 +290,9 @@ def test_controller_restart_while_restarting_in_place_plans_afresh(fleet):
     """The held placement lives in the old controller's memory only: the new one gives
     the devices back and plans the job like any other."""
     f = fleet
-    ray = f["ray"]
     j, pg = _held_job(f, "heldover", 10)
-    old_pid = call(f, "ping")["pid"]
-    ray.kill(controller(f), no_restart=False)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if call(f, "ping", timeout=10)["pid"] != old_pid:
-                break
-        except Exception:
-            pass
-        time.sleep(0.5)
-    assert _pg_state(ray, pg) == ["REMOVED"]
+    restart_controller(f)
+    assert _pg_state(pg) == ["REMOVED"]
     st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), timeout=120, what="heldover done")
     assert st["state"] == "SUCCEEDED", st["message"]
     assert st["attempts"][1]["pg_name"] != pg
@@ -419,20 +424,10 @@ def test_cancel_workflow_cancels_its_steps(fleet):
 
 def test_controller_killed_mid_run_loses_nothing(fleet):
     f = fleet
-    ray = f["ray"]
     j = submit(f, train_doc("survivor", 8, 25, step_s=0.25))["id"]
     wait_for(f, j, lambda s: (s.get("progress") or {}).get("step", 0) >= 3, what="step 3")
     before = {r["id"] for r in call(f, "list_jobs", True)}
-    old_pid = call(f, "ping")["pid"]
-    ray.kill(controller(f), no_restart=False)  # Ray restarts it; __init__ recovers
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if call(f, "ping", timeout=10)["pid"] != old_pid:
-                break
-        except Exception:
-            pass
-        time.sleep(0.5)
+    restart_controller(f)
     assert {r["id"] for r in call(f, "list_jobs", True)} == before
     st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), what="survivor done")
     assert st["state"] == "SUCCEEDED"

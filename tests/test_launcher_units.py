@@ -1,6 +1,7 @@
 """Store, lifecycle, agent and rank-env units (no Ray)."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -245,8 +246,10 @@ def test_agent_restarts_in_place_from_a_standby_process(tmp_path):
     r = _wait(a, "failed")
     assert "rank-0 exited with exit code 5" in r["reason"] and a.attempt == 2
     rep = _probe_report(tmp_path, 2)
+    # it imported on an idle-priority thread; the rank itself runs at the normal policy
     assert rep == {"pid": standby, "attempt": "2", "standby": "1", "cwd": str(tmp_path),
-                   "argv": ["0", "5"], "preloaded": True}
+                   "argv": ["0", "5"], "import_policy": os.SCHED_IDLE,
+                   "run_policy": os.SCHED_OTHER}
 
     # a signal death is reported as one, as for a rank started cold
     a.stop(grace=1.0, keep_standbys=True)
