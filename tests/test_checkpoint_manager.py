@@ -143,3 +143,70 @@ def test_sigkill_during_save_keeps_previous_valid(tmp_path):
     assert any(p.name.startswith(".tmp-step-00000002") for p in tmp_path.iterdir())
     assert latest_valid(tmp_path) == tmp_path / "step-00000001"
     assert json.loads((tmp_path / "step-00000001" / "state.json").read_text())["step"] == 1
+
+
+def test_a_deferred_payload_is_written_on_the_writer_thread(tmp_path):
+    """write_payload may take what it needs and return the writing for the background
+    thread; a failure there reaches the training thread and leaves the previous save."""
+    import threading
+
+    m = CheckpointManager(tmp_path, keep_last=2)
+    writers = []
+
+    def deferred(data):
+        def take(p):
+            def finish():
+                writers.append(threading.current_thread().name)
+                p.write_bytes(data)
+            return finish
+        return take
+
+    m.save(_state(1), deferred(b"w1"), block=True)
+    assert writers == ["ckpt-1"]
+    verify(tmp_path / "step-00000001")  # raises on a bad manifest
+    assert (tmp_path / "step-00000001" / "model.ckpt").read_bytes() == b"w1"
+
+    def full(p):
+        def finish():
+            p.write_bytes(b"part")
+            raise OSError("no space left on device")
+        return finish
+
+    m.save(_state(2), full)  # the error surfaces at the next save or wait
+    with pytest.raises(Exception, match="no space left"):
+        m.wait()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("step-")] == []
+    assert latest_valid(tmp_path) == tmp_path / "step-00000001"
+
+
+def test_payload_snapshot_loads_like_mindspores_own_save(tmp_path, monkeypatch):
+    """ckpt_payload writes what ms.save_checkpoint writes: same names, dtypes, shapes and
+    values through ms.load_checkpoint, for every dtype the train loop saves, a scalar, and
+    a parameter split into slices."""
+    import mindspore as ms
+    import numpy as np
+
+    from workloads.volo import ckpt_payload
+
+    rng = np.random.default_rng(0)
+    params = [
+        ms.Parameter(ms.Tensor(rng.standard_normal((3, 5)).astype(np.float32)), name="w"),
+        ms.Parameter(ms.Tensor(rng.standard_normal((7,)).astype(np.float16)), name="h"),
+        ms.Parameter(ms.Tensor(np.array(42, dtype=np.int32)), name="global_step"),
+        ms.Parameter(ms.Tensor(rng.integers(0, 9, (2, 2, 2)).astype(np.int64)), name="i"),
+        ms.Parameter(ms.Tensor(rng.standard_normal((9, 4)).astype(np.float32)), name="big"),
+    ]
+    ms.save_checkpoint(params, str(tmp_path / "theirs.ckpt"))
+    snap = ckpt_payload.snapshot(params)
+    monkeypatch.setattr(ckpt_payload, "SLICE_BYTES", 40)  # "big" (144 bytes) in 4 slices
+    ckpt_payload.write(tmp_path / "ours.ckpt", snap)
+    theirs = ms.load_checkpoint(str(tmp_path / "theirs.ckpt"))
+    ours = ms.load_checkpoint(str(tmp_path / "ours.ckpt"))
+    assert list(ours) == list(theirs) == ["w", "h", "global_step", "i", "big"]
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype, name
+        assert ours[name].shape == theirs[name].shape, name
+        np.testing.assert_array_equal(ours[name].asnumpy(), theirs[name].asnumpy())
+    # the snapshot is a copy: changing a parameter afterwards does not change the save
+    params[0].set_data(ms.Tensor(np.zeros((3, 5), np.float32)))
+    assert snap[0][2].any()

@@ -200,6 +200,11 @@ def check_resumable(state: CheckpointState, path: Path, recipe_hash: str,
     log.warning("--force: %s", msg)
 
 
+# Writes model.ckpt at the path it is given and returns None, or returns a function that
+# writes it later on the checkpoint writer thread.
+PayloadWriter = Callable[[Path], "Callable[[], None] | None"]
+
+
 class CheckpointManager:
     """Writes checkpoints on a background thread, keeps the last K and the best by top-1.
 
@@ -234,21 +239,22 @@ class CheckpointManager:
                     removed.append(p)
         return removed
 
-    def save(self, state: CheckpointState, write_payload: Callable[[Path], None],
+    def save(self, state: CheckpointState, write_payload: PayloadWriter,
              block: bool = False) -> None:
-        """Save ``state``: ``write_payload(path)`` writes model.ckpt on the calling thread
-        (MindSpore is not safe to call beside a running step; measured: a save on another
-        thread corrupted the next step's loss), then hashing, fsync, rename and pruning run
-        on a background thread while training continues."""
+        """Save ``state``: ``write_payload(path)`` runs on the calling thread (MindSpore is
+        not safe to call beside a running step; measured: a save on another thread corrupted
+        the next step's loss). It writes model.ckpt, or takes what it needs and returns a
+        function that writes it on the background thread (workloads/volo/ckpt_payload.py).
+        Hashing, fsync, rename and pruning run on that thread while training continues."""
         t0 = time.perf_counter()
         self.wait()
         try:
-            tmp = self._stage(state, write_payload)
+            tmp, finish = self._stage(state, write_payload)
         except BaseException as e:
             self._report(state, False, time.perf_counter() - t0, e)
             raise CheckpointError(f"checkpoint save at step {state.step} failed: {e}") from e
         staged = time.perf_counter() - t0
-        self._thread = threading.Thread(target=self._run, args=(state, tmp, staged),
+        self._thread = threading.Thread(target=self._run, args=(state, tmp, staged, finish),
                                         name=f"ckpt-{state.step}", daemon=False)
         self._thread.start()
         if block:
@@ -279,9 +285,11 @@ class CheckpointManager:
             except Exception:  # noqa: BLE001 - a reporting hiccup must not fail the save
                 log.exception("on_saved callback failed")
 
-    def _run(self, state: CheckpointState, tmp: Path, staged_seconds: float) -> None:
+    def _run(self, state: CheckpointState, tmp: Path, staged_seconds: float,
+             finish: Callable[[], None] | None = None) -> None:
         t0 = time.perf_counter()
         try:
+            self._finish_payload(tmp, finish)
             self._commit(state, tmp)
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
             self._error = e
@@ -289,23 +297,39 @@ class CheckpointManager:
             return
         self._report(state, True, staged_seconds + time.perf_counter() - t0)
 
-    def write(self, state: CheckpointState, write_payload: Callable[[Path], None]) -> Path:
+    def write(self, state: CheckpointState, write_payload: PayloadWriter) -> Path:
         """Synchronous save: temp dir, payload, state, manifest, fsync, rename, prune."""
-        return self._commit(state, self._stage(state, write_payload))
+        tmp, finish = self._stage(state, write_payload)
+        self._finish_payload(tmp, finish)
+        return self._commit(state, tmp)
 
-    def _stage(self, state: CheckpointState, write_payload: Callable[[Path], None]) -> Path:
+    def _stage(self, state: CheckpointState,
+               write_payload: PayloadWriter) -> tuple[Path, Callable[[], None] | None]:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".tmp-{step_dir_name(state.step)}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            write_payload(tmp / MODEL_FILE)
+            result = write_payload(tmp / MODEL_FILE)
+            finish = result if callable(result) else None
+            if finish is None and not (tmp / MODEL_FILE).is_file():
+                raise CheckpointError(f"payload writer did not create {MODEL_FILE}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp, finish
+
+    @staticmethod
+    def _finish_payload(tmp: Path, finish: Callable[[], None] | None) -> None:
+        if finish is None:
+            return
+        try:
+            finish()
             if not (tmp / MODEL_FILE).is_file():
                 raise CheckpointError(f"payload writer did not create {MODEL_FILE}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return tmp
 
     def _commit(self, state: CheckpointState, tmp: Path) -> Path:
         name = step_dir_name(state.step)

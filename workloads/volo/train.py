@@ -23,11 +23,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from workloads.volo import ckpt_payload
 from workloads.volo.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -490,7 +492,11 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
         # checkpoint may capture parameters from before the last update finished.
         ms.runtime.synchronize()
         params = trainer.state_params()
-        ckpt.save(state, lambda p: ms.save_checkpoint(params, str(p)), block=block)
+        snap = ckpt_payload.snapshot(params)  # host copies; serialised on the writer thread
+        if snap is None:
+            ckpt.save(state, lambda p: ms.save_checkpoint(params, str(p)), block=block)
+        else:
+            ckpt.save(state, lambda p: partial(ckpt_payload.write, p, snap), block=block)
 
     def validate(step: int) -> None:
         index, kw = val
