@@ -43,6 +43,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _rank_env(r: RankSpec) -> dict[str, str]:
+    # Ray's own per-worker variables must not leak into the ranks' view of devices: the
+    # rank env decides.
+    return {**os.environ, **r.env}
+
+
 class _Tail:
     """Incremental reader of a JSON-lines file that tolerates a partial last line."""
 
@@ -142,10 +148,7 @@ class NodeAgent:
                 if r.heartbeat:
                     Path(r.heartbeat).parent.mkdir(parents=True, exist_ok=True)
                     self._tails[r.label] = _Tail(r.heartbeat)
-                env = dict(os.environ)
-                # Ray's own per-worker variables must not leak into the ranks' view of
-                # devices: the rank env decides.
-                env.update(r.env)
+                env = _rank_env(r)
                 # lets a rank report how long its interpreter start and imports took
                 env["FLEET_SPAWN_TS"] = repr(time.time())
                 p = self._take_standby(r, env)
@@ -207,11 +210,10 @@ class NodeAgent:
         for r in self._ranks:
             if module_of(r.argv) is None:
                 continue
-            env = dict(os.environ)
-            env.update(r.env)
             log = str(Path(r.log).with_suffix(".standby.log"))
             try:
-                p = self._spawn(standby_argv(r.argv), env, r.cwd, log, stdin=subprocess.PIPE)
+                p = self._spawn(standby_argv(r.argv), _rank_env(r), r.cwd, log,
+                                stdin=subprocess.PIPE)
             except OSError:
                 continue  # the next restart starts this rank cold
             self._standbys.append((standby_key(r.argv, r.env, r.cwd), r.label, p))

@@ -96,7 +96,7 @@ class Runtime:
     job_id: str
     attempt: int
     plan: Plan
-    pg_name: str = ""
+    pg_name: str  # agents are named after it (agent_name)
     pg: Any = None
     agents: list = field(default_factory=list)
     launched: bool = False
@@ -425,17 +425,12 @@ class Controller(JobQueries):
 
     def _pool(self, nodes: dict[str, list[int]]) -> FreePool:
         pool = FreePool.from_free(nodes, self._topology(nodes))
-        for job in self.store.jobs(set(HOLDS_DEVICES)):
-            att = self.store.open_attempt(job.id)
-            if att is None:
-                continue
-            plan = Plan.from_dict(att.plan)
+        holding = [Plan.from_dict(att.plan) for att in
+                   (self.store.open_attempt(job.id) for job in self.store.jobs(set(HOLDS_DEVICES)))
+                   if att is not None]
+        holding += [held.plan for held in self._held.values()]  # restarts in place
+        for plan in holding:
             for s in plan.slices:
-                if s.chips and s.node in nodes:
-                    with contextlib.suppress(ValueError):
-                        pool.take([s])
-        for held in self._held.values():
-            for s in held.plan.slices:
                 if s.chips and s.node in nodes:
                     with contextlib.suppress(ValueError):
                         pool.take([s])
@@ -545,17 +540,16 @@ class Controller(JobQueries):
             job = self.store.get_job(job_id)
         att = self.store.add_attempt(job_id, plan.to_dict(),
                                      held.pg_name if held else pg_name(job_id, "{n}"))
-        name = att.pg_name
         where = "in place, on the same devices" if held else f"on {len(plan.slices)} node(s)"
         self.store.set_state(job_id, S.SCHEDULING,
                              f"attempt {att.n}: {plan.devices} devices {where}")
-        rt = Runtime(job_id, att.n, plan, name)
+        rt = Runtime(job_id, att.n, plan, att.pg_name)
         if held is not None:
             rt.pg, rt.agents = held.pg, held.agents
         self.runtimes[job_id] = rt
         if job.parent:
             self._parent_running(job.parent)
-        threading.Thread(target=self._start_attempt, args=(job, rt, name, held is not None),
+        threading.Thread(target=self._start_attempt, args=(job, rt, held is not None),
                          daemon=True, name=f"start-{job_id}").start()
 
     def _resolve_step_checkpoint(self, job: JobRow) -> str | None:
@@ -584,7 +578,7 @@ class Controller(JobQueries):
             out.append(b)
         return out
 
-    def _place(self, job: JobRow, rt: Runtime, name: str) -> None:
+    def _place(self, job: JobRow, rt: Runtime) -> None:
         """A placement group for the attempt's plan and one agent per bundle."""
         import ray
         from ray.util import placement_group
@@ -595,6 +589,7 @@ class Controller(JobQueries):
         bundles = self._bundles(job, rt.plan)
         selectors = [{"ray.io/node-id": s.node} for s in rt.plan.slices]
         strategy = "STRICT_SPREAD" if len(bundles) > 1 else "PACK"
+        name = rt.pg_name
         pg = placement_group(bundles, strategy=strategy, name=name, lifetime="detached",
                              bundle_label_selector=selectors)
         rt.pg = pg
@@ -618,14 +613,14 @@ class Controller(JobQueries):
                 opts["resources"] = {"NPU": b["NPU"]}
             rt.agents.append(agent_cls.options(**opts).remote(job.id, rt.attempt, i, standby))
 
-    def _start_attempt(self, job: JobRow, rt: Runtime, name: str, in_place: bool = False) -> None:
+    def _start_attempt(self, job: JobRow, rt: Runtime, in_place: bool = False) -> None:
         """Runs on its own thread: placement group -> agents -> ranks (in place: the
         placement group and agents of the last attempt -> ranks)."""
         import ray
 
         try:
             if not in_place:
-                self._place(job, rt, name)
+                self._place(job, rt)
             agents = rt.agents
             infos = ray.get([a.info.remote() for a in agents], timeout=120)
             port = ray.get(agents[0].free_port.remote(), timeout=30)
@@ -815,7 +810,6 @@ class Controller(JobQueries):
         self.store.end_attempt(job_id, rt.attempt, "failed", reason)
         job = self.store.get_job(job_id)
         if job.state in TERMINAL:
-            self._release_held(job_id)
             return
         self._failure_streaks[job_id] = streak
         if restarts:
@@ -956,7 +950,7 @@ class Controller(JobQueries):
             with contextlib.suppress(Exception):
                 remove_placement_group(rt.pg)
         else:
-            self._remove_pg_by_name(rt.pg_name or pg_name(rt.job_id, rt.attempt))
+            self._remove_pg_by_name(rt.pg_name)
 
     @staticmethod
     def _remove_pg_by_name(name: str) -> None:
@@ -1009,9 +1003,9 @@ class Controller(JobQueries):
             atts = self.store.attempts(job.id)
             if atts and atts[-1].ended is not None:
                 last = atts[-1]
-                n = len(Plan.from_dict(last.plan).slices)
-                self._teardown(Runtime(job.id, last.n, Plan.from_dict(last.plan), last.pg_name,
-                                       agents=self._find_agents(last.pg_name, n)))
+                plan = Plan.from_dict(last.plan)
+                self._teardown(Runtime(job.id, last.n, plan, last.pg_name,
+                                       agents=self._find_agents(last.pg_name, len(plan.slices))))
         for job in self.store.jobs(set(HOLDS_DEVICES)):
             att = self.store.open_attempt(job.id)
             if att is None:

@@ -226,7 +226,7 @@ def _launched(st, attempt):
 def test_rank_exit_restarts_in_place_from_standby_processes(fleet):
     """A rank exit on a healthy node: attempt 2 reuses attempt 1's placement group and agents,
     and every process (scheduler and both workers) starts from a standby that had imported
-    the workload, so the rank reports ~no import time; the resume is unchanged."""
+    the workload, writes the new attempt's heartbeats and log, and resumes as before."""
     import json
 
     f = fleet

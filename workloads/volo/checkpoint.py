@@ -200,6 +200,11 @@ def check_resumable(state: CheckpointState, path: Path, recipe_hash: str,
     log.warning("--force: %s", msg)
 
 
+def _require_payload(tmp: Path) -> None:
+    if not (tmp / MODEL_FILE).is_file():
+        raise CheckpointError(f"payload writer did not create {MODEL_FILE}")
+
+
 # Writes model.ckpt at the path it is given and returns None, or returns a function that
 # writes it later on the checkpoint writer thread.
 PayloadWriter = Callable[[Path], "Callable[[], None] | None"]
@@ -312,8 +317,8 @@ class CheckpointManager:
         try:
             result = write_payload(tmp / MODEL_FILE)
             finish = result if callable(result) else None
-            if finish is None and not (tmp / MODEL_FILE).is_file():
-                raise CheckpointError(f"payload writer did not create {MODEL_FILE}")
+            if finish is None:
+                _require_payload(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -325,8 +330,7 @@ class CheckpointManager:
             return
         try:
             finish()
-            if not (tmp / MODEL_FILE).is_file():
-                raise CheckpointError(f"payload writer did not create {MODEL_FILE}")
+            _require_payload(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
