@@ -302,7 +302,10 @@ class NodeAgent:
                 if new:
                     self._last_hb[label] = time.time()
                 events += new
-            if (self.standby and not self._standby_spawned and self._status == "running"
+            # A rank that failed right after its first step still gets its standby: on a
+            # busy node the poll that sees the step can come after the failure.
+            if (self.standby and not self._standby_spawned and not self._stopping
+                    and self._status in ("running", "failed")
                     and any(e.get("event") == "step" for e in events)):
                 self._spawn_standbys()
             if len(events) > MAX_EVENTS_PER_POLL:

@@ -243,7 +243,11 @@ def test_agent_restarts_in_place_from_a_standby_process(tmp_path):
     # attempt 2: the standby becomes the rank (same pid), with the new attempt's env
     res = a.start([_probe(tmp_path, 2, 0, 5)], attempt=2)
     assert res["from_standby"] == ["rank-0"] and res["pids"]["rank-0"] == standby
-    r = _wait(a, "failed")
+    deadline = time.time() + 20
+    while a._status == "running" and time.time() < deadline:  # no poll until it has failed
+        time.sleep(0.05)
+    r = a.poll()
+    assert r["status"] == "failed" and any(e["event"] == "step" for e in r["events"])
     assert "rank-0 exited with exit code 5" in r["reason"] and a.attempt == 2
     rep = _probe_report(tmp_path, 2)
     # it imported on an idle-priority thread; the rank itself runs at the normal policy
@@ -251,17 +255,10 @@ def test_agent_restarts_in_place_from_a_standby_process(tmp_path):
                    "argv": ["0", "5"], "import_policy": os.SCHED_IDLE,
                    "run_policy": os.SCHED_OTHER}
 
-    # a signal death is reported as one, as for a rank started cold
+    # attempt 2 failed right after its step, before any poll saw it running: the poll
+    # that reports the failure still spawns its standby. A signal death is reported as
+    # one, as for a rank started cold.
     a.stop(grace=1.0, keep_standbys=True)
-    deadline = time.time() + 20
-    while not a.standbys() and time.time() < deadline:
-        time.sleep(0.1)
-    if not a.standbys():  # attempt 2 failed before its step was polled: start cold once
-        a.start([_probe(tmp_path, 3, 30, 0)], attempt=3)
-        while not a.standbys() and time.time() < deadline + 20:
-            a.poll()
-            time.sleep(0.1)
-        a.stop(grace=1.0, keep_standbys=True)
     (standby,) = a.standbys()
     res = a.start([_probe(tmp_path, 4, 30, 0)], attempt=4)
     assert res["pids"]["rank-0"] == standby
