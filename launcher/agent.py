@@ -29,11 +29,14 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from launcher.ranks import RankSpec
+from launcher.ranks import LAST_WORDS_ARMED, LAST_WORDS_ENV, RankSpec
 from launcher.standby import module_of, standby_argv, standby_key
 
 PR_SET_PDEATHSIG = 1
 MAX_EVENTS_PER_POLL = 2000
+# How long a surviving rank may take to save its last words before it is killed. It answers
+# in ~0.2 s for volo_tiny; the bound is for a rank that never does.
+LAST_WORDS_GRACE_S = 8.0
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -41,6 +44,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     # SIGKILL instead of lingering as orphans holding devices.
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _is_stopped(pid: int) -> bool:
+    """SIGSTOPped (state T): it would never answer."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _rank_env(r: RankSpec) -> dict[str, str]:
@@ -108,6 +120,7 @@ class NodeAgent:
         self._stopping = False
         self._started_at = 0.0
         self._standby_spawned = False
+        self._last_words: str | None = None  # the rank that saved the last completed step
 
     # -- info --------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -256,6 +269,7 @@ class NodeAgent:
                     why = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
                     self._status, self._reason = "failed", f"{label} exited with {why}"
                     self._exit_code = rc
+                    self._ask_last_words()
                     self._kill_all(grace=2.0)
                     return
                 if workers and all(self._exits.get(w) == 0 for w in workers):
@@ -264,6 +278,25 @@ class NodeAgent:
                     self._kill_all(grace=5.0)
                     return
             time.sleep(0.2)
+
+    def _ask_last_words(self) -> None:
+        """After a rank failed: ask one surviving worker that can (it created its ".armed"
+        file; a stopped one cannot) to save the last completed step, and wait until it
+        exits: 0 when it saved (workloads/volo/last_words.py)."""
+        workers = sorted((r for r in self._ranks if r.rank is not None), key=lambda r: r.rank)
+        for r in workers:
+            p, path = self._procs.get(r.label), r.env.get(LAST_WORDS_ENV)
+            if (p is None or p.poll() is not None or not path or _is_stopped(p.pid)
+                    or not Path(path + LAST_WORDS_ARMED).exists()):
+                continue
+            Path(path).touch()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=LAST_WORDS_GRACE_S)
+            if p.returncode is not None:
+                self._exits[r.label] = p.returncode
+            if p.returncode == 0:
+                self._last_words = r.label
+            return
 
     def _kill_all(self, grace: float) -> None:
         live = {k: p for k, p in self._procs.items() if p.poll() is None}
@@ -282,12 +315,16 @@ class NodeAgent:
             self._exits.setdefault(k, p.returncode if p.returncode is not None else -9)
 
     def stop(self, grace: float = 5.0, reason: str = "stopped",
-             keep_standbys: bool = False) -> dict[str, Any]:
-        """Stop the ranks; the standbys too unless a restart in place follows."""
+             keep_standbys: bool = False, last_words: bool = False) -> dict[str, Any]:
+        """Stop the ranks; the standbys too unless a restart in place follows. last_words:
+        the attempt failed elsewhere (a hung rank, a lost node), so a survivor here saves
+        the last completed step first."""
         with self._lock:
             self._stopping = True
             if self._status == "running":
                 self._status, self._reason = "stopped", reason
+                if last_words:
+                    self._ask_last_words()
             self._kill_all(grace)
             if not keep_standbys:
                 self._release_standbys()
@@ -319,7 +356,7 @@ class NodeAgent:
             return {"status": self._status, "reason": self._reason,
                     "exit_code": self._exit_code, "exits": dict(self._exits), "events": events,
                     "last_heartbeat": dict(self._last_hb), "started": self._started_at,
-                    "result": result}
+                    "result": result, "last_words": self._last_words}
 
     def _result(self) -> dict | None:
         """The last JSON object line printed by rank 0 (validate's contract)."""

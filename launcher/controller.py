@@ -806,7 +806,7 @@ class Controller(JobQueries):
         restarts = retry and job.state not in TERMINAL and job.restarts < max_restarts
         if not (restarts and in_place and self.restart_placement.keep(policy, streak)
                 and self._hold(rt)):
-            self._teardown(rt)
+            self._teardown(rt, failed=True)
         self.store.end_attempt(job_id, rt.attempt, "failed", reason)
         job = self.store.get_job(job_id)
         if job.state in TERMINAL:
@@ -923,26 +923,27 @@ class Controller(JobQueries):
         if rt.pg is None or not rt.agents:
             return False
         try:
-            ray.get([a.stop.remote(3.0, "restarting in place", True) for a in rt.agents],
-                    timeout=15)
+            ray.get([a.stop.remote(3.0, "restarting in place", True, True)
+                     for a in rt.agents], timeout=20)
         except Exception as e:  # noqa: BLE001 - any agent error means: start afresh
             log.warning("job %s: no restart in place (%s)", rt.job_id, e)
             return False
         self._held[rt.job_id] = HeldPlacement(rt.plan, rt.pg, rt.pg_name, rt.agents)
         return True
 
-    def _teardown(self, rt: Runtime) -> None:
-        """Stop ranks, kill agents, free the placement group. Best effort, bounded."""
+    def _teardown(self, rt: Runtime, failed: bool = False) -> None:
+        """Stop ranks, kill agents, free the placement group. Best effort, bounded.
+        failed: the attempt failed, so a surviving rank first saves its last words."""
         import ray
         from ray.util import remove_placement_group
 
         stops = []
         for a in rt.agents:
             with contextlib.suppress(Exception):
-                stops.append(a.stop.remote(3.0))
+                stops.append(a.stop.remote(3.0, "stopped", False, failed))
         if stops:
             with contextlib.suppress(Exception):
-                ray.wait(stops, num_returns=len(stops), timeout=15)
+                ray.wait(stops, num_returns=len(stops), timeout=20)
         for a in rt.agents:
             with contextlib.suppress(Exception):
                 ray.kill(a, no_restart=True)

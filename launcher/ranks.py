@@ -77,6 +77,11 @@ def attempt_dir(home: Path, job_id: str, attempt: int) -> Path:
 
 CHECKPOINT_ROOT_ENV = "FLEET_CHECKPOINT_ROOT"
 COMPILE_CACHE_STORE_ENV = "FLEET_COMPILE_CACHE_STORE"  # read by workloads/volo/compile_cache.py
+# A file the agent creates to ask a surviving rank for its last words (a checkpoint of the
+# last completed step); the rank creates the same path + ".armed" once it can answer.
+# Read by workloads/volo/last_words.py.
+LAST_WORDS_ENV = "FLEET_LAST_WORDS"
+LAST_WORDS_ARMED = ".armed"
 
 
 def default_ckpt_dir(home: Path, job_id: str, environ: Mapping[str, str] | None = None) -> Path:
@@ -137,6 +142,8 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
         base_env.update(MS_RETRY_INTERVAL_LOWER="1", MS_RETRY_INTERVAL_UPPER="1")
 
     smoke = spec.get("workload") == "smoke"
+    last_words = kind == "TrainJob" and world > 1 and bool(
+        (spec.get("restart") or {}).get("saveOnFailure", True))
     if kind == "TrainJob":
         ckpt_dir = paths.get("ckpt_dir") or str(default_ckpt_dir(home, job_id))
         g = plan.global_batch
@@ -185,6 +192,8 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
             env = dict(base_env)
             hb = str(adir / f"rank-{rank}.heartbeat.jsonl")
             env["FLEET_HEARTBEAT"] = hb
+            if last_words:
+                env[LAST_WORDS_ENV] = str(adir / f"rank-{rank}.last-words")
             if s.chips:
                 # CANN renumbers the visible chips from 0: the device id is the index.
                 env["ASCEND_RT_VISIBLE_DEVICES"] = visible

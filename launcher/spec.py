@@ -135,6 +135,10 @@ class RestartPolicy(_Model):
     standby: bool = Field(True, description=(
         "keep one standby process per rank that has imported the workload, so that a "
         "restart in place skips the imports (about 0.5 GB of host memory per rank)"))
+    saveOnFailure: bool = Field(True, description=(
+        "when a rank fails, one surviving rank per node saves the last optimizer step all "
+        "ranks completed, so the restart redoes no step (where parameters are in host "
+        "memory, i.e. CPU ranks; on NPUs the restart resumes from the periodic checkpoint)"))
 
 
 class DataCreate(_Model):

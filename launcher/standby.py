@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 # the train loop only when the rank starts (cluster init, device open, heartbeat).
 # MS_ROLE is not among them: a scheduler and a worker stand by apart.
 PER_LAUNCH_ENV = frozenset({
-    "FLEET_ATTEMPT", "FLEET_HEARTBEAT", "FLEET_SPAWN_TS", "FLEET_STANDBY",
+    "FLEET_ATTEMPT", "FLEET_HEARTBEAT", "FLEET_LAST_WORDS", "FLEET_SPAWN_TS", "FLEET_STANDBY",
     "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_WORKER_NUM", "MS_NODE_ID",
     "RANK_ID", "RANK_SIZE", "LOCAL_RANK", "DEVICE_ID", "ASCEND_RT_VISIBLE_DEVICES",
 })

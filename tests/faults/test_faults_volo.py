@@ -72,6 +72,12 @@ def reference(fleet):
     return ref
 
 
+def _last_words(fleet, j, attempt: int) -> list[dict]:
+    """The last-words checkpoints that the ranks of `attempt` saved."""
+    return [e for rank in range(2) for e in fleet.heartbeats(j, attempt, rank)
+            if e.get("event") == "checkpoint" and e.get("last_words")]
+
+
 def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
            note: str = "") -> dict:
     lin = lineage(fleet, j, len(st["attempts"]))
@@ -86,7 +92,7 @@ def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
     assert cmp["bad_hash"] == [], f"steps whose global batch differs from the reference: {cmp}"
     assert cmp["bad_loss"] == [], f"(step, loss, reference loss): {cmp['bad_loss']}"
     assert cmp["samples_replayed"] == 0
-    return cmp
+    return dict(cmp, steps_lost=lin.steps_lost)
 
 
 def test_sigkill_one_rank_mid_step(fleet, reference):
@@ -108,9 +114,16 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
     relaunch = [e for e in st["events"] if e["kind"] == "launched"][-1]
     assert relaunch["in_place"] and relaunch["from_standby"] == ["rank-0", "rank-1",
                                                                  "scheduler"], relaunch
-    _check(fleet, j, st, reference, "1 SIGKILL rank (volo)", t_fault, 2,
-           note=f"{st['attempts'][0]['reason']}; attempts "
-                f"{[a['status'] for a in st['attempts']]}")
+    cmp = _check(fleet, j, st, reference, "1 SIGKILL rank (volo)", t_fault, 2,
+                 note=f"{st['attempts'][0]['reason']}; attempts "
+                      f"{[a['status'] for a in st['attempts']]}; last words")
+    # rank 0 saved the last step both ranks completed while it waited in the dead
+    # all-reduce: attempt 2 resumed from that step, past the periodic checkpoint (step 4)
+    said = _last_words(fleet, j, 1)
+    assert [e["rank"] for e in said] == [0], said
+    resumed = lineage(fleet, j, 2).starts[1]["resumed_step"]
+    assert resumed == said[0]["step"] >= 5, (resumed, said)
+    assert cmp["steps_lost"] == 0, cmp
 
 
 def test_node_loss_shrinks_then_grows_back(fleet, reference):
@@ -138,9 +151,14 @@ def test_node_loss_shrinks_then_grows_back(fleet, reference):
     st = f.wait_done(j, timeout=400)
     statuses = [a["status"] for a in st["attempts"]]
     grew = "resized" in statuses and st["attempts"][-1]["plan"]["devices"] == 2
-    _check(f, j, st, reference, "2 node loss -> shrink -> grow (volo)", t_fault, 2,
-           note=f"attempts {statuses}, devices "
-                f"{[a['plan']['devices'] for a in st['attempts']]}")
+    cmp = _check(f, j, st, reference, "2 node loss -> shrink -> grow (volo)", t_fault, 2,
+                 note=f"attempts {statuses}, devices "
+                      f"{[a['plan']['devices'] for a in st['attempts']]}")
+    # the rank on the surviving node saved the last completed step before it was stopped
+    said = _last_words(f, j, 1)
+    assert len(said) == 1 and said[0]["step"] >= 3, said
+    assert lineage(f, j, 2).starts[1]["resumed_step"] == said[0]["step"]
+    assert cmp["steps_lost"] == 0, cmp
     assert statuses[0] == "failed" and "lost" in st["attempts"][0]["reason"]
     history = [(a["status"], a["plan"]["devices"], a["reason"]) for a in st["attempts"]]
     assert grew, f"no grow back to 2 devices: {history}"

@@ -22,6 +22,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from workloads.volo import ckpt_payload
+from workloads.volo import ckpt_payload, last_words
 from workloads.volo.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -38,6 +40,7 @@ from workloads.volo.checkpoint import (
     check_resumable,
     latest_valid,
     read_state,
+    step_dir_name,
 )
 from workloads.volo.config import ConfigError, env_override, parse_args, recipe_dict, recipe_hash
 from workloads.volo.data import (
@@ -319,9 +322,11 @@ class Trainer:
             p.set_data(data[p.name])
 
     # -- one optimizer step ----------------------------------------------------------------
-    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> float:
+    def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float,
+             reducing: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> float:
         """Average the micro-batches' gradients over accumulation and ranks, apply them with
-        learning rate ``lr``; returns the global batch's mean loss."""
+        learning rate ``lr``; returns the global batch's mean loss. ``reducing()`` is entered
+        for the all-reduce and its wait; the update is launched after it exits."""
         ms = self.ms
         acc = None
         loss_sum = 0.0
@@ -331,9 +336,11 @@ class Trainer:
             acc = list(grads) if acc is None else [a + g for a, g in zip(acc, grads, strict=True)]
         a = len(micro_batches)
         mean_loss = ms.Tensor(np.array([loss_sum / a], np.float32))
-        reduced = self.reducer([g / a for g in acc] + [mean_loss])
+        with reducing():
+            reduced = self.reducer([g / a for g in acc] + [mean_loss])
+            loss = float(reduced[-1].asnumpy()[0])  # waits for the all-reduce
         self._update(ms.mutable(tuple(reduced[:-1])), ms.Tensor(lr, ms.float32))  # mutable: compile once
-        return float(reduced[-1].asnumpy()[0])
+        return loss
 
     def evaluate(self, dataset: Any, source: Any) -> tuple[float, float, float, int]:
         return evaluate_model(self.net, dataset, source, self.reducer)
@@ -473,10 +480,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                                     num_workers=args.num_parallel_workers))
     last_val: dict[str, float] = {}
 
-    def save(step: int, block: bool = False) -> None:
-        if rank != 0:
-            return
-        state = CheckpointState(
+    def checkpoint_state(step: int) -> CheckpointState:
+        return CheckpointState(
             step=step, epoch=step // plan.steps_per_epoch,
             samples_seen=step * lay.global_batch, global_batch=lay.global_batch,
             world_size=world_size, micro_batch=lay.micro_batch, grad_accum=lay.grad_accum,
@@ -486,6 +491,11 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                  "order": "numpy default_rng([seed, epoch]).permutation"},
             recipe=plan.recipe, top1=last_val.get("top1"), top5=last_val.get("top5"),
             val_loss=last_val.get("loss"))
+
+    def save(step: int, block: bool = False) -> None:
+        if rank != 0:
+            return
+        state = checkpoint_state(step)
         import mindspore as ms
 
         # PyNative launches the optimizer update asynchronously: wait for it, or the
@@ -505,6 +515,24 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
         last_val.update(top1=top1, top5=top5, loss=loss)
         hb.emit("val", step=step, top1=round(top1, 4), top5=round(top5, 4),
                 loss=round(loss, 6), images=n)
+
+    def say_last_words(step: int, snap: ckpt_payload.Snapshot) -> None:
+        """On the last-words thread, while the training thread waits in a dead all-reduce."""
+        with contextlib.suppress(CheckpointError):
+            ckpt.wait()  # rank 0's periodic save in flight; its failure is its own report
+        if (ckpt.dir / step_dir_name(step)).is_dir():
+            log(f"last words: step {step} is already saved")
+            return
+        t0 = time.perf_counter()
+        path = ckpt.write(checkpoint_state(step), lambda p: partial(ckpt_payload.write, p, snap))
+        hb.emit("checkpoint", step=step, path=str(path), ok=True, last_words=True,
+                save_seconds=round(time.perf_counter() - t0, 6))
+        log(f"last words: saved step {step} after a peer failed ({path})")
+
+    lw = last_words_for(world_size, say_last_words)
+
+    def reducing() -> ContextManager[Any]:
+        return lw.reducing(step) if lw is not None else contextlib.nullcontext()
 
     step = start
     steps_saved_at = start
@@ -531,12 +559,15 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                                            args.label_smoothing, args.mixup, args.cutmix,
                                            args.cutmix_prob, rng))
                 lr = lr_at(step, **lr_kw)
-                loss = trainer.step(micro, lr)
+                loss = trainer.step(micro, lr, reducing)
                 dt = time.perf_counter() - t0
                 t_train += dt
                 step += 1
-                if cache is not None and step == start + 1:
-                    cache.mark_complete()
+                if step == start + 1:
+                    if cache is not None:
+                        cache.mark_complete()
+                    if lw is not None and not arm_last_words(lw, trainer):
+                        lw = None
                 fields: dict[str, Any] = dict(
                     step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
                     images_per_second=round(lay.global_batch / dt, 2),
@@ -562,6 +593,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                 if saving:
                     save(step)
                     steps_saved_at = step
+                    if lw is not None and not arm_last_words(lw, trainer):
+                        lw = None  # the views again, in case storage moved
         except RuntimeError as e:
             if src.error is not None:
                 raise src.error from e
@@ -584,6 +617,32 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             ckpt_save_seconds=round(ckpt.total_save_seconds, 4), **(
                 {f"val_{k}": v for k, v in last_val.items()}))
     return 0
+
+
+def last_words_for(world_size: int,
+                   say: Callable[[int, ckpt_payload.Snapshot], None]) -> last_words.LastWords | None:
+    """Last words (workloads/volo/last_words.py) when the agent asks for them. BatchNorm
+    running statistics are then the survivor's own, not the mean a periodic checkpoint
+    takes (a collective): they are each rank's own between checkpoints anyway, feed no
+    gradient, and the next periodic checkpoint averages them again."""
+    request = os.environ.get(last_words.ENV)
+    if not request or world_size <= 1:
+        return None
+    return last_words.LastWords(request, say, log)
+
+
+def arm_last_words(lw: last_words.LastWords, trainer: Trainer) -> bool:
+    """Give ``lw`` fresh views of the state; False (and ``lw`` disarmed) where there are none."""
+    import mindspore as ms
+
+    ms.runtime.synchronize()
+    views = last_words.host_views(trainer.state_params())
+    if views is None:
+        lw.disarm()
+        log("last words: off (parameters are not in host memory)")
+        return False
+    lw.arm(views)
+    return True
 
 
 def _fail(hb: Heartbeat | None, message: str, echo: bool = True) -> None:
