@@ -407,13 +407,18 @@ def status(c: Ctx, job: str | None, output: str) -> None:
         click.echo(progress_line(st))
         if st.get("message"):
             click.echo(f"message: {st['message']}")
+        said: dict[int, list[str]] = {}
+        for e in st.get("events", []):
+            if e.get("kind") == "last_words":
+                said.setdefault(e["attempt"], []).append(e["rank"])
         for a in st.get("attempts", []):
             p = a["plan"]
             end = time.strftime("%H:%M:%S", time.localtime(a["ended"])) if a["ended"] else "-"
+            words = f" (last step saved by {', '.join(said[a['n']])})" if a["n"] in said else ""
             click.echo(f"  attempt {a['n']}: {p['devices']} dev micro {p['micro_batch']} "
                        f"accum {p['grad_accum']} start "
                        f"{time.strftime('%H:%M:%S', time.localtime(a['started']))} end {end} "
-                       f"{a['status']} {a['reason']}")
+                       f"{a['status']} {a['reason']}{words}")
         _print_outcome(st) if st["state"] in TERMINAL else None
     if st["state"] in ("FAILED", "CANCELLED"):
         sys.exit(EXIT_FAILED)

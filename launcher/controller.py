@@ -112,6 +112,7 @@ class Runtime:
     resize_to: int | None = None
     resize_after: float = 0.0
     checkpoint_ready: bool = False
+    last_words: set[str] = field(default_factory=set)  # ranks that saved as it failed
 
 
 def failure_streak(previous: int, progress: dict) -> int:
@@ -712,6 +713,7 @@ class Controller(JobQueries):
                 self._flush_progress(rt)
                 statuses = [r["status"] for r in results if r]
                 if any(s == "failed" for s in statuses):
+                    self._note_last_words(job_id, rt, results)
                     bad = next(r for r in results if r and r["status"] == "failed")
                     self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
                         "exit_code") not in NON_RETRYABLE_EXIT_CODES, in_place=True)
@@ -923,13 +925,23 @@ class Controller(JobQueries):
         if rt.pg is None or not rt.agents:
             return False
         try:
-            ray.get([a.stop.remote(3.0, "restarting in place", True, True)
-                     for a in rt.agents], timeout=20)
+            stopped = ray.get([a.stop.remote(3.0, "restarting in place", True, True)
+                               for a in rt.agents], timeout=20)
         except Exception as e:  # noqa: BLE001 - any agent error means: start afresh
             log.warning("job %s: no restart in place (%s)", rt.job_id, e)
             return False
+        self._note_last_words(rt.job_id, rt, stopped)
         self._held[rt.job_id] = HeldPlacement(rt.plan, rt.pg, rt.pg_name, rt.agents)
         return True
+
+    def _note_last_words(self, job_id: str, rt: Runtime, results: list[dict | None]) -> None:
+        """An event per rank that saved the last completed step as the attempt failed
+        (`fleet status` shows it; the next attempt resumes from that step)."""
+        for r in results:
+            if r and r.get("last_words") and r["last_words"] not in rt.last_words:
+                rt.last_words.add(r["last_words"])
+                self.store.add_event(job_id, "last_words", {"attempt": rt.attempt,
+                                                            "rank": r["last_words"]})
 
     def _teardown(self, rt: Runtime, failed: bool = False) -> None:
         """Stop ranks, kill agents, free the placement group. Best effort, bounded.

@@ -168,3 +168,23 @@ def test_local_cluster_session(proj):
     # Offline: the store still answers after the cluster is gone.
     r = fleet(home, "status", "smoke-1")
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout
+
+
+def test_status_names_the_rank_that_saved_the_last_step(tmp_path):
+    """Offline `fleet status` (no cluster: read from the store) marks the attempt whose
+    failure a surviving rank's last words covered."""
+    from launcher.store import Store
+
+    home = tmp_path / "home"
+    home.mkdir()
+    store = Store(home / "fleet.db")
+    job = store.add_job("lw", "TrainJob", {}, {}, 0)
+    plan = {"devices": 2, "micro_batch": 4, "grad_accum": 1, "slices": []}
+    store.add_attempt(job.id, plan, "pg")
+    store.end_attempt(job.id, 1, "failed", "rank-1 exited with signal 9")
+    store.add_event(job.id, "last_words", {"attempt": 1, "rank": "rank-0"})
+    store.add_attempt(job.id, plan, "pg")
+    out = run(["status", job.id], home).output
+    first, second = [ln for ln in out.splitlines() if ln.strip().startswith("attempt")]
+    assert "signal 9 (last step saved by rank-0)" in first, out
+    assert "saved" not in second

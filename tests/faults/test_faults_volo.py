@@ -121,6 +121,8 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
     # all-reduce: attempt 2 resumed from that step, past the periodic checkpoint (step 4)
     said = _last_words(fleet, j, 1)
     assert [e["rank"] for e in said] == [0], said
+    assert [(e["attempt"], e["rank"]) for e in st["events"] if e["kind"] == "last_words"] == \
+        [(1, "rank-0")], "fleet status shows who saved"
     resumed = lineage(fleet, j, 2).starts[1]["resumed_step"]
     assert resumed == said[0]["step"] >= 5, (resumed, said)
     assert cmp["steps_lost"] == 0, cmp
