@@ -123,3 +123,30 @@ def test_agent_asks_nobody_when_no_survivor_is_armed(tmp_path):
     assert a.poll()["last_words"] is None and time.time() - t0 < 5.0
     assert not list(Path(tmp_path).glob("*.said"))
     a.stop()
+
+
+class _Param:
+    """The two things host_views reads of a MindSpore Parameter."""
+
+    def __init__(self, name, arr, copies=False):
+        self.name, self.dtype, self.arr, self.copies = name, "Float32", arr, copies
+
+    def asnumpy(self):
+        return self.arr.copy() if self.copies else self.arr  # device memory: a copy
+
+    def data_ptr(self):
+        return self.arr.ctypes.data
+
+
+def test_views_only_where_parameters_live_in_host_memory(tmp_path):
+    from workloads.volo.last_words import host_views
+
+    p = _Param("w", np.ones(3, np.float32))
+    views = host_views([p])
+    assert views is not None and views[0][2] is p.arr
+    assert host_views([_Param("w", np.ones(3, np.float32), copies=True)]) is None
+    lw = LastWords(tmp_path / "r.last-words", lambda *a: None, print, exit=lambda c: None)
+    lw.arm(views)
+    assert lw.views_current([p])
+    p.arr = np.zeros(3, np.float32)  # set_data: new storage, the views are stale
+    assert not lw.views_current([p])

@@ -90,6 +90,14 @@ class LastWords:
             self._thread.start()
             Path(str(self.request) + ARMED_SUFFIX).touch()
 
+    def views_current(self, params: list[Any]) -> bool:
+        """Whether the armed views still cover ``params``' storage (0.09 ms for volo_tiny's
+        200 tensors, against 4.5 ms to take new views)."""
+        views = self._views
+        return views is not None and len(views) == len(params) and all(
+            not v.size or v.ctypes.data == p.data_ptr()
+            for (_, _, v), p in zip(views, params, strict=True))
+
     def disarm(self) -> None:
         with self._lock:
             self._views = None

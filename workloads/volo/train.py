@@ -593,8 +593,9 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                 if saving:
                     save(step)
                     steps_saved_at = step
-                    if lw is not None and not arm_last_words(lw, trainer):
-                        lw = None  # the views again, in case storage moved
+                    if lw is not None and not lw.views_current(trainer.state_params()) \
+                            and not arm_last_words(lw, trainer):
+                        lw = None  # a parameter's storage moved: new views, or none
         except RuntimeError as e:
             if src.error is not None:
                 raise src.error from e
