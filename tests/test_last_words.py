@@ -6,7 +6,6 @@ here the protocol with the agent, on plain numpy state and probe processes."""
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -80,6 +79,8 @@ req = Path(os.environ["FLEET_LAST_WORDS"])
 if sys.argv[1] == "fail":
     time.sleep(1.0)
     sys.exit(3)
+if sys.argv[1] == "unarmed":  # e.g. on an NPU: it never creates .armed
+    time.sleep(30)
 Path(str(req) + ".armed").touch()
 while not req.exists():
     time.sleep(0.01)
@@ -115,14 +116,24 @@ def test_agent_asks_one_armed_survivor_that_is_not_stopped(tmp_path):
 
 def test_agent_asks_nobody_when_no_survivor_is_armed(tmp_path):
     a = NodeAgent("j-lw2", 1, 0)
-    spec = _rank(tmp_path, 0, "answer")
-    spec["env"] = {}  # no FLEET_LAST_WORDS: the job has saveOnFailure off
-    a.start([spec, _rank(tmp_path, 1, "fail")])
+    a.start([_rank(tmp_path, 0, "unarmed"), _rank(tmp_path, 1, "fail")])
     t0 = time.time()
     _wait(lambda: a.poll()["status"] == "failed")
-    assert a.poll()["last_words"] is None and time.time() - t0 < 5.0
-    assert not list(Path(tmp_path).glob("*.said"))
+    r = a.poll()
+    assert "rank-1 exited with exit code 3" in r["reason"]  # rank 0 was alive to be asked
+    assert r["last_words"] is None and time.time() - t0 < 5.0  # no wait for an answer
+    assert not (tmp_path / "rank-0.last-words").exists()
     a.stop()
+
+
+def test_rearming_after_a_disarm_announces_it_again(tmp_path):
+    lw = LastWords(tmp_path / "r.last-words", lambda *a: None, print, exit=lambda c: None)
+    views = [("w", "Float32", np.zeros(2, np.float32))]
+    lw.arm(views)
+    lw.disarm()
+    assert not (tmp_path / "r.last-words.armed").exists()
+    lw.arm(views)
+    assert (tmp_path / "r.last-words.armed").exists()
 
 
 class _Param:

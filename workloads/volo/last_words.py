@@ -88,7 +88,7 @@ class LastWords:
             self._thread = threading.Thread(target=self._listen, daemon=True,
                                             name="last-words")
             self._thread.start()
-            Path(str(self.request) + ARMED_SUFFIX).touch()
+        Path(str(self.request) + ARMED_SUFFIX).touch()  # again after a disarm
 
     def views_current(self, params: list[Any]) -> bool:
         """Whether the armed views still cover ``params``' storage (0.09 ms for volo_tiny's
