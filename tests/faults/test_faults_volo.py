@@ -73,9 +73,11 @@ def reference(fleet):
 
 
 def _last_words(fleet, j, attempt: int) -> list[dict]:
-    """The last-words checkpoints that the ranks of `attempt` saved."""
+    """The last words the ranks of `attempt` said: a checkpoint of the last completed step,
+    or (when the fault came just after a periodic checkpoint of that step) that it was saved."""
     return [e for rank in range(2) for e in fleet.heartbeats(j, attempt, rank)
-            if e.get("event") == "checkpoint" and e.get("last_words")]
+            if (e.get("event") == "checkpoint" and e.get("last_words"))
+            or e.get("event") == "last_words"]
 
 
 def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
@@ -118,7 +120,8 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
                  note=f"{st['attempts'][0]['reason']}; attempts "
                       f"{[a['status'] for a in st['attempts']]}; last words")
     # rank 0 saved the last step both ranks completed while it waited in the dead
-    # all-reduce: attempt 2 resumed from that step, past the periodic checkpoint (step 4)
+    # all-reduce (or found it saved, if step 6's periodic checkpoint came first): attempt 2
+    # resumed from that step, past the periodic checkpoint of step 4
     said = _last_words(fleet, j, 1)
     assert [e["rank"] for e in said] == [0], said
     assert [(e["attempt"], e["rank"]) for e in st["events"] if e["kind"] == "last_words"] == \
@@ -157,6 +160,7 @@ def test_node_loss_shrinks_then_grows_back(fleet, reference):
                  note=f"attempts {statuses}, devices "
                       f"{[a['plan']['devices'] for a in st['attempts']]}")
     # the rank on the surviving node saved the last completed step before it was stopped
+    # (or found it saved: the node may go just after a periodic checkpoint, as in one CI run)
     said = _last_words(f, j, 1)
     assert len(said) == 1 and said[0]["step"] >= 3, said
     assert lineage(f, j, 2).starts[1]["resumed_step"] == said[0]["step"]

@@ -521,6 +521,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
         with contextlib.suppress(CheckpointError):
             ckpt.wait()  # rank 0's periodic save in flight; its failure is its own report
         if (ckpt.dir / step_dir_name(step)).is_dir():
+            # the periodic checkpoint covered it: say so, without a second checkpoint event
+            hb.emit("last_words", step=step, saved=False)
             log(f"last words: step {step} is already saved")
             return
         t0 = time.perf_counter()
