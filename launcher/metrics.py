@@ -68,6 +68,9 @@ class FleetSnapshot:
     """
 
     devices_total: int | None = None
+    # Free devices by the controller's ledger (placements it holds count as used, a job
+    # waiting in RESTARTING for devices does not); None: derive from the heartbeats.
+    devices_free: int | None = None
     # Controller's view of job states (includes jobs still queued, which have
     # no heartbeat yet); overrides the heartbeat-derived state per job.
     job_states: dict[str, str] = field(default_factory=dict)
@@ -85,6 +88,8 @@ def snapshot_from_controller(
     snap = FleetSnapshot()
     if cluster and isinstance(cluster.get("devices"), int):
         snap.devices_total = int(cluster["devices"])
+        if isinstance(cluster.get("free"), int):
+            snap.devices_free = min(max(int(cluster["free"]), 0), snap.devices_total)
     for job in jobs:
         job_id = str(job.get("id", ""))
         state = CONTROLLER_STATES.get(str(job.get("state", "")))
@@ -309,6 +314,10 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
     for s, n in counts.items():
         jobs_f.add_metric([s], n)
     devices_f = _gauge("fleet_devices", "Devices by state (free needs the fleet size).", ["state"])
+    if snap.devices_total is not None and snap.devices_free is not None:
+        # The heartbeats would still count a job that gave its devices back and waits for
+        # new ones (RESTARTING) at its last world size.
+        used_devices = snap.devices_total - snap.devices_free
     devices_f.add_metric(["used"], used_devices)
     if snap.devices_total is not None:
         devices_f.add_metric(["free"], max(snap.devices_total - used_devices, 0))

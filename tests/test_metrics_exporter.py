@@ -204,8 +204,10 @@ def test_watch_home_follows_new_jobs_and_controller_states(tmp_path):
         {"id": "queued-2", "state": "PENDING", "created": 9.0},
         {"id": "odd-3", "state": "SOMETHING_NEW"},
     ]
+    # a-1 is RESTARTING: it gave its 2 devices back, so the controller's ledger has all 8
+    # free although its last heartbeat says 2 ranks
     exp = MetricsExporter(
-        fleet=lambda: snapshot_from_controller(controller_jobs, {"devices": 8, "free": 6})
+        fleet=lambda: snapshot_from_controller(controller_jobs, {"devices": 8, "free": 8})
     )
     exp.watch_home(tmp_path)
     got = samples(generate_latest(exp.registry).decode())
@@ -213,7 +215,8 @@ def test_watch_home_follows_new_jobs_and_controller_states(tmp_path):
     assert got[("fleet_queue_wait_seconds", (("job_name", "a-1"),))] == 5.0
     assert got[("fleet_jobs", (("state", "recovering"),))] == 1
     assert got[("fleet_jobs", (("state", "pending"),))] == 1
-    assert got[("fleet_devices", (("state", "free"),))] == 6
+    assert got[("fleet_devices", (("state", "free"),))] == 8
+    assert got[("fleet_devices", (("state", "used"),))] == 0
     assert not any(lab and ("job_name", "Not_A_Job") in lab for _, lab in got)
     # A job that appears after the exporter started is picked up at the next scrape.
     write_lines(jobs / "b-2" / "attempt-0" / "rank-0.heartbeat.jsonl", [start(20.0)])
