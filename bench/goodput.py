@@ -95,6 +95,7 @@ def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[floa
                        "ckpt_gaps", "step_gaps", "in_flight", "after_start"), 0.0)
     after_start: set[tuple[int, int]] = set()
     first_steps: list[list[float]] = []  # each attempt's first 15 step times, to read the above
+    series: list[list] = []  # per attempt: [s since its first step, step s, split] of every step
     prev_end = None
     for a, evs in zip(atts, lin.attempts, strict=False):
         steps = [e for e in evs if e.get("event") == "step"]
@@ -108,6 +109,8 @@ def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[floa
             b["rank_init"] += (s0["ts"] - s0["step_seconds"]) - a["started"]
             b["compile"] += max(0.0, s0["step_seconds"] - median)
             first_steps.append([round(e["step_seconds"], 3) for e in steps[:15]])
+            series.append([[round(e["ts"] - s0["ts"], 2), round(e["step_seconds"], 3),
+                            e.get("split")] for e in steps])
             after_start |= {(e["attempt"], e["step"]) for e in steps[1:]
                             if e["ts"] - e["step_seconds"] < s0["ts"] + AFTER_START_S}
         end = a["ended"] or t_end
@@ -147,7 +150,7 @@ def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[floa
             "committed_steps": len(lin.committed), "steps_lost": lin.steps_lost,
             "median_step_s": round(median, 4), "lost": b, "init_split": split,
             "compile_cache": [start.get("compile_cache", "off") for start in lin.starts],
-            "first_steps": first_steps,
+            "first_steps": first_steps, "series": series,
             "restarts_in_place": [bool(e.get("in_place")) for e in st.get("events", [])
                                   if e.get("kind") == "launched"][1:],
             "from_standby": [len(e.get("from_standby") or []) for e in st.get("events", [])

@@ -93,12 +93,17 @@ def test_heartbeat_contract(reference):
                                   "resumed_step")} == dict(world_size=1, micro_batch=8,
                                                           grad_accum=1, global_batch=8,
                                                           resumed_step=0)
+    # CPU ranks run PyNative ops on their own thread (workloads/volo/runtime_env.py)
+    assert start["host_pipeline"] == "blocking"
     steps = _events(hb, "step")
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
     for s in steps:
         assert {"ts", "rank", "attempt", "epoch", "loss", "lr", "images_per_second",
-                "step_seconds", "samples_seen", "sample_hash"} <= set(s)
+                "step_seconds", "samples_seen", "sample_hash", "split"} <= set(s)
         assert s["samples_seen"] == 8 * s["step"] and len(s["sample_hash"]) == 64
+        # where the step went; the parts add up to no more than the step
+        assert set(s["split"]) == {"data", "grad", "reduce", "update"}
+        assert 0 < sum(s["split"].values()) <= s["step_seconds"] + 1e-3
     assert len({s["sample_hash"] for s in steps}) == 6
     ck = _events(hb, "checkpoint")
     assert [c["step"] for c in ck] == [3, 6] and all(c["ok"] for c in ck)

@@ -52,6 +52,7 @@ from workloads.volo.data import (
     train_dataset,
 )
 from workloads.volo.report import Heartbeat, log
+from workloads.volo.runtime_env import host_blocking_on_cpu, host_pipeline
 from workloads.volo.sampling import GlobalBatchSampler, LayoutError, resolve_layout
 
 __all__ = ["evaluate_model", "lr_at", "main"]
@@ -185,6 +186,7 @@ def _set_threads(n: int | None) -> None:
 
 
 def _configure_mindspore(args: argparse.Namespace) -> None:
+    host_blocking_on_cpu(args.device_target)  # before the first op; main() set it earlier
     import mindspore as ms
 
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the step functions are compiled with ms.jit
@@ -274,6 +276,7 @@ class Trainer:
                                        weight_decay=args.weight_decay,
                                        use_nesterov=args.use_nesterov)
         self.reducer = MeanAllReduce(world_size)
+        self.last_split: dict[str, float] = {}
         self._running_stats = [p for p in self.net.get_parameters() if "moving_" in p.name]
         steps = _make_step_cell(self.net, self.opt)
         compiled = args.mode == 0
@@ -294,18 +297,23 @@ class Trainer:
                 out.append(p)
         return out
 
-    def average_running_stats(self) -> None:
+    def average_running_stats(
+            self, reducing: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
         """Make every rank's BatchNorm running statistics their mean across ranks.
 
         Each rank updates them from its own micro-batches only, so without this the
         ranks hold different models for inference: a validation across ranks scores a
         mix of them, and the checkpoint (rank 0's) scores differently from what the
-        train loop reported (timm's `--dist-bn reduce` does the same)."""
+        train loop reported (timm's `--dist-bn reduce` does the same). ``reducing()`` is
+        entered for the all-reduce, as in step(): a peer lost here leaves the last step's
+        state intact for last words (the statistics assigned after it are not yet)."""
         stats = self._running_stats
         if self.reducer.world_size <= 1 or not stats:
             return
         ops = self.ops
-        for p, mean in zip(stats, self.reducer([p.value() for p in stats]), strict=True):
+        with reducing():
+            means = self.reducer([p.value() for p in stats])
+        for p, mean in zip(stats, means, strict=True):
             # Copy into the parameter's memory: set_data would give the Python side a new
             # buffer while the compiled step went on updating the old one (measured: the
             # saved statistics froze at the first average and top-1 fell to 24%).
@@ -330,16 +338,23 @@ class Trainer:
         ms = self.ms
         acc = None
         loss_sum = 0.0
+        t0 = time.perf_counter()
         for x, t in micro_batches:
             loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
             loss_sum += float(loss.asnumpy())
             acc = list(grads) if acc is None else [a + g for a, g in zip(acc, grads, strict=True)]
         a = len(micro_batches)
         mean_loss = ms.Tensor(np.array([loss_sum / a], np.float32))
+        t1 = time.perf_counter()
         with reducing():
             reduced = self.reducer([g / a for g in acc] + [mean_loss])
             loss = float(reduced[-1].asnumpy()[0])  # waits for the all-reduce
+        t2 = time.perf_counter()
         self._update(ms.mutable(tuple(reduced[:-1])), ms.Tensor(lr, ms.float32))  # mutable: compile once
+        # where a slow step's time went: own compute, waiting for the slowest peer, the update
+        # (on an NPU the update is only launched here)
+        self.last_split = {"grad": round(t1 - t0, 4), "reduce": round(t2 - t1, 4),
+                           "update": round(time.perf_counter() - t2, 4)}
         return loss
 
     def evaluate(self, dataset: Any, source: Any) -> tuple[float, float, float, int]:
@@ -467,6 +482,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             total_steps=plan.total_steps, stop_step=plan.stop_step,
             compile_cache=cache.status if cache else "off",
             compile_cache_from=cache.source if cache else "none",
+            host_pipeline=host_pipeline(),
             init_seconds={k: round(v, 3) for k, v in init.items()})
     log(f"rank {rank}/{world_size}: G={lay.global_batch} = {world_size} x {lay.micro_batch} x "
         f"{lay.grad_accum}, {plan.steps_per_epoch} steps/epoch, steps {start}->{plan.stop_step}")
@@ -561,6 +577,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                                            args.label_smoothing, args.mixup, args.cutmix,
                                            args.cutmix_prob, rng))
                 lr = lr_at(step, **lr_kw)
+                t_data = time.perf_counter() - t0
                 loss = trainer.step(micro, lr, reducing)
                 dt = time.perf_counter() - t0
                 t_train += dt
@@ -573,7 +590,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                 fields: dict[str, Any] = dict(
                     step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
                     images_per_second=round(lay.global_batch / dt, 2),
-                    step_seconds=round(dt, 4), samples_seen=step * lay.global_batch)
+                    step_seconds=round(dt, 4), samples_seen=step * lay.global_batch,
+                    split={"data": round(t_data, 4), **trainer.last_split})
                 if rank == 0:
                     fields["sample_hash"] = sampler.sample_hash(sampler.step_indices(step - 1))
                 hb.emit("step", **fields)
@@ -589,7 +607,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                 saving = bool(by_steps or by_epoch) and step < plan.stop_step
                 if validating or saving:
                     # once for both, on every rank alike: it is a collective
-                    trainer.average_running_stats()
+                    trainer.average_running_stats(reducing)
                 if validating:
                     validate(step)
                 if saving:
@@ -607,7 +625,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
     if step != steps_saved_at:
         # A collective: decided on what every rank knows alike (a glob of the checkpoint
         # dir may differ between ranks while rank 0's last save is still being written).
-        trainer.average_running_stats()
+        trainer.average_running_stats(reducing)
     if step != steps_saved_at or not any(plan.ckpt_dir.glob("step-*")):
         save(step, block=True)
     ckpt.wait()
@@ -680,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         env_override(args, os.environ)
         _set_threads(args.num_threads)
+        host_blocking_on_cpu(args.device_target)
         warnings = _check_supported(args)
         try:
             attempt = int(os.environ.get("FLEET_ATTEMPT", "0"))

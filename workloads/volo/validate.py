@@ -19,6 +19,7 @@ from workloads.volo.checkpoint import MODEL_FILE, latest_valid, list_checkpoints
 from workloads.volo.config import ConfigError, env_override, parse_args
 from workloads.volo.data import DataError, eval_dataset, scan_image_folder
 from workloads.volo.report import log
+from workloads.volo.runtime_env import host_blocking_on_cpu
 
 __all__ = ["main", "resolve_checkpoint"]
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         env_override(args, os.environ)
         if args.num_threads:
             os.environ["OMP_NUM_THREADS"] = str(args.num_threads)
+        host_blocking_on_cpu(args.device_target)
         model_file = resolve_checkpoint(args.ckpt_path)
         index = scan_image_folder(Path(args.data_dir) / args.val_split)
         num_classes = args.num_classes or len(index.classes)

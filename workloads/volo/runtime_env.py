@@ -1,0 +1,27 @@
+"""Process-wide MindSpore runtime settings that must be in the environment before the
+first op runs (train, validate)."""
+
+from __future__ import annotations
+
+import os
+
+HOST_BLOCKING_ENV = "MS_DEV_HOST_BLOCKING_RUN"
+
+
+def host_blocking_on_cpu(device_target: str) -> None:
+    """On CPU, run MindSpore's PyNative ops on the calling thread (MS_DEV_HOST_BLOCKING_RUN=1).
+
+    By default they go through an asynchronous host pipeline whose waits busy-spin
+    (runtime_pipeline's AsyncRQueue::Wait: `while (!queue.IsEmpty()) {}`, measured with
+    perf). On CPU the kernels need the very cores that spin: a VOLO-tiny step took 0.49 s
+    on one rank and 0.82 s on two ranks sharing 2 cores, and 0.175 s / 0.25 s blocking,
+    with bit-identical losses (bench/step_pipeline.py). On an NPU the pipeline overlaps host
+    dispatch with device work and stays on. Read at the first op, so setting it after
+    `import mindspore` (a standby process) still counts; an explicit value wins."""
+    if device_target == "CPU":
+        os.environ.setdefault(HOST_BLOCKING_ENV, "1")
+
+
+def host_pipeline() -> str:
+    """"blocking" or "async": how this process runs PyNative ops (the heartbeat reports it)."""
+    return "blocking" if os.environ.get(HOST_BLOCKING_ENV) == "1" else "async"
