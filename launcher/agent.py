@@ -97,10 +97,8 @@ class NodeAgent:
         self.job_id = job_id
         self.attempt = attempt
         self.index = index
-        # standby processes, spawned as soon as an attempt's ranks are: their imports run at
-        # idle priority (launcher/standby.py), so they use the cores while the ranks wait in
-        # the cluster join (MindSpore's fixed 3 s, README) instead of slowing the first
-        # steps, as they did when spawned after the first step (bench/goodput.py)
+        # standby processes, spawned once the attempt's first step is done (they would
+        # compete with the ranks' own imports and compile before that)
         self.standby = standby
         # (key, label of the rank it was spawned from, process)
         self._standbys: list[tuple[str, str, subprocess.Popen]] = []
@@ -121,6 +119,7 @@ class NodeAgent:
         self._monitor: threading.Thread | None = None
         self._stopping = False
         self._started_at = 0.0
+        self._standby_spawned = False
         self._last_words: str | None = None  # the rank that saved the last completed step
 
     # -- info --------------------------------------------------------------
@@ -178,8 +177,6 @@ class NodeAgent:
                 self._procs[r.label] = p
             self._release_standbys()  # what is left matches no rank of this attempt
             self._status = "running"
-            if self.standby:
-                self._spawn_standbys()
             self._monitor = threading.Thread(target=self._watch, args=(self._generation,),
                                              daemon=True, name=f"agent-{self.job_id}")
             self._monitor.start()
@@ -222,6 +219,7 @@ class NodeAgent:
         """One standby per rank of this attempt, for the next restart in place. Runs on the
         caller's thread: PDEATHSIG fires when the spawning *thread* ends, and the actor's
         request threads live as long as the actor."""
+        self._standby_spawned = True
         for r in self._ranks:
             if module_of(r.argv) is None:
                 continue
@@ -341,6 +339,12 @@ class NodeAgent:
                 if new:
                     self._last_hb[label] = time.time()
                 events += new
+            # A rank that failed right after its first step still gets its standby: on a
+            # busy node the poll that sees the step can come after the failure.
+            if (self.standby and not self._standby_spawned and not self._stopping
+                    and self._status in ("running", "failed")
+                    and any(e.get("event") == "step" for e in events)):
+                self._spawn_standbys()
             if len(events) > MAX_EVENTS_PER_POLL:
                 # Keep every non-step event and the newest step events.
                 keep = [e for e in events if e.get("event") != "step"]

@@ -231,7 +231,12 @@ def test_agent_restarts_in_place_from_a_standby_process(tmp_path):
 
     a = NodeAgent("j-sb", 1, 0, standby=True)
     a.start([_probe(tmp_path, 1, 30, 0)])
-    (standby,) = a.standbys()  # spawned with the rank, to import while it starts
+    assert a.standbys() == []  # none before the attempt's first step
+    deadline = time.time() + 20
+    while not a.standbys() and time.time() < deadline:
+        a.poll()  # the step event makes the agent spawn the standby
+        time.sleep(0.1)
+    (standby,) = a.standbys()
     a.stop(grace=1.0, keep_standbys=True)
     assert a.standbys() == [standby]
 
@@ -250,8 +255,9 @@ def test_agent_restarts_in_place_from_a_standby_process(tmp_path):
                    "argv": ["0", "5"], "import_policy": os.SCHED_IDLE,
                    "run_policy": os.SCHED_OTHER}
 
-    # attempt 2 failed right after its step, before any poll saw it running: its standby
-    # is there all the same. A signal death is reported as one, as for a rank started cold.
+    # attempt 2 failed right after its step, before any poll saw it running: the poll
+    # that reports the failure still spawns its standby. A signal death is reported as
+    # one, as for a rank started cold.
     a.stop(grace=1.0, keep_standbys=True)
     (standby,) = a.standbys()
     res = a.start([_probe(tmp_path, 4, 30, 0)], attempt=4)
