@@ -13,8 +13,8 @@ def host_blocking_on_cpu(device_target: str) -> None:
 
     By default they go through an asynchronous host pipeline whose waits busy-spin
     (runtime_pipeline's AsyncRQueue::Wait: `while (!queue.IsEmpty()) {}`, measured with
-    perf). On CPU the kernels need the very cores that spin: a VOLO-tiny step took 0.49 s
-    on one rank and 0.82 s on two ranks sharing 2 cores, and 0.175 s / 0.25 s blocking,
+    perf). On CPU the kernels need the very cores that spin: VOLO-tiny steps ran 1.6x
+    faster blocking on one rank and 2.9x with two ranks sharing 2 cores (0.78 -> 0.27 s),
     with bit-identical losses (bench/step_pipeline.py). On an NPU the pipeline overlaps host
     dispatch with device work and stays on. Read at the first op, so setting it after
     `import mindspore` (a standby process) still counts; an explicit value wins."""
