@@ -164,7 +164,17 @@ def test_node_loss_shrinks_then_grows_back(fleet, reference):
     said = _last_words(f, j, 1)
     assert len(said) == 1 and said[0]["step"] >= 3, said
     assert lineage(f, j, 2).starts[1]["resumed_step"] == said[0]["step"]
-    assert cmp["steps_lost"] == 0, cmp
+    # ... which is every step it completed
+    survivor = said[0]["rank"]
+    done = max(e["step"] for e in f.heartbeats(j, 1, survivor) if e.get("event") == "step")
+    assert said[0]["step"] == done, (said, done)
+    # Steps lost are counted from rank 0's heartbeats. When rank 0 was on the lost node it
+    # may have finished one step more than the survivor: an all-reduce can complete on one
+    # side before its last message reaches the other (seen in a CI run with 0.05 s steps).
+    # That step's gradients never reached the survivor, so it is redone; no sample is
+    # replayed (_check).
+    r0_done = max(e["step"] for e in f.heartbeats(j, 1, 0) if e.get("event") == "step")
+    assert cmp["steps_lost"] == r0_done - done <= 1, (survivor, r0_done, done, cmp)
     assert statuses[0] == "failed" and "lost" in st["attempts"][0]["reason"]
     history = [(a["status"], a["plan"]["devices"], a["reason"]) for a in st["attempts"]]
     assert grew, f"no grow back to 2 devices: {history}"
