@@ -108,9 +108,9 @@ def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[floa
             firsts.add((a["n"], s0["step"]))
             b["rank_init"] += (s0["ts"] - s0["step_seconds"]) - a["started"]
             b["compile"] += max(0.0, s0["step_seconds"] - median)
-            first_steps.append([round(e["step_seconds"], 3) for e in steps[:15]])
             series.append([[round(e["ts"] - s0["ts"], 2), round(e["step_seconds"], 3),
                             e.get("split")] for e in steps])
+            first_steps.append([r[1] for r in series[-1][:15]])
             after_start |= {(e["attempt"], e["step"]) for e in steps[1:]
                             if e["ts"] - e["step_seconds"] < s0["ts"] + AFTER_START_S}
         end = a["ended"] or t_end

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,10 @@ sys.path.insert(0, str(REPO))
 SETTLE = 15  # steps left out of the median: the first compiles, the next ones warm up
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(world: int, blocking: bool, steps: int, data: Path, out: Path,
         timeout: float) -> dict:
+    from metrics_prometheus import free_port  # the suite's loopback port picker
+
     hb = out / "hb.jsonl"
     env = dict(os.environ, FLEET_HEARTBEAT=str(hb), MS_DEV_HOST_BLOCKING_RUN="1" if blocking else "0",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")

@@ -80,6 +80,11 @@ def _last_words(fleet, j, attempt: int) -> list[dict]:
             or e.get("event") == "last_words"]
 
 
+def _last_step(fleet, j, attempt: int, rank: int) -> int:
+    """The last optimizer step `rank` completed in `attempt`."""
+    return max(e["step"] for e in fleet.heartbeats(j, attempt, rank) if e.get("event") == "step")
+
+
 def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
            note: str = "") -> dict:
     lin = lineage(fleet, j, len(st["attempts"]))
@@ -166,14 +171,14 @@ def test_node_loss_shrinks_then_grows_back(fleet, reference):
     assert lineage(f, j, 2).starts[1]["resumed_step"] == said[0]["step"]
     # ... which is every step it completed
     survivor = said[0]["rank"]
-    done = max(e["step"] for e in f.heartbeats(j, 1, survivor) if e.get("event") == "step")
+    done = _last_step(f, j, 1, survivor)
     assert said[0]["step"] == done, (said, done)
     # Steps lost are counted from rank 0's heartbeats. When rank 0 was on the lost node it
     # may have finished one step more than the survivor: an all-reduce can complete on one
     # side before its last message reaches the other (seen in a CI run with 0.05 s steps).
     # That step's gradients never reached the survivor, so it is redone; no sample is
     # replayed (_check).
-    r0_done = max(e["step"] for e in f.heartbeats(j, 1, 0) if e.get("event") == "step")
+    r0_done = _last_step(f, j, 1, 0)
     assert cmp["steps_lost"] == r0_done - done <= 1, (survivor, r0_done, done, cmp)
     assert statuses[0] == "failed" and "lost" in st["attempts"][0]["reason"]
     history = [(a["status"], a["plan"]["devices"], a["reason"]) for a in st["attempts"]]

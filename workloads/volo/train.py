@@ -186,7 +186,7 @@ def _set_threads(n: int | None) -> None:
 
 
 def _configure_mindspore(args: argparse.Namespace) -> None:
-    host_blocking_on_cpu(args.device_target)  # before the first op; main() set it earlier
+    host_blocking_on_cpu(args.device_target)  # before the first op
     import mindspore as ms
 
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the step functions are compiled with ms.jit
@@ -698,7 +698,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         env_override(args, os.environ)
         _set_threads(args.num_threads)
-        host_blocking_on_cpu(args.device_target)
         warnings = _check_supported(args)
         try:
             attempt = int(os.environ.get("FLEET_ATTEMPT", "0"))
