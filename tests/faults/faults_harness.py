@@ -321,17 +321,27 @@ class Lineage:
     point were redone (steps lost = wasted work); the rest are the committed chain.
     """
 
-    committed: dict[int, dict] = field(default_factory=dict)  # step -> rank-0 step event
+    committed: dict[int, dict] = field(default_factory=dict)  # step -> its step event
     steps_lost: int = 0
     gaps: list[int] = field(default_factory=list)  # resumed past steps nobody ran
     starts: list[dict] = field(default_factory=list)
     attempts: list[list[dict]] = field(default_factory=list)
 
 
-def lineage(fleet: Fleet, job_id: str, n_attempts: int) -> Lineage:
+def lineage(fleet: Fleet, job_id: str, n_attempts: int, all_ranks: bool = False) -> Lineage:
+    """``all_ranks``: also take a step from another rank's heartbeat where rank 0 logged none
+    (data-parallel ranks that all-reduce: a step any rank completed had every rank's
+    gradients, and a rank can die between the all-reduce and its heartbeat)."""
     lin = Lineage()
     for n in range(1, n_attempts + 1):
         evs = fleet.heartbeats(job_id, n)
+        if all_ranks:
+            have = {e["step"] for e in evs if e.get("event") == "step"}
+            for path in sorted(fleet.attempt_dir(job_id, n).glob("rank-*.heartbeat.jsonl")):
+                more = [e for e in read_events(path)
+                        if e.get("event") == "step" and e["step"] not in have]
+                have |= {e["step"] for e in more}
+                evs = evs + more
         lin.attempts.append(evs)
         start = next((e for e in evs if e.get("event") == "start"), None)
         if start is None:

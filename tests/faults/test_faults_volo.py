@@ -26,7 +26,7 @@ from faults_harness import (
     wait_checkpoint,
 )
 
-STEPS = 12
+STEPS = 60  # the shrunk attempt must outlast a node coming back (steps are ~0.15-0.3 s)
 G = 8
 
 
@@ -35,7 +35,7 @@ def volo_doc(name: str, ckpt_every: int = 2, max_restarts: int = 3) -> dict:
         "apiVersion": "fleet/v1", "kind": "TrainJob", "metadata": {"name": name},
         "spec": {
             "workload": "volo", "config": "recipe.yaml",
-            "overrides": {"max_steps": STEPS, "epoch_size": 2, "num_parallel_workers": 1,
+            "overrides": {"max_steps": STEPS, "epoch_size": 6, "num_parallel_workers": 1,
                           "val_while_train": False, "warmup_epochs": 0, "lr": 0.001},
             "data": {"dir": "data"},
             "resources": {"deviceType": "CPU", "devices": {"min": 1, "max": 2},
@@ -66,7 +66,7 @@ def reference(fleet):
     st = fleet.wait_done(j, timeout=300)
     assert st["state"] == "SUCCEEDED", st["message"]
     assert len(st["attempts"]) == 1 and st["attempts"][0]["plan"]["devices"] == 2
-    ref = lineage(fleet, j, 1)
+    ref = lineage(fleet, j, 1, all_ranks=True)
     assert sorted(ref.committed) == list(range(1, STEPS + 1))
     assert all(e.get("sample_hash") for e in ref.committed.values())
     return ref
@@ -87,7 +87,7 @@ def _last_step(fleet, j, attempt: int, rank: int) -> int:
 
 def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
            note: str = "") -> dict:
-    lin = lineage(fleet, j, len(st["attempts"]))
+    lin = lineage(fleet, j, len(st["attempts"]), all_ranks=True)
     cmp = compare_to_reference(lin, ref, STEPS, G)
     ok = st["state"] == "SUCCEEDED" and not (cmp["missing"] or cmp["extra"] or cmp["bad_hash"]
                                              or cmp["bad_loss"] or cmp["gaps"])
@@ -131,7 +131,7 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
     assert [e["rank"] for e in said] == [0], said
     assert [(e["attempt"], e["rank"]) for e in st["events"] if e["kind"] == "last_words"] == \
         [(1, "rank-0")], "fleet status shows who saved"
-    resumed = lineage(fleet, j, 2).starts[1]["resumed_step"]
+    resumed = lineage(fleet, j, 2, all_ranks=True).starts[1]["resumed_step"]
     assert resumed == said[0]["step"] >= 5, (resumed, said)
     assert cmp["steps_lost"] == 0, cmp
 
@@ -168,18 +168,20 @@ def test_node_loss_shrinks_then_grows_back(fleet, reference):
     # (or found it saved: the node may go just after a periodic checkpoint, as in one CI run)
     said = _last_words(f, j, 1)
     assert len(said) == 1 and said[0]["step"] >= 3, said
-    assert lineage(f, j, 2).starts[1]["resumed_step"] == said[0]["step"]
+    assert lineage(f, j, 2, all_ranks=True).starts[1]["resumed_step"] == said[0]["step"]
     # ... which is every step it completed
     survivor = said[0]["rank"]
     done = _last_step(f, j, 1, survivor)
     assert said[0]["step"] == done, (said, done)
-    # Steps lost are counted from rank 0's heartbeats. When rank 0 was on the lost node it
-    # may have finished one step more than the survivor: an all-reduce can complete on one
-    # side before its last message reaches the other (seen in a CI run with 0.05 s steps).
-    # That step's gradients never reached the survivor, so it is redone; no sample is
-    # replayed (_check).
+    # When rank 0 was on the lost node, the two ranks' last steps can differ by one either
+    # way. Rank 0 may have finished one more: an all-reduce can complete on one side before
+    # its last message reaches the other (seen in a CI run with 0.05 s steps); that step's
+    # gradients never reached the survivor, so it is redone (one step lost, no sample
+    # replayed: _check). Or rank 0 died after the all-reduce but before its heartbeat (seen
+    # locally): the survivor's heartbeat logs that step, and nothing is lost.
     r0_done = _last_step(f, j, 1, 0)
-    assert cmp["steps_lost"] == r0_done - done <= 1, (survivor, r0_done, done, cmp)
+    assert abs(r0_done - done) <= 1, (survivor, r0_done, done)
+    assert cmp["steps_lost"] == max(0, r0_done - done), (survivor, r0_done, done, cmp)
     assert statuses[0] == "failed" and "lost" in st["attempts"][0]["reason"]
     history = [(a["status"], a["plan"]["devices"], a["reason"]) for a in st["attempts"]]
     assert grew, f"no grow back to 2 devices: {history}"

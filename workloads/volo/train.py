@@ -590,14 +590,13 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                         cache.mark_complete()
                     if lw is not None and not arm_last_words(lw, trainer):
                         lw = None
-                fields: dict[str, Any] = dict(
-                    step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
-                    images_per_second=round(lay.global_batch / dt, 2),
-                    step_seconds=round(dt, 4), samples_seen=step * lay.global_batch,
-                    split={"data": round(t_data, 4), **trainer.last_split})
-                if rank == 0:
-                    fields["sample_hash"] = sampler.sample_hash(sampler.step_indices(step - 1))
-                hb.emit("step", **fields)
+                # the global batch's hash on every rank: a rank that dies just after an
+                # all-reduce leaves its step logged by the others only
+                hb.emit("step", step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
+                        images_per_second=round(lay.global_batch / dt, 2),
+                        step_seconds=round(dt, 4), samples_seen=step * lay.global_batch,
+                        sample_hash=sampler.sample_hash(sampler.step_indices(step - 1)),
+                        split={"data": round(t_data, 4), **trainer.last_split})
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr")
                 epoch_end = step % plan.steps_per_epoch == 0
