@@ -18,6 +18,8 @@ import traceback
 
 import numpy as np
 
+from workloads.volo.runtime_env import host_blocking_on_cpu, host_pipeline
+
 
 def timed(fn, warmup: int, steps: int) -> float:
     for _ in range(warmup):
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--skip-mindcv", action="store_true")
     args = parser.parse_args()
+    host_blocking_on_cpu("CPU")  # as the train loop runs on CPU; before MindSpore's first op
     threads = os.cpu_count() or 1
     rng = np.random.RandomState(0)
     x = rng.randn(args.batch, 3, 224, 224).astype(np.float32)
@@ -111,7 +114,8 @@ def main() -> None:
     for mode in ("graph", "pynative"):
         results[f"ours ({mode})"] = bench_ours(args.model, mode, x, y, args.steps)
     ref = results["timm (torch)"]
-    print(f"{args.model}, batch {args.batch}, {threads} CPU threads, {args.steps} timed steps")
+    print(f"{args.model}, batch {args.batch}, {threads} CPU threads, {args.steps} timed steps, "
+          f"MindSpore host pipeline {host_pipeline()}")
     print(f"{'implementation':<18}{'train img/s':>13}{'infer img/s':>13}{'train x':>9}{'infer x':>9}")
     for label, r in results.items():
         print(f"{label:<18}{r['train']:>13.2f}{r['infer']:>13.2f}"

@@ -61,7 +61,8 @@ def job_doc(name: str, workload: str, steps: int) -> dict:
     }
 
 
-def breakdown(fleet, job_id: str, t_fault: float) -> dict:
+def breakdown(fleet, job_id: str, t_fault: float, all_ranks: bool = True) -> dict:
+    """``all_ranks`` as in faults_harness.lineage: not for smoke ranks (no all-reduce)."""
     from faults_harness import lineage
 
     st = fleet.status(job_id)
@@ -72,7 +73,7 @@ def breakdown(fleet, job_id: str, t_fault: float) -> dict:
     launched = next((e for e in st["events"] if e["kind"] == "launched"
                      and e.get("attempt") == 2), None)
     t_launched = launched["ts"] if launched else a2["started"]
-    lin = lineage(fleet, job_id, len(atts))
+    lin = lineage(fleet, job_id, len(atts), all_ranks=all_ranks)
     return {
         "total_s": round(step2["ts"] - t_fault, 2),
         "detect_s": round(a1["ended"] - t_fault, 2),
@@ -112,7 +113,7 @@ def run_one(kind: str, workload: str, home: Path) -> dict:
             time.sleep(0.1)
         else:
             raise RuntimeError(f"no step after the fault: {f.status(j)}")
-        out = breakdown(f, j, t_fault)
+        out = breakdown(f, j, t_fault, all_ranks=workload == "volo")
         f.call("cancel", j)
         return out
     finally:
