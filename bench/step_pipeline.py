@@ -31,6 +31,16 @@ sys.path.insert(0, str(REPO))
 SETTLE = 15  # steps left out of the median: the first compiles, the next ones warm up
 
 
+def train_args(world: int, steps: int, data: Path, out: Path) -> list[str]:
+    """The rank program's arguments: VOLO-tiny, global batch 8 over `world` ranks, no
+    validation, no checkpoint before the end."""
+    return ["-c", str(REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"),
+            "--data_dir", str(data), "--batch_size", str(8 // world), "--global_batch", "8",
+            "--max_steps", str(steps), "--epoch_size", "100000", "--num_parallel_workers", "1",
+            "--val_while_train", "False", "--warmup_epochs", "0", "--ckpt_save_steps", "1000000",
+            "--ckpt_save_dir", str(out / "ckpt"), "--resume", "never"]
+
+
 def run(world: int, blocking: bool, steps: int, data: Path, out: Path,
         timeout: float) -> dict:
     from metrics_prometheus import free_port  # the suite's loopback port picker
@@ -42,11 +52,7 @@ def run(world: int, blocking: bool, steps: int, data: Path, out: Path,
     argv = [msrun, "--worker_num", str(world), "--local_worker_num", str(world),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--join", "True",
             "--log_dir", str(out / "logs"), str(REPO / "workloads" / "volo" / "train.py"),
-            "-c", str(REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"),
-            "--data_dir", str(data), "--batch_size", str(8 // world), "--global_batch", "8",
-            "--max_steps", str(steps), "--epoch_size", "100000", "--num_parallel_workers", "1",
-            "--val_while_train", "False", "--warmup_epochs", "0", "--ckpt_save_steps", "1000000",
-            "--ckpt_save_dir", str(out / "ckpt"), "--resume", "never"]
+            *train_args(world, steps, data, out)]
     t0 = time.time()
     with open(out / "msrun.log", "wb") as log:
         rc = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
