@@ -362,8 +362,10 @@ class JobProgress:
     def goodput_ratio(self) -> float | None:
         """Time spent on optimizer steps that were kept / wall time since the job began.
 
-        Restart gaps, steps redone after resuming from an older checkpoint,
-        compilation and checkpoint saves all lower it.
+        Restart gaps, steps redone after resuming from an older checkpoint and
+        checkpoint saves lower it. Each kept step counts with its whole measured
+        time, so a compile inside an attempt's first step does not lower it
+        (bench/goodput.py's goodput_committed counts that step at the median).
         """
         if self.first_ts is None or self.last_ts is None or self.last_ts <= self.first_ts:
             return None
