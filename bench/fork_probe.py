@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import subprocess
 
     from faults_harness import tiny_digits
-    from step_pipeline import run
+    from step_pipeline import rank0_steps, run
 
     with tempfile.TemporaryDirectory(prefix="fleet-fork-probe-") as d:
         data = tiny_digits(Path(d) / "digits")
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                        env=dict(os.environ, MS_DEV_HOST_BLOCKING_RUN="1"), check=True,
                        timeout=args.timeout)
         forked = json.loads((fork_dir / "forked.json").read_text())
-        evs = [json.loads(x) for x in (fork_dir / "hb.jsonl").read_text().splitlines() if x]
-        losses = {e["step"]: e["loss"] for e in evs
-                  if e.get("event") == "step" and e.get("rank", 0) == 0}
+        losses = {e["step"]: e["loss"] for e in rank0_steps(fork_dir / "hb.jsonl")}
         common = set(losses) & set(cold["loss"])
         diff = max((abs(losses[s] - cold["loss"][s]) for s in common), default=None)
     res = {"world": args.world, "steps": args.steps,

@@ -41,6 +41,13 @@ def train_args(world: int, steps: int, data: Path, out: Path) -> list[str]:
             "--ckpt_save_dir", str(out / "ckpt"), "--resume", "never"]
 
 
+def rank0_steps(hb: Path) -> list[dict]:
+    """Rank 0's step events in a heartbeat file the ranks share."""
+    from faults_harness import read_events
+
+    return [e for e in read_events(hb) if e.get("event") == "step" and e.get("rank", 0) == 0]
+
+
 def run(world: int, blocking: bool, steps: int, data: Path, out: Path,
         timeout: float) -> dict:
     from metrics_prometheus import free_port  # the suite's loopback port picker
@@ -59,8 +66,7 @@ def run(world: int, blocking: bool, steps: int, data: Path, out: Path,
                             timeout=timeout, check=False).returncode
     if rc != 0:
         raise RuntimeError(f"world {world} blocking={blocking}: msrun exit {rc}, see {out}")
-    evs = [json.loads(line) for line in hb.read_text().splitlines() if line.strip()]
-    st = [e for e in evs if e.get("event") == "step" and e.get("rank", 0) == 0]
+    st = rank0_steps(hb)
     times = [e["step_seconds"] for e in st]
     return {"world": world, "blocking": blocking, "steps": len(st),
             "median_step_s": round(statistics.median(times[SETTLE:] or times), 4),
