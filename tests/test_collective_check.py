@@ -12,11 +12,13 @@ import pytest
 from workloads.volo.distributed import CollectiveCorrupted, MeanAllReduce, ring_chunk_ends
 
 
-def reducer(world: int, damage=None) -> MeanAllReduce:
+def reducer(world: int, damage=None, sent: list | None = None) -> MeanAllReduce:
     r = MeanAllReduce(1, verify=False)  # no cluster in this process
     r.world_size, r.verify = world, True
 
     def fake_allreduce(x):
+        if sent is not None:
+            sent.append(x.asnumpy().copy())
         out = x.asnumpy() * world  # every rank sent the same buffer
         if damage is not None:
             damage(out)
@@ -43,7 +45,15 @@ def test_ring_chunks_cover_the_buffer_like_mindspore(n, world):
 @pytest.mark.parametrize("shapes", [[(1,)], [(3, 4), (5,), (1,)], [(2,), (2,)]])
 def test_checked_mean_returns_the_inputs(world, shapes):
     ins = tensors(shapes)
-    outs = reducer(world)(ins)
+    sent: list[np.ndarray] = []
+    outs = reducer(world, sent=sent)(ins)
+    # one check value of 1.0 ends each of the ring's chunks, data fills the rest in order
+    (buf,) = sent
+    at = np.array(ring_chunk_ends(buf.size, world)) - 1
+    assert buf.size == sum(int(np.prod(s)) for s in shapes) + world
+    assert np.all(buf[at] == 1.0)
+    np.testing.assert_array_equal(np.delete(buf, at),
+                                  np.concatenate([t.asnumpy().ravel() for t in ins]))
     assert [tuple(o.shape) for o in outs] == [tuple(s) for s in shapes]
     for a, b in zip(ins, outs, strict=True):
         np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-6)

@@ -96,3 +96,27 @@ def test_validate_and_export_bad_checkpoint(small_folder, tmp_path):
     r = _run("export", ["--ckpt_path", str(tmp_path / "none"), "--model", "volo_tiny",
                         "--out", str(tmp_path / "m.mindir")])
     assert r.returncode == 2 and str(tmp_path / "none") in r.stderr
+
+
+def test_corrupted_all_reduce_fails_the_rank_cleanly(small_folder, tmp_path):
+    """CollectiveCorrupted (workloads/volo/distributed.py) ends the rank with exit 1, the
+    message on stderr and in the heartbeat, and no traceback: the agent restarts the job."""
+    code = ("import sys\n"
+            "from workloads.volo import train\n"
+            "from workloads.volo.distributed import CollectiveCorrupted\n"
+            "def corrupted(*a, **k):\n"
+            "    raise CollectiveCorrupted('all-reduce of 9 values over 2 ranks came back "
+            "corrupted')\n"
+            "train.run = corrupted\n"
+            "sys.exit(train.main(sys.argv[1:]))\n")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "FLEET_"))}
+    hb = tmp_path / "hb.jsonl"
+    e["FLEET_HEARTBEAT"] = str(hb)
+    r = subprocess.run([sys.executable, "-c", code, *_train_args(small_folder, tmp_path)],
+                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "error: all-reduce of 9 values over 2 ranks came back corrupted" in r.stderr
+    assert "Traceback" not in r.stderr
+    done = json.loads(hb.read_text().splitlines()[-1])
+    assert (done["event"], done["status"]) == ("done", "error")
+    assert "came back corrupted" in done["error"]
