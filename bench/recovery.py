@@ -97,7 +97,7 @@ def run_one(kind: str, workload: str, home: Path) -> dict:
         data, cfg = workload_inputs(home, workload)
         j = f.submit(job_doc(f"recovery-{kind}", workload, 40), cfg, data)
         wait_checkpoint(f.ckpt_dir(j), 4, timeout=600)
-        f.wait_step(j, 5)
+        f.wait_step(j, 5, attempt=1)
         time.sleep(0.1)
         t_fault = time.time()
         if kind == "rank":

@@ -723,14 +723,29 @@ class Controller(JobQueries):
                 elif rt.checkpoint_ready:
                     self._resize(job_id, rt)
                 else:
-                    hang = float((job.spec.get("restart") or {}).get("hangTimeoutSeconds", 600))
-                    labels = [f"rank-{r}" for r in range(max(rt.plan.devices, 1))]
-                    oldest = min(rt.rank_heartbeat.get(lb, rt.started) for lb in labels)
-                    stalled = time.time() - oldest
-                    if job.kind == "TrainJob" and stalled > hang:
-                        self._attempt_failed(job_id, rt,
-                                             f"heartbeat stalled for {stalled:.0f}s "
-                                             f"(hangTimeoutSeconds={hang:g})", in_place=True)
+                    hung = self._hung(job, rt) if job.kind == "TrainJob" else None
+                    if hung:
+                        self._attempt_failed(job_id, rt, hung, in_place=True)
+
+    @staticmethod
+    def _hung(job: Any, rt: Runtime) -> str | None:
+        """Why the attempt counts as hung, or None. A rank's first heartbeat only comes
+        after its interpreter start, imports and collective join, which on a busy node take
+        far longer than a step: until then it is held to the startup timeout, not to the
+        hang timeout (a cold start was once taken for a hang)."""
+        policy = job.spec.get("restart") or {}
+        hang = float(policy.get("hangTimeoutSeconds", 600))
+        startup = float(policy.get("startupTimeoutSeconds", 600))
+        now = time.time()
+        for r in range(max(rt.plan.devices, 1)):
+            seen = rt.rank_heartbeat.get(f"rank-{r}")
+            if seen is None and now - rt.started > startup:
+                return (f"rank-{r} sent no heartbeat in {now - rt.started:.0f}s since launch "
+                        f"(startupTimeoutSeconds={startup:g})")
+            if seen is not None and now - seen > hang:
+                return (f"heartbeat stalled for {now - seen:.0f}s on rank-{r} "
+                        f"(hangTimeoutSeconds={hang:g})")
+        return None
 
     def _absorb(self, rt: Runtime, r: dict) -> None:
         """Fold heartbeat events into the job's progress summary."""

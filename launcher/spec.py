@@ -129,6 +129,9 @@ class RestartPolicy(_Model):
     maxBackoffSeconds: float = Field(60.0, ge=0)
     hangTimeoutSeconds: float = Field(600.0, gt=0,
                                       description="heartbeat stall that counts as a hang")
+    startupTimeoutSeconds: float = Field(600.0, gt=0, description=(
+        "time a rank has from launch to its first heartbeat (interpreter start, imports, "
+        "joining the collective); the hang timeout counts only after that"))
     inPlace: bool = Field(True, description=(
         "restart after a rank exit or hang on the same devices, keeping the placement "
         "(after 3 failures in a row without a new checkpoint the job is planned afresh)"))

@@ -299,3 +299,29 @@ def test_restart_in_place_until_the_failures_in_a_row_suggest_a_bad_device():
     assert policy.keep({}, 1) and policy.keep({}, 2)
     assert not policy.keep({}, 3)
     assert not policy.keep({"inPlace": False}, 1)
+
+
+def test_watchdog_gives_a_rank_its_startup_time_before_the_hang_timeout(monkeypatch):
+    from types import SimpleNamespace
+
+    from launcher import controller as ctl
+
+    plan = Plan(devices=2, micro_batch=4, grad_accum=1, slices=(NodeSlice("n", (0, 1)),))
+    job = SimpleNamespace(spec={"restart": {"hangTimeoutSeconds": 3,
+                                            "startupTimeoutSeconds": 60}})
+    rt = ctl.Runtime("j", 1, plan, "pg")
+    now = [rt.started + 10]
+    monkeypatch.setattr(ctl.time, "time", lambda: now[0])
+    # 10 s after launch, no heartbeat yet: a slow cold start, not a hang
+    assert ctl.Controller._hung(job, rt) is None
+    rt.rank_heartbeat["rank-0"] = now[0]
+    assert ctl.Controller._hung(job, rt) is None
+    # rank 0 goes silent past the hang timeout while rank 1 still starts up
+    now[0] += 4
+    assert "heartbeat stalled for 4s on rank-0 (hangTimeoutSeconds=3)" in \
+        ctl.Controller._hung(job, rt)
+    # rank 1 never says a word: held to the startup timeout
+    now[0] = rt.started + 61
+    rt.rank_heartbeat["rank-0"] = now[0]
+    assert "rank-1 sent no heartbeat in 61s since launch (startupTimeoutSeconds=60)" in \
+        ctl.Controller._hung(job, rt)

@@ -211,11 +211,14 @@ class Fleet:
     def heartbeats(self, job_id: str, n: int, rank: int = 0) -> list[dict]:
         return read_events(self.attempt_dir(job_id, n) / f"rank-{rank}.heartbeat.jsonl")
 
-    def progress_step(self, job_id: str) -> int:
-        """Newest optimizer step in the newest attempt, from rank 0's heartbeat file."""
+    def progress_step(self, job_id: str, attempt: int | None = None) -> int:
+        """Newest optimizer step in the newest attempt (or in `attempt`), from rank 0's
+        heartbeat file."""
         d = self.home / "jobs" / job_id
         atts = sorted(d.glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])) \
             if d.is_dir() else []
+        if attempt is not None:
+            atts = [a for a in atts if a.name == f"attempt-{attempt}"]
         for a in reversed(atts):
             steps = [e["step"] for e in read_events(a / "rank-0.heartbeat.jsonl")
                      if e.get("event") == "step"]
@@ -223,11 +226,18 @@ class Fleet:
                 return steps[-1]
         return 0
 
-    def wait_step(self, job_id: str, step: int, timeout: float = 180) -> None:
+    def wait_step(self, job_id: str, step: int, timeout: float = 180,
+                  attempt: int | None = None) -> None:
+        """Until rank 0 has completed `step`; with `attempt`, in that attempt, failing at
+        once if a later attempt has started (a fault injected then would hit the wrong
+        processes)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.progress_step(job_id) >= step:
+            if self.progress_step(job_id, attempt) >= step:
                 return
+            if attempt is not None and self.attempt_dir(job_id, attempt + 1).exists():
+                raise AssertionError(f"{job_id}: attempt {attempt} ended before step {step}; "
+                                     f"{_short(self.status(job_id))}")
             time.sleep(0.05)
         raise AssertionError(f"{job_id}: step {step} not reached in {timeout}s; "
                              f"{_short(self.status(job_id))}")

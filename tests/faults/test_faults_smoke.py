@@ -100,7 +100,7 @@ def check(f, j, st, ref, fault, fault_ts, resumed_attempt, note=SMOKE_NOTE):
 def test_controller_killed_while_running(fleet, reference):
     f = fleet
     j = submit(f, smoke_doc("ctl-running"))
-    f.wait_step(j, 4)
+    f.wait_step(j, 4, attempt=1)
     t_fault = time.time()
     back_s = f.kill_controller()
     st = f.wait_done(j)
@@ -118,7 +118,7 @@ def test_controller_killed_while_resizing(fleet, reference):
     j = submit(f, doc)
     st = f.wait_for(j, lambda s: s["state"] == "RUNNING", what="elastic running")
     assert st["attempts"][-1]["plan"]["devices"] == 2
-    f.wait_step(j, 3)
+    f.wait_step(j, 3, attempt=1)
     f.call("cancel", hold)  # devices free up -> grow at the next checkpoint
     seen = None
     deadline = time.time() + 60
@@ -215,7 +215,7 @@ def test_checkpoint_volume_full_during_save(fleet, reference):
 def test_hung_rank_watchdog_restart(fleet, reference):
     f = fleet
     j = submit(f, smoke_doc("hung", hang_s=3))
-    f.wait_step(j, 4)
+    f.wait_step(j, 4, attempt=1)
     # Rank 0: the smoke ranks do not all-reduce, so only a hung rank 0 (which writes
     # the checkpoints) leaves work undone; the other rank finishes and exits 0.
     victim = rank_procs(j, 1)["rank-0"]

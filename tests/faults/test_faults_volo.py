@@ -106,7 +106,7 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
     j = fleet.submit(volo_doc("kill-rank"), TINY_RECIPE, fleet.data)
     ckpt = fleet.ckpt_dir(j)
     wait_checkpoint(ckpt, 4, timeout=300)
-    fleet.wait_step(j, 5)  # then step 6 is in flight
+    fleet.wait_step(j, 5, attempt=1)  # then step 6 is in flight
     time.sleep(0.2)
     victim = rank_procs(j, 1)["rank-1"]
     t_fault = time.time()
@@ -143,7 +143,7 @@ def test_node_loss_shrinks_then_grows_back(fleet, reference):
     plan = st["attempts"][-1]["plan"]
     assert plan["devices"] == 2
     wait_checkpoint(f.ckpt_dir(j), 2, timeout=300)
-    f.wait_step(j, 3)
+    f.wait_step(j, 3, attempt=1)
     head = f.cluster.head_node.node_id
     victim = next(n for n in f.cluster.list_all_nodes() if n.node_id != head)
     t_fault = time.time()
