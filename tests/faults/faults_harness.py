@@ -215,10 +215,11 @@ class Fleet:
         """Newest optimizer step in the newest attempt (or in `attempt`), from rank 0's
         heartbeat file."""
         d = self.home / "jobs" / job_id
-        atts = sorted(d.glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])) \
-            if d.is_dir() else []
         if attempt is not None:
-            atts = [a for a in atts if a.name == f"attempt-{attempt}"]
+            atts = [self.attempt_dir(job_id, attempt)]
+        else:
+            atts = sorted(d.glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])) \
+                if d.is_dir() else []
         for a in reversed(atts):
             steps = [e["step"] for e in read_events(a / "rank-0.heartbeat.jsonl")
                      if e.get("event") == "step"]
