@@ -205,12 +205,14 @@ class _Layout:
 
         sums, mags = [], []
         start = 0
-        for end in self.ends:
-            data = buf[start:end - TAIL]
-            sums.append(float(data.sum()))
-            if magnitudes:
-                mags.append(float(np.abs(data).sum()))
-            start = end
+        # inf/nan data make nan sums, which the caller allows: not worth a warning each step
+        with np.errstate(invalid="ignore", over="ignore"):
+            for end in self.ends:
+                data = buf[start:end - TAIL]
+                sums.append(float(data.sum()))
+                if magnitudes:
+                    mags.append(float(np.abs(data).sum()))
+                start = end
         return sums, mags
 
     @staticmethod
