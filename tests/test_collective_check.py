@@ -50,7 +50,7 @@ def test_ring_chunks_cover_the_buffer_like_mindspore(n, world):
 def tails(buf, world):
     """Positions of each chunk's [data sum, magnitude sum, 1.0]."""
     ends = np.array(ring_chunk_ends(buf.size, world))
-    return ends - 3, ends - 2, ends - 1
+    return ends - TAIL, ends - TAIL + 1, ends - TAIL + 2
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])
@@ -80,7 +80,8 @@ def test_checked_mean_returns_the_inputs(world, shapes):
 def ring_of(world: int, damage=None):
     """A reducer whose stand-in collective adds `world` different ranks' sealed buffers in
     float32, one after another as the ring does: rank 0 is the caller, the others send
-    their own gradients (scaled differently) and their own loss."""
+    their own gradients (scaled differently) and their own loss. Returns the reducer, rank
+    0's inputs and the function that makes any rank's."""
     r = reducer(world)
     shapes = [(3000,), (517,), (64, 9), (1,)]
 
@@ -100,14 +101,17 @@ def ring_of(world: int, damage=None):
         return ms.Tensor(out)
 
     r._allreduce = fake
-    return r, peer_inputs(0)
+    return r, peer_inputs(0), peer_inputs
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_ranks_with_different_data_pass_within_float32_rounding(world):
-    r, ins = ring_of(world)
+    r, ins, peer_inputs = ring_of(world)
     out = r(ins)
-    assert out[-1].shape == (1,) and float(out[-1].asnumpy()[0]) > 2
+    # each output is the mean of every rank's input, up to float32 rounding of the ring
+    for i, o in enumerate(out):
+        want = sum(peer_inputs(p)[i].asnumpy().astype(np.float64) for p in range(world)) / world
+        np.testing.assert_allclose(o.asnumpy(), want, rtol=1e-5, atol=1e-9)
 
 
 def test_a_peer_missing_from_the_tail_of_a_chunk_is_caught():
@@ -124,7 +128,7 @@ def test_a_peer_loss_missing_inside_a_chunk_with_intact_ends_is_caught():
     def one_loss(out, bufs):
         out[-TAIL - 1] = bufs[0][-TAIL - 1]
 
-    r, ins = ring_of(2, one_loss)
+    r, ins, _ = ring_of(2, one_loss)
     with pytest.raises(CollectiveCorrupted, match=r"chunk 2 of 2 sums to .*, but the ranks "
                                                   r"sent data summing to"):
         r(ins)
@@ -135,7 +139,7 @@ def test_a_chunk_of_stale_gradients_with_intact_ends_is_caught():
         end = ring_chunk_ends(out.size, 2)[0] - TAIL
         out[:end] = bufs[0][:end] * 1.5 + bufs[1][:end]
 
-    r, ins = ring_of(2, stale)
+    r, ins, _ = ring_of(2, stale)
     with pytest.raises(CollectiveCorrupted, match="chunk 1 of 2 sums to"):
         r(ins)
 
