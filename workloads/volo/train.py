@@ -55,6 +55,7 @@ from workloads.volo.distributed import CollectiveCorrupted
 from workloads.volo.report import Heartbeat, log
 from workloads.volo.runtime_env import host_blocking_on_cpu, host_pipeline
 from workloads.volo.sampling import GlobalBatchSampler, LayoutError, resolve_layout
+from workloads.volo.step_guard import Recompute, StepCorrupted, guarded_micro_step
 
 __all__ = ["evaluate_model", "lr_at", "main"]
 
@@ -279,6 +280,10 @@ class Trainer:
         # MindSpore's own CPU ring all-reduce gets a check value per chunk (see
         # MeanAllReduce); HCCL on NPUs is left as it is
         self.reducer = MeanAllReduce(world_size, verify=args.device_target == "CPU")
+        # CPU ranks recompute a micro-step whose loss is impossible for its targets
+        # (step_guard.py); NPUs are not known to compute such steps
+        self.guard = args.device_target == "CPU"
+        self.last_recomputes: list[Recompute] = []
         self.last_split: dict[str, float] = {}
         self._running_stats = [p for p in self.net.get_parameters() if "moving_" in p.name]
         steps = _make_step_cell(self.net, self.opt)
@@ -299,6 +304,9 @@ class Trainer:
                 seen.add(p.name)
                 out.append(p)
         return out
+
+    def _restore(self, param: Any, copy: np.ndarray) -> None:
+        self.ops.assign(param, self.ms.Tensor(copy))
 
     def average_running_stats(
             self, reducing: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
@@ -342,9 +350,17 @@ class Trainer:
         acc = None
         loss_sum = 0.0
         t0 = time.perf_counter()
+        self.last_recomputes = []
         for x, t in micro_batches:
-            loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
-            loss_sum += float(loss.asnumpy())
+            if self.guard:
+                loss, grads, value, redone = guarded_micro_step(
+                    lambda x=x, t=t: self._micro(ms.Tensor(x), ms.Tensor(t)), t,
+                    self._running_stats, self._restore)
+                self.last_recomputes += redone
+            else:
+                loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
+                value = float(loss.asnumpy())
+            loss_sum += value
             acc = list(grads) if acc is None else [a + g for a, g in zip(acc, grads, strict=True)]
         a = len(micro_batches)
         mean_loss = ms.Tensor(np.array([loss_sum / a], np.float32))
@@ -420,6 +436,14 @@ def segment_end(step: int, steps_per_epoch: int, stop_step: int,
         every = max(1, val_interval) * steps_per_epoch
         end = min(end, (step // every + 1) * every)
     return end
+
+
+def _recompute_fields(redone: list[Recompute]) -> dict[str, Any]:
+    """Heartbeat fields for a step whose micro-steps were computed again (none otherwise)."""
+    if not redone:
+        return {}
+    return {"recomputed": [{"wrong_loss": round(r.wrong_loss, 6), "floor": round(r.floor, 6),
+                            "loss": round(r.loss, 6)} for r in redone]}
 
 
 def _resume(plan: Plan, trainer: Trainer, rank_world: int) -> int:
@@ -596,7 +620,12 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                         images_per_second=round(lay.global_batch / dt, 2),
                         step_seconds=round(dt, 4), samples_seen=step * lay.global_batch,
                         sample_hash=sampler.sample_hash(sampler.step_indices(step - 1)),
-                        split={"data": round(t_data, 4), **trainer.last_split})
+                        split={"data": round(t_data, 4), **trainer.last_split},
+                        **_recompute_fields(trainer.last_recomputes))
+                for r in trainer.last_recomputes:
+                    log(f"warning: rank {rank} step {step}: a micro-step's loss {r.wrong_loss:.6g} "
+                        f"was below {r.floor:.6g}, the least its targets allow (a wrongly "
+                        f"computed step); computed again: {r.loss:.6g}")
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr")
                 epoch_end = step % plan.steps_per_epoch == 0
@@ -729,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeMismatchError as e:
         _fail(hb, str(e))
         return EXIT_RECIPE
-    except (CheckpointError, FloatingPointError, CollectiveCorrupted) as e:
+    except (CheckpointError, FloatingPointError, CollectiveCorrupted, StepCorrupted) as e:
         _fail(hb, str(e))
         return 1
     except Exception as e:
