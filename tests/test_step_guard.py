@@ -75,6 +75,11 @@ def test_a_loss_below_the_floor_is_computed_again_and_state_put_back():
     assert np.array_equal(restored[0], [1.0, 2.0])
     assert np.array_equal(state[0].value, [2.0, 3.0])  # one step's update, not two
 
+    losses = iter([0.08, 0.2, 2.31])  # wrong twice: each recomputation says what it gave
+    *_, redone = guarded_micro_step(run, t, state, restore)
+    assert [(r.wrong_loss, r.loss) for r in redone] == [
+        (pytest.approx(0.08), pytest.approx(0.2)), (pytest.approx(0.2), pytest.approx(2.31))]
+
 
 def test_a_correct_loss_runs_once_and_a_persistent_one_fails_the_rank():
     t = soft_targets(np.array([5, 6]), 10, 0.1)

@@ -68,9 +68,9 @@ def guarded_micro_step(run: Callable[[], tuple[Any, Any]], targets: np.ndarray,
     while True:
         loss, grads = run()
         value = float(loss.asnumpy())
+        if redone:
+            redone[-1].loss = value
         if not is_impossible(value, floor):
-            if redone:
-                redone[-1].loss = value
             return loss, grads, value, redone
         if len(redone) == MAX_RECOMPUTES:
             raise StepCorrupted(
