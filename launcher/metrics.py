@@ -242,6 +242,11 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
     bad = CounterMetricFamily(
         "fleet_heartbeat_bad_lines", "Heartbeat lines skipped as malformed.", labels=j
     )
+    recomputed = CounterMetricFamily(
+        "fleet_train_recomputed_micro_steps",
+        "Micro-steps a CPU rank computed again because their loss was impossible.",
+        labels=j,
+    )
 
     counts = dict.fromkeys(JOB_STATES, 0)
     used_devices = 0
@@ -293,6 +298,7 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
             ckpt_step.add_metric([name], p.last_checkpoint_ok.step)
             ckpt_ts.add_metric([name], p.last_checkpoint_ok.ts)
         ckpt_fail.add_metric([name], p.checkpoint_failures)
+        recomputed.add_metric([name], p.recomputed_micro_steps)
         rec = p.recovery_seconds()
         if rec:
             recovery.add_metric([name], rec[-1])
@@ -324,7 +330,8 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
 
     yield from (loss, ips, step_s, hb, lr, step, epoch, samples, top1, top5, val_loss)
     yield from (devices, gbatch, mbatch, accum, attempt, state, restarts)
-    yield from (ckpt_s, ckpt_step, ckpt_ts, ckpt_fail, recovery, goodput, queue_wait, bad)
+    yield from (ckpt_s, ckpt_step, ckpt_ts, ckpt_fail, recovery, goodput, queue_wait, bad,
+                recomputed)
     yield from (jobs_f, devices_f)
 
 

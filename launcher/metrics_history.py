@@ -56,6 +56,7 @@ class StepEvent(Event):
     images_per_second: float
     step_seconds: float
     samples_seen: int
+    recomputed: int = 0  # micro-steps this rank computed again (workloads/volo/step_guard.py)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def parse_event(obj: Any, where: str = "heartbeat") -> Event | None:
             images_per_second=_num(obj, "images_per_second", float, where),
             step_seconds=_num(obj, "step_seconds", float, where),
             samples_seen=_num(obj, "samples_seen", int, where) if "samples_seen" in obj else 0,
+            recomputed=len(obj["recomputed"]) if isinstance(obj.get("recomputed"), list) else 0,
         )
     if kind == "checkpoint":
         ok = obj.get("ok")
@@ -268,6 +270,7 @@ class JobProgress:
     last_val: ValEvent | None = None
     last_checkpoint_ok: CheckpointEvent | None = None
     checkpoint_failures: int = 0
+    recomputed_micro_steps: int = 0
     done: DoneEvent | None = None
     # Seconds per optimizer step, one entry per step number: a step redone after
     # a restart replaces the lost one, so the sum is the work that was kept.
@@ -297,6 +300,7 @@ class JobProgress:
         elif isinstance(event, StepEvent):
             if info.first_step_ts is None or event.ts < info.first_step_ts:
                 info.first_step_ts = event.ts
+            self.recomputed_micro_steps += event.recomputed
             if self._newer(event, self.last_step.get(event.rank)):
                 self.last_step[event.rank] = event
             if event.rank == self.lead_rank and event.attempt >= self._step_attempt.get(

@@ -104,7 +104,8 @@ def test_dashboard_queries_use_only_exported_or_npu_metrics():
     from launcher import metrics
 
     exported = set(re.findall(r'"(fleet_[a-z0-9_]+)"', Path(metrics.__file__).read_text()))
-    counters = {"fleet_job_restarts", "fleet_checkpoint_failures", "fleet_heartbeat_bad_lines"}
+    counters = {"fleet_job_restarts", "fleet_checkpoint_failures", "fleet_heartbeat_bad_lines",
+                "fleet_train_recomputed_micro_steps"}
     exported |= {c + "_total" for c in counters}
     for name in ("training.json", "fleet.json"):
         for title, t in targets(load(name)):

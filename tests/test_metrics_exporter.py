@@ -134,6 +134,13 @@ def test_exporter_metrics_reflect_the_heartbeats(tmp_path):
     assert got[("fleet_jobs", (("state", "running"),))] == 1
     assert got[("fleet_devices", (("state", "used"),))] == 2
     assert got[("fleet_job_restarts_total", j)] == 0
+    assert got[("fleet_train_recomputed_micro_steps_total", j)] == 0
+    # A step with a micro-step the step guard computed again, on each rank: counted per job.
+    redo = {"recomputed": [{"wrong_loss": 0.09, "floor": 0.5, "loss": 2.2}]}
+    write_lines(hb / "a0-r0.jsonl", [{**step(102.0, 2), **redo}])
+    write_lines(hb / "a0-r1.jsonl", [{**step(102.0, 2, rank=1), **redo}])
+    got = samples(generate_latest(exp.registry).decode())
+    assert got[("fleet_train_recomputed_micro_steps_total", j)] == 2
     # Lines appended later show up at the next scrape without re-reading old ones.
     write_lines(hb / "a1-r0.jsonl", [start(110.0, attempt=1, world=1, accum=4)])
     write_lines(hb / "a1-r0.jsonl", [step(111.0, 2, attempt=1, ips=25.0)])
