@@ -15,7 +15,7 @@ applied a wrong step. Each run also lists the micro-steps the step guard compute
 
 Measured on the shared 2-core machine, before the guard: wrong steps in 1 of 8 runs beside
 two burners of rare C-level bursts, 1 of 4 beside four of the short bursts below, and 1 of 5
-in a probe build beside three (that build logged each rank's own loss: 0.04-0.14 where 0.50
+in a probe build beside three (that build logged each rank's own loss: 0.04-0.31 where 0.50
 is the least possible, and the same micro-batch computed again right after gave ~2.3).
 With the guard: see the closing notes and README.
 """
