@@ -98,15 +98,21 @@ def test_validate_and_export_bad_checkpoint(small_folder, tmp_path):
     assert r.returncode == 2 and str(tmp_path / "none") in r.stderr
 
 
-def test_corrupted_all_reduce_fails_the_rank_cleanly(small_folder, tmp_path):
-    """CollectiveCorrupted (workloads/volo/distributed.py) ends the rank with exit 1, the
-    message on stderr and in the heartbeat, and no traceback: the agent restarts the job."""
+@pytest.mark.parametrize("module,error,message", [
+    ("distributed", "CollectiveCorrupted",
+     "all-reduce of 9 values over 2 ranks came back corrupted"),
+    ("step_guard", "StepCorrupted",
+     "micro-step loss 0.1 is below 0.500288, the least cross-entropy its targets allow"),
+])
+def test_corrupted_step_fails_the_rank_cleanly(small_folder, tmp_path, module, error, message):
+    """CollectiveCorrupted (workloads/volo/distributed.py) and StepCorrupted (step_guard.py)
+    end the rank with exit 1, the message on stderr and in the heartbeat, and no traceback:
+    the agent restarts the job."""
     code = ("import sys\n"
             "from workloads.volo import train\n"
-            "from workloads.volo.distributed import CollectiveCorrupted\n"
+            f"from workloads.volo.{module} import {error}\n"
             "def corrupted(*a, **k):\n"
-            "    raise CollectiveCorrupted('all-reduce of 9 values over 2 ranks came back "
-            "corrupted')\n"
+            f"    raise {error}({message!r})\n"
             "train.run = corrupted\n"
             "sys.exit(train.main(sys.argv[1:]))\n")
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "FLEET_"))}
@@ -115,8 +121,8 @@ def test_corrupted_all_reduce_fails_the_rank_cleanly(small_folder, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *_train_args(small_folder, tmp_path)],
                        cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "error: all-reduce of 9 values over 2 ranks came back corrupted" in r.stderr
+    assert f"error: {message}" in r.stderr
     assert "Traceback" not in r.stderr
     done = json.loads(hb.read_text().splitlines()[-1])
     assert (done["event"], done["status"]) == ("done", "error")
-    assert "came back corrupted" in done["error"]
+    assert message in done["error"]
