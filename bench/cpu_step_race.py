@@ -66,7 +66,8 @@ def rank_env(out: Path, node: str, port: int) -> dict[str, str]:
 
 
 def one_run(out: Path, data: Path, pin: bool, timeout: float,
-            extra_env: dict[str, str] | None = None) -> dict[int, float]:
+            extra_env: dict[str, str] | None = None) -> list[list[dict]]:
+    """The two ranks' heartbeat events of one run."""
     from faults_harness import TINY_RECIPE, read_events
     from metrics_prometheus import free_port
 
@@ -96,24 +97,31 @@ def one_run(out: Path, data: Path, pin: bool, timeout: float,
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    def finished(r: str) -> bool:
-        return any(e.get("event") == "done" for e in read_events(out / f"rank-{r}.heartbeat.jsonl"))
-
+    events = [read_events(out / f"rank-{r}.heartbeat.jsonl") for r in (0, 1)]
     # MindSpore 2.10 sometimes segfaults while a rank exits after its last step: a rank that
     # reported "done" has its results written
-    if any(p.returncode for p in procs) and not (finished("0") and finished("1")):
+    finished = all(any(e.get("event") == "done" for e in evs) for evs in events)
+    if any(p.returncode for p in procs) and not finished:
         raise RuntimeError(f"a process failed ({[p.returncode for p in procs]}), see {out}")
-    return {e["step"]: e["loss"] for e in read_events(out / "rank-0.heartbeat.jsonl")
-            if e.get("event") == "step"}
+    return events
 
 
-def recomputed(out: Path) -> list[tuple[int, int, float, float]]:
+def losses(events: list[list[dict]]) -> dict[int, float]:
+    """Step -> global loss, as rank 0 reported it."""
+    return {e["step"]: e["loss"] for e in events[0] if e.get("event") == "step"}
+
+
+def recomputed(events: list[list[dict]]) -> list[tuple[int, int, float, float]]:
     """(rank, step, wrong loss, recomputed loss) of every micro-step the step guard redid."""
-    from faults_harness import read_events
+    return [(r, e["step"], x["wrong_loss"], x["loss"]) for r, evs in enumerate(events)
+            for e in evs if e.get("event") == "step" for x in e.get("recomputed", [])]
 
-    return [(r, e["step"], x["wrong_loss"], x["loss"]) for r in (0, 1)
-            for e in read_events(out / f"rank-{r}.heartbeat.jsonl")
-            if e.get("event") == "step" for x in e.get("recomputed", [])]
+
+def env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--env {text!r}: expected KEY=VALUE")
+    return key, value
 
 
 def wrong_steps(run: dict[int, float], ref: dict[int, float]) -> list[tuple[int, float, float]]:
@@ -130,27 +138,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", action="store_true", help="each rank on its own core")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     ap.add_argument("--json", help="also write the result here")
-    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=env_pair,
                     help="extra environment for the loaded runs (not the reference)")
     args = ap.parse_args(argv)
 
     from faults_harness import tiny_digits
 
-    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    extra_env = dict(args.env)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fleet-cpu-step-race-") as d:
         data = tiny_digits(Path(d) / "digits")
-        ref = one_run(Path(d) / "reference", data, pin=True, timeout=args.timeout)
+        ref = losses(one_run(Path(d) / "reference", data, pin=True, timeout=args.timeout))
         burners = [subprocess.Popen([sys.executable, "-c", BURNER,
                                      str(args.timeout * (args.runs + 1))])
                    for _ in range(args.load)]
         try:
             for n in range(args.runs):
                 t0 = time.time()
-                run = one_run(Path(d) / f"run{n}", data, pin=args.pin, timeout=args.timeout,
-                              extra_env=extra_env)
+                events = one_run(Path(d) / f"run{n}", data, pin=args.pin,
+                                 timeout=args.timeout, extra_env=extra_env)
+                run = losses(events)
                 bad = wrong_steps(run, ref)
-                redone = recomputed(Path(d) / f"run{n}")
+                redone = recomputed(events)
                 rows.append({"run": n, "steps": len(run), "wrong_steps": len(bad),
                              "first_wrong": bad[:3], "recomputed": redone,
                              "seconds": round(time.time() - t0, 1)})
