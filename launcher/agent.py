@@ -11,7 +11,8 @@ without Ray) that the controller wraps with `ray.remote`. It
 * serves log chunks for `fleet logs`,
 * when the controller restarts a job in place, starts the next attempt's ranks on the same
   devices, from standby processes that imported the workload while the last attempt
-  trained (launcher/standby.py).
+  trained (launcher/standby.py), or promotes the next attempt's processes that had already
+  joined their cluster (launcher/prejoin.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from launcher.prejoin import PrejoinedAttempt, eligible
 from launcher.ranks import LAST_WORDS_ARMED, LAST_WORDS_ENV, RankSpec
 from launcher.standby import module_of, standby_argv, standby_key
 
@@ -102,6 +104,10 @@ class NodeAgent:
         self.standby = standby
         # (key, label of the rank it was spawned from, process)
         self._standbys: list[tuple[str, str, subprocess.Popen]] = []
+        # the rank specs of the attempt that would follow a failure of this one, from the
+        # controller, and their processes once spawned (after this attempt's first step)
+        self._next_ranks: list[RankSpec] = []
+        self._prejoined: PrejoinedAttempt | None = None
         self._lock = threading.RLock()
         self._generation = 0  # one per attempt: an old monitor thread must not watch a new one
         self._reset()
@@ -137,14 +143,24 @@ class NodeAgent:
                 "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES")}
 
     def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0) if os.environ.get("FLEET_LOCAL", "1") == "1" else ("", 0))
-            return s.getsockname()[1]
+        return self.free_ports(1)[0]
+
+    def free_ports(self, n: int) -> list[int]:
+        """n distinct ports free now (all bound at once, so no two are the same)."""
+        addr = ("127.0.0.1", 0) if os.environ.get("FLEET_LOCAL", "1") == "1" else ("", 0)
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                     for _ in range(n)]
+            for s in socks:
+                s.bind(addr)
+            return [s.getsockname()[1] for s in socks]
 
     # -- processes ---------------------------------------------------------
-    def start(self, ranks: list[dict], attempt: int | None = None) -> dict[str, Any]:
+    def start(self, ranks: list[dict], attempt: int | None = None,
+              next_ranks: list[dict] | None = None) -> dict[str, Any]:
         """Start the ranks of this agent's attempt, or of a later `attempt` on the same
-        devices once the previous one has ended (a restart in place)."""
+        devices once the previous one has ended (a restart in place). next_ranks: the
+        ranks of the attempt that would restart this one in place, to join ahead of time."""
         with self._lock:
             if self._procs:
                 if attempt is None or attempt == self.attempt or self._status == "running":
@@ -156,6 +172,8 @@ class NodeAgent:
             self._started_at = time.time()
             self._generation += 1
             from_standby: list[str] = []
+            promoted = self._take_prejoined()
+            self._next_ranks = [RankSpec.from_dict(r) for r in next_ranks or []]
             for r in self._ranks:
                 Path(r.log).parent.mkdir(parents=True, exist_ok=True)
                 if r.heartbeat:
@@ -164,10 +182,12 @@ class NodeAgent:
                 env = _rank_env(r)
                 # lets a rank report how long its interpreter start and imports took
                 env["FLEET_SPAWN_TS"] = repr(time.time())
-                p = self._take_standby(r, env)
-                if p is not None:
-                    from_standby.append(r.label)
-                else:
+                p = promoted.get(r.label)
+                if p is None:
+                    p = self._take_standby(r, env)
+                    if p is not None:
+                        from_standby.append(r.label)
+                if p is None:
                     try:
                         p = self._spawn(r.argv, env, r.cwd, r.log, stdin=subprocess.DEVNULL)
                     except OSError as e:
@@ -181,7 +201,7 @@ class NodeAgent:
                                              daemon=True, name=f"agent-{self.job_id}")
             self._monitor.start()
         return {"status": "running", "pids": {k: p.pid for k, p in self._procs.items()},
-                "from_standby": from_standby}
+                "from_standby": from_standby, "prejoined": sorted(promoted)}
 
     @staticmethod
     def _spawn(argv: list[str], env: dict[str, str], cwd: str | None, log: str,
@@ -193,6 +213,37 @@ class NodeAgent:
                 stdin=stdin, start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             logf.close()
+
+    # -- processes joined ahead of time ---------------------------------------
+    def _take_prejoined(self) -> dict[str, subprocess.Popen]:
+        """The held processes of self._ranks, promoted; {} to start cold (none held, or
+        they were spawned for other specs: the plan, or the attempt, changed)."""
+        held, self._prejoined = self._prejoined, None
+        if held is None:
+            return {}
+        if not held.matches(self._ranks):
+            held.release()
+            return {}
+        return held.promote({"FLEET_SPAWN_TS": repr(time.time())})
+
+    def prejoined_for(self, ranks: list[dict]) -> bool:
+        """Whether start(ranks) would promote held processes (all agents must agree)."""
+        with self._lock:
+            return self._prejoined is not None and self._prejoined.matches(
+                [RankSpec.from_dict(r) for r in ranks])
+
+    def _spawn_prejoined(self) -> None:
+        """Start the next attempt's processes (poll(), after this attempt's first step)."""
+        self._standby_spawned = True
+        if not eligible(self._next_ranks) or self._prejoined is not None:
+            return
+        self._prejoined = PrejoinedAttempt(self._next_ranks)
+        self._prejoined.spawn(self._spawn, _rank_env)
+
+    def _release_prejoined(self) -> None:
+        held, self._prejoined = self._prejoined, None
+        if held is not None:
+            held.release()
 
     # -- standbys ------------------------------------------------------------
     def _take_standby(self, r: RankSpec, env: dict[str, str]) -> subprocess.Popen | None:
@@ -246,7 +297,8 @@ class NodeAgent:
     def standbys(self) -> list[int]:
         """PIDs of the live standbys (for tests and `fleet status` debugging)."""
         with self._lock:
-            return [p.pid for _, _, p in self._standbys if p.poll() is None]
+            held = self._prejoined.pids() if self._prejoined is not None else []
+            return [p.pid for _, _, p in self._standbys if p.poll() is None] + held
 
     def _watch(self, generation: int) -> None:
         while True:
@@ -328,6 +380,7 @@ class NodeAgent:
             self._kill_all(grace)
             if not keep_standbys:
                 self._release_standbys()
+                self._release_prejoined()
         return self.poll()
 
     # -- monitoring --------------------------------------------------------
@@ -341,10 +394,13 @@ class NodeAgent:
                 events += new
             # A rank that failed right after its first step still gets its standby: on a
             # busy node the poll that sees the step can come after the failure.
-            if (self.standby and not self._standby_spawned and not self._stopping
+            if (not self._standby_spawned and not self._stopping
                     and self._status in ("running", "failed")
                     and any(e.get("event") == "step" for e in events)):
-                self._spawn_standbys()
+                if self._next_ranks:
+                    self._spawn_prejoined()
+                elif self.standby:
+                    self._spawn_standbys()
             if len(events) > MAX_EVENTS_PER_POLL:
                 # Keep every non-step event and the newest step events.
                 keep = [e for e in events if e.get("event") != "step"]

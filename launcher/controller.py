@@ -71,6 +71,7 @@ class HeldPlacement:
     pg: Any
     pg_name: str
     agents: list
+    next_port: int | None = None  # the scheduler port its agents' prejoined processes use
 
 
 class RestartInPlace:
@@ -113,6 +114,10 @@ class Runtime:
     resize_after: float = 0.0
     checkpoint_ready: bool = False
     last_words: set[str] = field(default_factory=set)  # ranks that saved as it failed
+    # MindSpore scheduler ports: this attempt's when fixed in advance (a restart in place
+    # onto prejoined processes), and the one fixed for the attempt after it
+    sched_port: int | None = None
+    next_port: int | None = None
 
 
 def failure_streak(previous: int, progress: dict) -> int:
@@ -467,6 +472,19 @@ class Controller(JobQueries):
         return Request(lo, hi, int(b["global"]), int(b["microBatchMax"]))
 
     @staticmethod
+    def _standby(job: JobRow) -> bool:
+        """Whether a restart in place may start from processes that imported ahead."""
+        policy = job.spec.get("restart") or {}
+        return job.kind == "TrainJob" and bool(policy.get("inPlace", True)) and \
+            bool(policy.get("standby", True))
+
+    @classmethod
+    def _prejoin(cls, job: JobRow) -> bool:
+        """...and that also joined the cluster ahead: ranks of the VOLO train loop hold after
+        the join (workloads/volo/prejoin.py); the smoke workload's do not."""
+        return cls._standby(job) and job.spec.get("workload", "volo") != "smoke"
+
+    @staticmethod
     def _job_topology(j: JobRow) -> Topology:
         res = specmod.Resources.model_validate(j.spec.get("resources") or {})
         return res.topology()
@@ -546,7 +564,7 @@ class Controller(JobQueries):
                              f"attempt {att.n}: {plan.devices} devices {where}")
         rt = Runtime(job_id, att.n, plan, att.pg_name)
         if held is not None:
-            rt.pg, rt.agents = held.pg, held.agents
+            rt.pg, rt.agents, rt.sched_port = held.pg, held.agents, held.next_port
         self.runtimes[job_id] = rt
         if job.parent:
             self._parent_running(job.parent)
@@ -599,10 +617,9 @@ class Controller(JobQueries):
         ready, _ = ray.wait([pg.ready()], timeout=PG_READY_TIMEOUT_S)
         if not ready:
             raise _Unplaceable(f"placement group not placed within {PG_READY_TIMEOUT_S:.0f}s")
-        policy = job.spec.get("restart") or {}
-        # standbys serve restarts in place of a training job only
-        standby = job.kind == "TrainJob" and bool(policy.get("inPlace", True)) and \
-            bool(policy.get("standby", True))
+        # standbys serve restarts in place of a training job only; where the ranks can
+        # hold after joining, prejoined processes replace them
+        standby = self._standby(job) and not self._prejoin(job)
         agent_cls = ray.remote(NodeAgent)
         for i, b in enumerate(bundles):
             opts: dict[str, Any] = dict(
@@ -624,21 +641,42 @@ class Controller(JobQueries):
                 self._place(job, rt)
             agents = rt.agents
             infos = ray.get([a.info.remote() for a in agents], timeout=120)
-            port = ray.get(agents[0].free_port.remote(), timeout=30)
-            launches = build_launch(job_id=job.id, attempt=rt.attempt, kind=job.kind,
+            ports = ray.get(agents[0].free_ports.remote(2), timeout=30)
+
+            def launch_on(port: int) -> list:
+                return build_launch(job_id=job.id, attempt=rt.attempt, kind=job.kind,
                                     spec=job.spec, paths=job.paths, plan=rt.plan,
                                     home=self.home, sched_host=infos[0]["ip"],
                                     sched_port=port)
+
+            port = rt.sched_port or ports[0]
+            launches = launch_on(port)
+            if rt.sched_port and not all(ray.get(
+                    [a.prejoined_for.remote([r.to_dict() for r in nl.ranks])
+                     for a, nl in zip(agents, launches, strict=True)], timeout=30)):
+                # some held process is gone: all start cold, with a scheduler of their own
+                port = next(p for p in ports if p != rt.sched_port)
+                launches = launch_on(port)
+            nexts: list[list[dict]] = [[] for _ in agents]
+            if self._prejoin(job):
+                # the processes that a restart in place of this attempt would promote
+                rt.next_port = next(p for p in ports if p != port)
+                nexts = [[r.to_dict() for r in nl.ranks] for nl in build_launch(
+                    job_id=job.id, attempt=rt.attempt + 1, kind=job.kind, spec=job.spec,
+                    paths=job.paths, plan=rt.plan, home=self.home,
+                    sched_host=infos[0]["ip"], sched_port=rt.next_port)]
             with self.lock:
                 cur = self.store.get_job(job.id)
                 if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
-            res = ray.get([a.start.remote([r.to_dict() for r in nl.ranks], rt.attempt)
-                           for a, nl in zip(agents, launches, strict=True)], timeout=120)
+            res = ray.get([a.start.remote([r.to_dict() for r in nl.ranks], rt.attempt, nx)
+                           for a, nl, nx in zip(agents, launches, nexts, strict=True)],
+                          timeout=120)
             bad = [r for r in res if r.get("status") == "failed"]
             if bad:
                 raise RuntimeError(bad[0].get("reason", "rank start failed"))
             from_standby = sorted(lb for r in res for lb in r.get("from_standby", []))
+            prejoined = sorted(lb for r in res for lb in r.get("prejoined", []))
             with self.lock:
                 cur = self.store.get_job(job.id)
                 if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
@@ -647,7 +685,7 @@ class Controller(JobQueries):
                 rt.started = rt.last_heartbeat = time.time()
                 self.store.add_event(job.id, "launched", {
                     "attempt": rt.attempt, "agents": infos, "in_place": in_place,
-                    "from_standby": from_standby,
+                    "from_standby": from_standby, "prejoined": prejoined,
                     "ranks": sum(len(nl.ranks) for nl in launches)})
                 self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running")
         except _Aborted:
@@ -946,7 +984,8 @@ class Controller(JobQueries):
             log.warning("job %s: no restart in place (%s)", rt.job_id, e)
             return False
         self._note_last_words(rt.job_id, rt, stopped)
-        self._held[rt.job_id] = HeldPlacement(rt.plan, rt.pg, rt.pg_name, rt.agents)
+        self._held[rt.job_id] = HeldPlacement(rt.plan, rt.pg, rt.pg_name, rt.agents,
+                                              rt.next_port)
         return True
 
     def _note_last_words(self, job_id: str, rt: Runtime, results: list[dict | None]) -> None:

@@ -34,6 +34,7 @@ PER_LAUNCH_ENV = frozenset({
     "RANK_ID", "RANK_SIZE", "LOCAL_RANK", "DEVICE_ID", "ASCEND_RT_VISIBLE_DEVICES",
 })
 STANDBY_ENV = "FLEET_STANDBY"  # set to "1" in a rank that started from a standby
+HOLD_ENV = "FLEET_HOLD"  # the rank side: workloads/volo/prejoin.py
 
 
 def module_of(argv: Sequence[str]) -> str | None:
@@ -95,16 +96,21 @@ def _preload(module: str) -> None:
 
 
 def _become(launch: dict) -> None:
-    """Turn this process into the rank that `launch` describes and run it."""
-    fd = os.open(launch["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
+    """Turn this process into the rank that `launch` describes and run it. A launch without
+    a log keeps the output the agent gave the process (launcher/prejoin.py moves that file
+    while the process runs, so it must not be opened again by name)."""
+    if launch.get("log"):
+        fd = os.open(launch["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    if launch["env"].get(HOLD_ENV) != "1":
+        # a pre-joined rank (launcher/prejoin.py) keeps stdin: its go line comes there
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
     if launch.get("cwd"):
         os.chdir(launch["cwd"])
     os.environ.clear()

@@ -116,11 +116,13 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
     assert "rank-1" in (st["attempts"][0]["reason"] or "") or \
         "signal 9" in (st["attempts"][0]["reason"] or ""), st["attempts"][0]
     assert st["attempts"][-1]["plan"]["devices"] == 2
-    # restarted in place, every process from a standby that had imported MindSpore: the
-    # sample hashes and losses that _check compares are those of standby-started ranks
+    # restarted in place, every process promoted from the ones that had joined attempt 2's
+    # cluster while attempt 1 trained (launcher/prejoin.py): the sample hashes and losses
+    # that _check compares are those of promoted ranks
     relaunch = [e for e in st["events"] if e["kind"] == "launched"][-1]
-    assert relaunch["in_place"] and relaunch["from_standby"] == ["rank-0", "rank-1",
-                                                                 "scheduler"], relaunch
+    assert relaunch["in_place"] and relaunch["prejoined"] == ["rank-0", "rank-1",
+                                                              "scheduler"], relaunch
+    assert relaunch["from_standby"] == [], relaunch
     cmp = _check(fleet, j, st, reference, "1 SIGKILL rank (volo)", t_fault, 2,
                  note=f"{st['attempts'][0]['reason']}; attempts "
                       f"{[a['status'] for a in st['attempts']]}; last words")

@@ -735,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise ConfigError(f"FLEET_ATTEMPT={os.environ['FLEET_ATTEMPT']!r} is not an "
                               "integer") from e
+        from workloads.volo import prejoin
         from workloads.volo.distributed import init_ranks, wants_cluster
 
         world = int(os.environ.get("MS_WORKER_NUM", "1")) if wants_cluster(
@@ -744,6 +745,15 @@ def main(argv: list[str] | None = None) -> int:
         marks["plan"] = time.time()
         ranks = init_ranks()  # the MS_SCHED process stays in here until the job ends
         marks["join"] = time.time()
+        if prejoin.holding():
+            # joined ahead of a restart (prejoin.py): the attempt starts when the agent says
+            log(f"rank {ranks.rank}: joined attempt {attempt}'s cluster ahead of time; "
+                f"{prejoin.HOLDING}")
+            try:
+                prejoin.wait_for_go()
+            except prejoin.Released:
+                return 0
+            marks = dict.fromkeys(("main", "plan", "join"), time.time())
         if ranks.world_size != world:
             raise ConfigError(f"MS_WORKER_NUM={world} but the cluster has {ranks.world_size} "
                               "workers")
