@@ -31,7 +31,7 @@ from launcher import spec as specmod
 from launcher.checkpoints import select_checkpoint
 from launcher.lifecycle import HOLDS_DEVICES, TERMINAL, JobState
 from launcher.planner import ASCEND_910, FreePool, Plan, Request, Topology
-from launcher.ranks import attempt_dir, build_launch, default_ckpt_dir
+from launcher.ranks import NodeLaunch, attempt_dir, build_launch, default_ckpt_dir
 from launcher.scheduler import PriorityFifo, QueuedJob, schedule
 from launcher.store import JobRow, Store
 
@@ -631,6 +631,36 @@ class Controller(JobQueries):
                 opts["resources"] = {"NPU": b["NPU"]}
             rt.agents.append(agent_cls.options(**opts).remote(job.id, rt.attempt, i, standby))
 
+    def _launches(self, job: JobRow, rt: Runtime,
+                  infos: list[dict]) -> tuple[list[NodeLaunch], list[list[dict]]]:
+        """Each agent's ranks for this attempt, and (VOLO training) for the attempt that
+        would restart it in place, which the agents start and join ahead of time
+        (launcher/prejoin.py). A restart in place onto such processes reuses the scheduler
+        port fixed for them, if every agent still holds them."""
+        import ray
+
+        agents = rt.agents
+        ports = ray.get(agents[0].free_ports.remote(2), timeout=30)
+
+        def launch(attempt: int, port: int) -> list[NodeLaunch]:
+            return build_launch(job_id=job.id, attempt=attempt, kind=job.kind, spec=job.spec,
+                                paths=job.paths, plan=rt.plan, home=self.home,
+                                sched_host=infos[0]["ip"], sched_port=port)
+
+        port = rt.sched_port or ports[0]
+        launches = launch(rt.attempt, port)
+        if rt.sched_port and not all(ray.get(
+                [a.prejoined_for.remote([r.to_dict() for r in nl.ranks])
+                 for a, nl in zip(agents, launches, strict=True)], timeout=30)):
+            # a held process is gone or differs: all start cold, with a scheduler of their own
+            port = next(p for p in ports if p != rt.sched_port)
+            launches = launch(rt.attempt, port)
+        if not self._prejoin(job):
+            return launches, [[] for _ in agents]
+        rt.next_port = next(p for p in ports if p != port)
+        nexts = [[r.to_dict() for r in nl.ranks] for nl in launch(rt.attempt + 1, rt.next_port)]
+        return launches, nexts
+
     def _start_attempt(self, job: JobRow, rt: Runtime, in_place: bool = False) -> None:
         """Runs on its own thread: placement group -> agents -> ranks (in place: the
         placement group and agents of the last attempt -> ranks)."""
@@ -641,30 +671,7 @@ class Controller(JobQueries):
                 self._place(job, rt)
             agents = rt.agents
             infos = ray.get([a.info.remote() for a in agents], timeout=120)
-            ports = ray.get(agents[0].free_ports.remote(2), timeout=30)
-
-            def launch_on(port: int) -> list:
-                return build_launch(job_id=job.id, attempt=rt.attempt, kind=job.kind,
-                                    spec=job.spec, paths=job.paths, plan=rt.plan,
-                                    home=self.home, sched_host=infos[0]["ip"],
-                                    sched_port=port)
-
-            port = rt.sched_port or ports[0]
-            launches = launch_on(port)
-            if rt.sched_port and not all(ray.get(
-                    [a.prejoined_for.remote([r.to_dict() for r in nl.ranks])
-                     for a, nl in zip(agents, launches, strict=True)], timeout=30)):
-                # some held process is gone: all start cold, with a scheduler of their own
-                port = next(p for p in ports if p != rt.sched_port)
-                launches = launch_on(port)
-            nexts: list[list[dict]] = [[] for _ in agents]
-            if self._prejoin(job):
-                # the processes that a restart in place of this attempt would promote
-                rt.next_port = next(p for p in ports if p != port)
-                nexts = [[r.to_dict() for r in nl.ranks] for nl in build_launch(
-                    job_id=job.id, attempt=rt.attempt + 1, kind=job.kind, spec=job.spec,
-                    paths=job.paths, plan=rt.plan, home=self.home,
-                    sched_host=infos[0]["ip"], sched_port=rt.next_port)]
+            launches, nexts = self._launches(job, rt, infos)
             with self.lock:
                 cur = self.store.get_job(job.id)
                 if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
