@@ -89,25 +89,8 @@ def breakdown(fleet, job_id: str, t_fault: float, all_ranks: bool = True) -> dic
     }
 
 
-def wait_prejoined(fleet, job_id: str, attempt: int, timeout: float = 120) -> bool:
-    """Until both workers of `attempt` hold, joined ahead (launcher/prejoin.py): a restart
-    in place after that starts at the checkpoint load. False (and a note) on timeout."""
-    from workloads.volo.prejoin import HOLDING
-
-    d = fleet.home / "jobs" / job_id / f"prejoin-{attempt}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        logs = [p.read_text(errors="replace") for p in d.glob("rank-*.log")]
-        if len(logs) == 2 and all(HOLDING in t for t in logs):
-            return True
-        time.sleep(0.2)
-    print(f"note: attempt {attempt}'s processes did not hold within {timeout:.0f}s",
-          file=sys.stderr)
-    return False
-
-
 def run_one(kind: str, workload: str, home: Path) -> dict:
-    from faults_harness import Fleet, rank_procs, wait_checkpoint, workload_inputs
+    from faults_harness import Fleet, rank_procs, wait_checkpoint, wait_prejoined, workload_inputs
 
     f = Fleet(home, [{"NPU": 1}, {"NPU": 1}])
     try:
@@ -115,8 +98,8 @@ def run_one(kind: str, workload: str, home: Path) -> dict:
         j = f.submit(job_doc(f"recovery-{kind}", workload, 40), cfg, data)
         wait_checkpoint(f.ckpt_dir(j), 4, timeout=600)
         f.wait_step(j, 5, attempt=1)
-        if workload == "volo" and kind == "rank":
-            wait_prejoined(f, j, 2)
+        if workload == "volo" and kind == "rank" and not wait_prejoined(f, j, 2):
+            print("note: attempt 2's processes did not hold within 120 s", file=sys.stderr)
         time.sleep(0.1)
         t_fault = time.time()
         if kind == "rank":

@@ -9,6 +9,8 @@ import time
 
 from workloads.volo import prejoin
 
+STANDBY_PRELOAD = ("prejoin_probe_slow",)  # a slow import, when a test asks for one
+
 
 def main() -> int:
     held = prejoin.holding()

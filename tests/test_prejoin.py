@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -50,10 +51,12 @@ def test_held_logs_live_outside_the_attempt_directory():
 
 
 # ------------------------------------------------------------------ agent side
-def _probe(home: Path, attempt: int, seconds: float, code: int, port: str = "1") -> dict:
+def _probe(home: Path, attempt: int, seconds: float, code: int, port: str = "1",
+           import_s: float = 0) -> dict:
     adir = home / f"attempt-{attempt}"
     env = {"FLEET_ATTEMPT": str(attempt), "FLEET_HEARTBEAT": str(adir / "rank-0.hb"),
-           "MS_SCHED_PORT": port, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}"}
+           "MS_SCHED_PORT": port, "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}",
+           "PROBE_IMPORT_SECONDS": str(import_s)}
     return RankSpec(0, [sys.executable, "-m", "prejoin_probe", str(seconds), str(code)], env,
                     str(adir / "rank-0.log"), env["FLEET_HEARTBEAT"], str(home)).to_dict()
 
@@ -112,6 +115,22 @@ def test_a_restart_in_place_promotes_the_held_process(tmp_path):
     assert not (tmp_path / "prejoin-2").exists()
     a.stop(grace=0.5)
     assert a.standbys() == []
+
+
+def test_a_process_promoted_before_it_holds_reads_the_go_line_once_it_does(tmp_path):
+    # a fault right after a start: the next attempt's process is still importing
+    a = NodeAgent("j-pj5", 1, 0, standby=False)
+    nxt = _probe(tmp_path, 2, 0, 0, import_s=2)
+    a.start([_probe(tmp_path, 1, 30, 0)], next_ranks=[nxt])
+    _until(lambda: a.standbys(), poll=a)
+    (spawned,) = a.standbys()
+    a.stop(grace=1.0, keep_standbys=True)
+    assert prejoin.HOLDING not in (tmp_path / "prejoin-2" / "rank-0.log").read_text()
+    res = a.start([nxt], attempt=2)
+    assert res["prejoined"] == ["rank-0"] and res["pids"]["rank-0"] == spawned
+    assert _wait_ended(a)["status"] == "succeeded"
+    rep = _report(tmp_path, 2)
+    assert rep["pid"] == spawned and rep["held"] is True
 
 
 def test_held_processes_for_other_specs_are_released_and_the_rank_starts_cold(tmp_path):
@@ -226,3 +245,50 @@ def test_the_smoke_workload_joins_nothing_ahead(monkeypatch, tmp_path):
     ctl, job, rt, infos = _launch_setup(monkeypatch, tmp_path, [True, True], workload="smoke")
     launches, nexts = ctl._launches(job, rt, infos)
     assert nexts == [[], []] and rt.next_port is None
+
+
+# ------------------------------------------------------------------ the trainer's warm-up
+def test_warm_up_compiles_and_leaves_no_trace(tmp_path):
+    """A held rank runs the compiled step once on zeros before it holds (Trainer.warm_up):
+    afterwards every parameter and optimizer state is as before, and training from there
+    (including a checkpoint loaded into the compiled graphs' memory) is bit-identical to a
+    trainer that never warmed up."""
+    import mindspore as ms
+
+    from workloads.volo.config import parse_args
+    from workloads.volo.data import soft_targets
+    from workloads.volo.digits import write_digits
+    from workloads.volo.train import Trainer, _configure_mindspore, make_plan
+
+    write_digits(tmp_path / "d")
+    args = parse_args(["-c", "workloads/volo/configs/volo_tiny_digits.yaml", "--data_dir",
+                       str(tmp_path / "d"), "--val_while_train", "False"])
+    _configure_mindspore(args)
+    plan = make_plan(args, 1)
+    ms.set_seed(0)
+    cold = Trainer(plan, 1)
+    ms.set_seed(0)
+    warm = Trainer(plan, 1)
+    state = {p.name: p.asnumpy().copy() for p in warm.state_params()}
+    warm.warm_up(4, 32, 10)
+    assert warm.warmed_up
+    for p in warm.state_params():
+        assert np.array_equal(p.asnumpy(), state[p.name]), p.name
+    for p in cold.state_params():  # the two start equal
+        assert np.array_equal(p.asnumpy(), state[p.name]), p.name
+
+    # a checkpoint that differs from the initial state: loading it must reach the graphs
+    rng = np.random.default_rng(0)
+    weights = {p.name for p in warm.net.trainable_params()}  # not moments, not BN variances
+    ckpt = [{"name": n, "data": ms.Tensor(a + (0.01 * rng.standard_normal(a.shape)).astype(
+        a.dtype) if n in weights else a)} for n, a in state.items()]
+    ms.save_checkpoint(ckpt, str(tmp_path / "c.ckpt"))
+    batches = [(rng.standard_normal((4, 3, 32, 32)).astype(np.float32),
+                soft_targets(rng.integers(0, 10, 4), 10, 0.1)) for _ in range(2)]
+    cold.load(tmp_path / "c.ckpt")  # set_data: nothing compiled yet
+    warm.load(tmp_path / "c.ckpt")  # assign: into the warmed graphs' memory
+    losses = [[t.step([b], lr=1e-3) for b in batches] for t in (cold, warm)]
+    assert losses[0] == losses[1]
+    ms.runtime.synchronize()
+    for a, b in zip(cold.state_params(), warm.state_params(), strict=True):
+        assert np.array_equal(a.asnumpy(), b.asnumpy()), a.name

@@ -307,6 +307,23 @@ def rank_procs(job_id: str, attempt: int | None = None) -> dict[str, Any]:
     return out
 
 
+def wait_prejoined(fleet: Fleet, job_id: str, attempt: int, workers: int = 2,
+                   timeout: float = 120) -> bool:
+    """Until `workers` processes of `attempt` hold, joined and compiled ahead
+    (launcher/prejoin.py): a restart in place after that starts at the checkpoint load, as
+    it does in a long run. False on timeout."""
+    from workloads.volo.prejoin import HOLDING
+
+    d = fleet.home / "jobs" / job_id / f"prejoin-{attempt}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = [p.read_text(errors="replace") for p in d.glob("rank-*.log")]
+        if len(logs) == workers and all(HOLDING in t for t in logs):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def wait_rank(job_id: str, label: str, attempt: int | None = None, timeout: float = 60):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -24,6 +24,7 @@ from faults_harness import (
     recovery_seconds,
     tiny_digits,
     wait_checkpoint,
+    wait_prejoined,
 )
 
 STEPS = 60  # the shrunk attempt must outlast a node coming back (steps are ~0.15-0.3 s)
@@ -106,7 +107,10 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
     j = fleet.submit(volo_doc("kill-rank"), TINY_RECIPE, fleet.data)
     ckpt = fleet.ckpt_dir(j)
     wait_checkpoint(ckpt, 4, timeout=300)
-    fleet.wait_step(j, 5, attempt=1)  # then step 6 is in flight
+    # as in a long run, attempt 2's processes have joined and compiled ahead of the fault
+    assert wait_prejoined(fleet, j, 2), "attempt 2's processes never held"
+    killed_at = fleet.progress_step(j, 1) + 1
+    fleet.wait_step(j, killed_at, attempt=1)  # then the next one runs
     time.sleep(0.2)
     victim = rank_procs(j, 1)["rank-1"]
     t_fault = time.time()
@@ -125,7 +129,8 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
     assert relaunch["from_standby"] == [], relaunch
     cmp = _check(fleet, j, st, reference, "1 SIGKILL rank (volo)", t_fault, 2,
                  note=f"{st['attempts'][0]['reason']}; attempts "
-                      f"{[a['status'] for a in st['attempts']]}; last words")
+                      f"{[a['status'] for a in st['attempts']]}; last words; killed at "
+                      f"step {killed_at}, prejoined")
     # rank 0 saved the last step both ranks completed while it waited in the dead
     # all-reduce (or found it saved, if step 6's periodic checkpoint came first): attempt 2
     # resumed from that step, past the periodic checkpoint of step 4

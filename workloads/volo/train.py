@@ -286,6 +286,7 @@ class Trainer:
         self.last_recomputes: list[Recompute] = []
         self.last_split: dict[str, float] = {}
         self._running_stats = [p for p in self.net.get_parameters() if "moving_" in p.name]
+        self.warmed_up = False
         steps = _make_step_cell(self.net, self.opt)
         compiled = args.mode == 0
         # Methods of a Cell, not closures: a graph loaded from MindSpore's compile cache gets
@@ -338,7 +339,30 @@ class Trainer:
             raise CheckpointError(f"{model_ckpt} lacks {len(missing)} parameters "
                                   f"(e.g. {', '.join(missing[:3])}); it was made by another model")
         for p in self.state_params():
-            p.set_data(data[p.name])
+            if self.warmed_up:
+                # into the memory the compiled graphs use (set_data would give the Python
+                # side a new buffer, as in average_running_stats)
+                self.ops.assign(p, data[p.name])
+            else:
+                p.set_data(data[p.name])
+
+    def warm_up(self, micro_batch: int, image_size: int, num_classes: int) -> None:
+        """Run the compiled functions once on zeros (compiling them, or loading them from the
+        compile cache) and put every parameter and optimizer state back as it was: a rank
+        that joined ahead of a restart (prejoin.py) does this before it holds, so that its
+        first real step does not. The all-reduce in between needs every rank to do it."""
+        ms = self.ms
+        saved = [(p, p.asnumpy().copy()) for p in self.state_params()]
+        x = np.zeros((micro_batch, 3, image_size, image_size), np.float32)
+        t = np.full((micro_batch, num_classes), 1.0 / num_classes, np.float32)
+        loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
+        reduced = self.reducer(list(grads) + [ms.Tensor(np.zeros(1, np.float32))])
+        self._update(ms.mutable(tuple(reduced[:-1])), ms.Tensor(0.0, ms.float32))
+        ms.runtime.synchronize()
+        for p, copy in saved:
+            self._restore(p, copy)
+        ms.runtime.synchronize()
+        self.warmed_up = True
 
     # -- one optimizer step ----------------------------------------------------------------
     def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float,
@@ -469,13 +493,37 @@ def _resume(plan: Plan, trainer: Trainer, rank_world: int) -> int:
     return state.step
 
 
-def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
-        marks: dict[str, float] | None = None) -> int:
-    args, lay = plan.args, plan.layout
+def build(plan: Plan, rank: int, world_size: int) -> tuple[Trainer, Any]:
+    """The trainer, with the compile cache on before anything compiles."""
     from workloads.volo import compile_cache
 
     cache = compile_cache.enable(plan, rank)
-    trainer = Trainer(plan, world_size)
+    return Trainer(plan, world_size), cache
+
+
+def hold(plan: Plan, rank: int, world_size: int, attempt: int) -> tuple[Trainer, Any] | None:
+    """A rank joined ahead of a restart (prejoin.py): build and warm up the trainer, then
+    wait for the agent. None: the agent let this process go."""
+    from workloads.volo import prejoin
+
+    trainer, cache = build(plan, rank, world_size)
+    lay = plan.layout
+    trainer.warm_up(lay.micro_batch, plan.args.image_resize, plan.num_classes)
+    log(f"rank {rank}: joined attempt {attempt}'s cluster and compiled ahead of time; "
+        f"{prejoin.HOLDING}")
+    try:
+        prejoin.wait_for_go()
+    except prejoin.Released:
+        return None
+    return trainer, cache
+
+
+def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
+        marks: dict[str, float] | None = None,
+        built: tuple[Trainer, Any] | None = None) -> int:
+    """built: the trainer and compile cache when hold() made them already."""
+    args, lay = plan.args, plan.layout
+    trainer, cache = built or build(plan, rank, world_size)
     t_model = time.time()
     start = _resume(plan, trainer, world_size)
     t_resume = time.time()
@@ -745,13 +793,11 @@ def main(argv: list[str] | None = None) -> int:
         marks["plan"] = time.time()
         ranks = init_ranks()  # the MS_SCHED process stays in here until the job ends
         marks["join"] = time.time()
+        built = None
         if prejoin.holding():
             # joined ahead of a restart (prejoin.py): the attempt starts when the agent says
-            log(f"rank {ranks.rank}: joined attempt {attempt}'s cluster ahead of time; "
-                f"{prejoin.HOLDING}")
-            try:
-                prejoin.wait_for_go()
-            except prejoin.Released:
+            built = hold(plan, ranks.rank, ranks.world_size, attempt)
+            if built is None:
                 return 0
             marks = dict.fromkeys(("main", "plan", "join"), time.time())
         if ranks.world_size != world:
@@ -761,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in warnings:
             if ranks.rank == 0:
                 log(f"warning: {w}")
-        return run(plan, ranks.rank, ranks.world_size, hb, marks)
+        return run(plan, ranks.rank, ranks.world_size, hb, marks, built)
     except (ConfigError, DataError, LayoutError) as e:
         _fail(hb, str(e))
         return EXIT_CONFIG
