@@ -51,6 +51,16 @@ def test_missing_data_dir(tmp_path):
     assert str(tmp_path / "nowhere") in done["error"]
 
 
+def test_a_held_rank_that_fails_leaves_the_attempts_heartbeat_alone(tmp_path):
+    # a process joined ahead for a later attempt (workloads/volo/prejoin.py) that fails
+    # before it is promoted: the attempt may start cold, and its heartbeat file is its own
+    hb = tmp_path / "attempt-3" / "rank-0.heartbeat.jsonl"
+    r = _run("train", _train_args(tmp_path / "nowhere", tmp_path), FLEET_HEARTBEAT=str(hb),
+             FLEET_ATTEMPT="3", FLEET_HOLD="1")
+    assert r.returncode == 2 and str(tmp_path / "nowhere" / "train") in r.stderr
+    assert not hb.parent.exists()
+
+
 def test_empty_class_folder(small_folder, tmp_path):
     data = tmp_path / "d"
     shutil.copytree(small_folder, data)

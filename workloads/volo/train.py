@@ -747,10 +747,15 @@ def arm_last_words(lw: last_words.LastWords, trainer: Trainer) -> bool:
 
 def _fail(hb: Heartbeat | None, message: str, echo: bool = True) -> None:
     """Report a failed rank on stderr and, as contract 2's "done" event, in its heartbeat
-    file, also when the failure came before the rank joined the cluster."""
+    file, also when the failure came before the rank joined the cluster. Not a rank that
+    failed while it held for a later attempt (prejoin.py): that attempt may still start,
+    cold, and its heartbeat file must not begin with this process's end."""
+    from workloads.volo import prejoin
+
     if echo:
         log(f"error: {message}")
-    if hb is None and os.environ.get("FLEET_HEARTBEAT") and os.environ.get("MS_ROLE") != "MS_SCHED":
+    if hb is None and os.environ.get("FLEET_HEARTBEAT") and os.environ.get("MS_ROLE") != \
+            "MS_SCHED" and not prejoin.holding():
         try:
             rank = int(os.environ.get("MS_NODE_ID", "0"))
             attempt = int(os.environ.get("FLEET_ATTEMPT", "0"))
