@@ -28,8 +28,9 @@ heartbeat files are split into:
               pipeline, validation)
   in_flight   the last step's end -> the fault (the step the fault cut short)
   after_start committed steps within AFTER_START_S of an attempt's first step: their time
-              above the median (the agents' standby processes import MindSpore then, on
-              the same cores; counted as lost, not useful, even where it is noise)
+              above the median (the next attempt's processes import MindSpore, join and
+              compile then, on the same cores: launcher/prejoin.py; counted as lost, not
+              useful, even where it is noise)
   other       the rest (should be ~0: time outside every attempt and the above)
 
 Two figures: "goodput" (strict: useful / wall) and "goodput_committed", the issue's own
@@ -164,7 +165,9 @@ def account(fleet, job_id: str, t_submit: float, t_end: float, faults: list[floa
             "restarts_in_place": [bool(e.get("in_place")) for e in st.get("events", [])
                                   if e.get("kind") == "launched"][1:],
             "from_standby": [len(e.get("from_standby") or []) for e in st.get("events", [])
-                             if e.get("kind") == "launched"]}
+                             if e.get("kind") == "launched"],
+            "prejoined": [len(e.get("prejoined") or []) for e in st.get("events", [])
+                          if e.get("kind") == "launched"]}
 
 
 def warm_cache(fleet, home: Path, doc: dict, cfg: Path, data: Path, timeout: float = 600) -> None:
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="time a resubmission: another job of the recipe fills the shared "
                          "compile cache first")
     ap.add_argument("--restart", choices=["standby", "in-place", "afresh"], default="standby",
-                    help="how ranks restart: in place from standby processes (the default), "
+                    help="how ranks restart: in place onto processes that joined and compiled "
+                         "ahead (VOLO; standbys for smoke) (the default), "
                          "in place with fresh processes, or planned afresh (restart.inPlace off)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)

@@ -480,9 +480,13 @@ class Controller(JobQueries):
 
     @classmethod
     def _prejoin(cls, job: JobRow) -> bool:
-        """...and that also joined the cluster ahead: ranks of the VOLO train loop hold after
-        the join (workloads/volo/prejoin.py); the smoke workload's do not."""
-        return cls._standby(job) and job.spec.get("workload", "volo") != "smoke"
+        """...and that also joined the cluster and compiled ahead: ranks of the VOLO train
+        loop hold after that (workloads/volo/prejoin.py); the smoke workload's do not. CPU
+        ranks only: on an NPU the held processes would open the devices the current attempt
+        trains on and run a step there (HCCL, device memory), which has not been tried."""
+        device = (job.spec.get("resources") or {}).get("deviceType", "NPU")
+        return cls._standby(job) and job.spec.get("workload", "volo") != "smoke" and \
+            device == "CPU"
 
     @staticmethod
     def _job_topology(j: JobRow) -> Topology:

@@ -136,9 +136,10 @@ class RestartPolicy(_Model):
         "restart after a rank exit or hang on the same devices, keeping the placement "
         "(after 3 failures in a row without a new checkpoint the job is planned afresh)"))
     standby: bool = Field(True, description=(
-        "keep one standby process per rank that has imported the workload (VOLO: and "
-        "joined the next attempt's cluster), so that a restart in place skips the imports "
-        "(and the join); about 0.5 GB of host memory per rank"))
+        "keep one standby process per rank that has imported the workload (VOLO on CPU: "
+        "and joined the next attempt's cluster and compiled), so that a restart in place "
+        "skips the imports (and the join and graph loads); about 0.5 GB of host memory per "
+        "rank"))
     saveOnFailure: bool = Field(True, description=(
         "when a rank fails, one surviving rank per node saves the last optimizer step all "
         "ranks completed, so the restart redoes no step (where parameters are in host "

@@ -187,7 +187,8 @@ class _FakeAgent:
         self.prejoined_for = _Call(lambda ranks: self.asked.append(ranks) or holds)
 
 
-def _launch_setup(monkeypatch, tmp_path, holds, workload="volo", sched_port=None):
+def _launch_setup(monkeypatch, tmp_path, holds, workload="volo", sched_port=None,
+                  device="CPU"):
     import ray
 
     from launcher.controller import Controller, Runtime
@@ -200,7 +201,7 @@ def _launch_setup(monkeypatch, tmp_path, holds, workload="volo", sched_port=None
     plan = Plan(2, 4, 1, (NodeSlice("a", (0,)), NodeSlice("b", (0,))))
     job = JobRow.__new__(JobRow)
     job.id, job.kind = "j-pj", "TrainJob"
-    job.spec = {"workload": workload, "resources": {"deviceType": "CPU"}}
+    job.spec = {"workload": workload, "resources": {"deviceType": device}}
     job.paths = {"config": "/c.yaml", "data_dir": "/data", "workdir": str(tmp_path)}
     rt = Runtime("j-pj", 4, plan, "fleet-pg-j-pj-a3")
     rt.agents = [_FakeAgent(h) for h in holds]
@@ -241,10 +242,12 @@ def test_one_agent_without_its_held_processes_sends_all_to_a_cold_start(monkeypa
     assert _port_and_attempt(nexts) == {("5002", "5")}
 
 
-def test_the_smoke_workload_joins_nothing_ahead(monkeypatch, tmp_path):
-    ctl, job, rt, infos = _launch_setup(monkeypatch, tmp_path, [True, True], workload="smoke")
+@pytest.mark.parametrize("kw", [{"workload": "smoke"}, {"device": "NPU"}])
+def test_smoke_ranks_and_npu_ranks_join_nothing_ahead(monkeypatch, tmp_path, kw):
+    ctl, job, rt, infos = _launch_setup(monkeypatch, tmp_path, [True, True], **kw)
     launches, nexts = ctl._launches(job, rt, infos)
     assert nexts == [[], []] and rt.next_port is None
+    assert ctl._standby(job)  # they keep the standbys that import ahead
 
 
 # ------------------------------------------------------------------ the trainer's warm-up
