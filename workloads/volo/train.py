@@ -798,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
         marks["plan"] = time.time()
         ranks = init_ranks()  # the MS_SCHED process stays in here until the job ends
         marks["join"] = time.time()
+        if ranks.world_size != world:
+            raise ConfigError(f"MS_WORKER_NUM={world} but the cluster has {ranks.world_size} "
+                              "workers")
         built = None
         if prejoin.holding():
             # joined ahead of a restart (prejoin.py): the attempt starts when the agent says
@@ -805,9 +808,6 @@ def main(argv: list[str] | None = None) -> int:
             if built is None:
                 return 0
             marks = dict.fromkeys(("main", "plan", "join"), time.time())
-        if ranks.world_size != world:
-            raise ConfigError(f"MS_WORKER_NUM={world} but the cluster has {ranks.world_size} "
-                              "workers")
         hb = Heartbeat(os.environ.get("FLEET_HEARTBEAT"), ranks.rank, attempt, echo=sys.stderr)
         for w in warnings:
             if ranks.rank == 0:
