@@ -353,6 +353,7 @@ class Lineage:
     steps_lost: int = 0
     gaps: list[int] = field(default_factory=list)  # resumed past steps nobody ran
     starts: list[dict] = field(default_factory=list)
+    lost_at: list[int] = field(default_factory=list)  # steps redone by each of `starts`
     attempts: list[list[dict]] = field(default_factory=list)
 
 
@@ -378,6 +379,7 @@ def lineage(fleet: Fleet, job_id: str, n_attempts: int, all_ranks: bool = False)
         r = int(start["resumed_step"])
         later = sorted(s for s in lin.committed if s > r)
         lin.steps_lost += len(later)
+        lin.lost_at.append(len(later))
         for s in later:
             del lin.committed[s]
         if r > 0 and r not in lin.committed and not any(s > r for s in lin.committed):
