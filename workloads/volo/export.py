@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import mindspore as ms
         import numpy as np
+        from mindspore.nn.utils import no_init_parameters
 
         from workloads.volo import create_model, model_config
 
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if image_size is None:
                 image_size = model_config(a.model).img_size
-            net = create_model(a.model, num_classes=num_classes, img_size=int(image_size))
+            # every value comes from the checkpoint (strict load below): skip the random init
+            with no_init_parameters():
+                net = create_model(a.model, num_classes=num_classes, img_size=int(image_size))
         except (ValueError, KeyError) as e:
             raise ConfigError(f"model {a.model!r}: {e}") from e
         missing, _ = ms.load_param_into_net(net, params, strict_load=True)
