@@ -76,12 +76,18 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
+def _store(reference: Path) -> Path:
+    return reference / "compile-store"
+
+
 @pytest.fixture(scope="module")
 def reference(digits, tmp_path_factory) -> Path:
-    """6 uninterrupted optimizer steps, checkpoints at 3 and 6."""
+    """6 uninterrupted optimizer steps, checkpoints at 3 and 6. Its graphs go to a shared
+    compile store (as the launcher sets one up) that a later run of the recipe starts from."""
     tmp = tmp_path_factory.mktemp("ref")
     r = _train(["--data_dir", str(digits), "--ckpt_save_dir", str(tmp / "ckpt"),
-                "--max_steps", "6", "--ckpt_save_steps", "3"], tmp, "ref")
+                "--max_steps", "6", "--ckpt_save_steps", "3"], tmp, "ref",
+               FLEET_COMPILE_CACHE_STORE=str(_store(tmp)))
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp
 
@@ -115,7 +121,9 @@ def test_exact_resume_after_sigkill(digits, reference, tmp_path):
     hb = tmp_path / "killed.hb.jsonl"
     cmd = [sys.executable, "-m", "workloads.volo.train", *BASE, "--data_dir", str(digits),
            "--ckpt_save_dir", str(ckpt), "--max_steps", "6", "--ckpt_save_steps", "3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(FLEET_HEARTBEAT=str(hb)),
+    # the same recipe as the reference: its graphs come from the store, not a compile
+    env = train_env(FLEET_HEARTBEAT=str(hb), FLEET_COMPILE_CACHE_STORE=str(_store(reference)))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -130,14 +138,16 @@ def test_exact_resume_after_sigkill(digits, reference, tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (ckpt / "step-00000006").exists()
+    killed = _events(hb, "start")[0]
+    assert (killed["compile_cache"], killed["compile_cache_from"]) == ("hit", "store"), killed
 
     r = _train(["--data_dir", str(digits), "--ckpt_save_dir", str(ckpt), "--max_steps", "6",
                 "--ckpt_save_steps", "3"], tmp_path, "resumed", FLEET_ATTEMPT="1")
     assert r.returncode == 0, r.stderr[-3000:]
     start = _events(tmp_path / "resumed.hb.jsonl", "start")[0]
     assert start["resumed_step"] == 3 and start["attempt"] == 1
-    # the restart runs the killed run's cached graphs; the reference compiled its own
-    assert start["compile_cache"] == "hit"
+    # the restart runs the graphs the killed run kept in its job's cache
+    assert (start["compile_cache"], start["compile_cache_from"]) == ("hit", "job"), start
     ref_steps = {s["step"]: s for s in _events(reference / "ref.hb.jsonl", "step")}
     for s in _events(tmp_path / "resumed.hb.jsonl", "step"):
         assert s["sample_hash"] == ref_steps[s["step"]]["sample_hash"]
