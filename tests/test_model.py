@@ -82,3 +82,8 @@ def test_checkpoint_path_round_trip(tmp_path):
         np.testing.assert_array_equal(p1.asnumpy(), p2.asnumpy())
     with pytest.raises(ValueError, match="does not fit"):
         create_model("volo_tiny", num_classes=10, embed_dims=(64, 96, 96, 96), checkpoint_path=str(path))
+    # built without random init (the checkpoint fills it): a key it lacks is still an error
+    partial = [{"name": n, "data": p} for n, p in model.parameters_and_names() if n != "head.weight"]
+    ms.save_checkpoint(partial, str(tmp_path / "partial.ckpt"))
+    with pytest.raises(ValueError, match="missing head.weight"):
+        create_model("volo_tiny", num_classes=10, checkpoint_path=str(tmp_path / "partial.ckpt"))

@@ -106,7 +106,7 @@ def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
     assert cmp["bad_hash"] == [], f"steps whose global batch differs from the reference: {cmp}"
     assert cmp["bad_loss"] == [], f"(step, loss, reference loss): {cmp['bad_loss']}"
     assert cmp["samples_replayed"] == 0
-    return dict(cmp, steps_lost=lin.steps_lost)
+    return dict(cmp, steps_lost=lin.steps_lost, lineage=lin)
 
 
 def test_sigkill_one_rank_mid_step(fleet, reference):
@@ -144,7 +144,7 @@ def test_sigkill_one_rank_mid_step(fleet, reference):
     assert [e["rank"] for e in said] == [0], said
     assert [(e["attempt"], e["rank"]) for e in st["events"] if e["kind"] == "last_words"] == \
         [(1, "rank-0")], "fleet status shows who saved"
-    resumed = lineage(fleet, j, 2, all_ranks=True).starts[1]["resumed_step"]
+    resumed = cmp["lineage"].starts[1]["resumed_step"]
     assert resumed == said[0]["step"] >= 5, (resumed, said)
     assert cmp["steps_lost"] == 0, cmp
 
@@ -182,7 +182,8 @@ def test_node_loss_shrinks_then_grows_back(fleet, reference):
     # (or found it saved: the node may go just after a periodic checkpoint, as in one CI run)
     said = _last_words(f, j, 1)
     assert len(said) == 1 and said[0]["step"] >= 3, said
-    assert lineage(f, j, 2, all_ranks=True).starts[1]["resumed_step"] == said[0]["step"]
+    lin = cmp["lineage"]
+    assert lin.starts[1]["resumed_step"] == said[0]["step"]
     # ... which is every step it completed
     survivor = said[0]["rank"]
     done = _last_step(f, j, 1, survivor)
@@ -195,7 +196,6 @@ def test_node_loss_shrinks_then_grows_back(fleet, reference):
     # locally): the survivor's heartbeat logs that step, and nothing is lost.
     r0_done = _last_step(f, j, 1, 0)
     assert abs(r0_done - done) <= 1, (survivor, r0_done, done)
-    lin = lineage(f, j, len(st["attempts"]), all_ranks=True)
     assert lin.lost_at[1] == max(0, r0_done - done), (survivor, r0_done, done, lin.lost_at)
     # The grow stops the shrunk attempt once the controller sees the checkpoint it waited
     # for; a step that finished in between is redone (one CI run: step 13 ended 0.07 s
