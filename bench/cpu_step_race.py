@@ -6,8 +6,9 @@
 Runs the fault suite's job by hand, without Ray: a MindSpore scheduler and 2 CPU worker
 ranks of workloads/volo/train.py (VOLO-tiny, 80 digits images, global batch 8, 60 steps,
 a checkpoint every 2 steps), with the environment the fleet agent gives its ranks.
-First one reference run on an otherwise idle machine, then `--runs` runs beside `--load`
-bursty CPU burners. The arithmetic is deterministic, so every step's loss must equal the
+First one reference run per distinct set of train flags, without the burners, then `--runs`
+runs of each `--arm` beside `--load` bursty CPU burners, the arms taking turns. The
+arithmetic is deterministic for a fixed thread layout, so every step's loss must equal the
 reference's. A run whose loss differs at some step (beyond the fault suite's tolerance)
 applied a wrong step. Each run also lists the micro-steps the step guard computed again
 (rank, step, wrong loss, recomputed loss). `--pin` gives each worker its own core
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,29 +68,31 @@ def rank_env(out: Path, node: str, port: int) -> dict[str, str]:
 
 
 def one_run(out: Path, data: Path, pin: bool, timeout: float,
-            extra_env: dict[str, str] | None = None) -> list[list[dict]]:
-    """The two ranks' heartbeat events of one run."""
+            extra_env: dict[str, str] | None = None, micro_batch: int = 4,
+            extra_args: list[str] | None = None, steps: int = STEPS) -> list[list[dict]]:
+    """The two ranks' heartbeat events of one run. ``extra_env`` values of None unset."""
     from faults_harness import TINY_RECIPE, read_events
     from metrics_prometheus import free_port
 
     out.mkdir(parents=True)
     argv = [sys.executable, "-m", "workloads.volo.train", "-c", str(TINY_RECIPE),
             "--data_dir", str(data), "--ckpt_save_dir", str(out / "ckpt"),
-            "--device_target", "CPU", "--distribute", "True", "--batch_size", "4",
-            "--gradient_accumulation_steps", "1", "--global_batch", "8",
-            "--ckpt_save_steps", "2", "--keep_checkpoint_max", "3", "--max_steps", str(STEPS),
-            "--epoch_size", "6", "--num_parallel_workers", "1", "--val_while_train", "False",
-            "--warmup_epochs", "0", "--lr", "0.001"]
+            "--device_target", "CPU", "--distribute", "True", "--batch_size", str(micro_batch),
+            "--gradient_accumulation_steps", "1", "--global_batch", str(2 * micro_batch),
+            "--ckpt_save_steps", "2", "--keep_checkpoint_max", "3", "--max_steps", str(steps),
+            "--epoch_size", str(-(-steps // 10)), "--num_parallel_workers", "1", "--val_while_train", "False",
+            "--warmup_epochs", "0", "--lr", "0.001", *(extra_args or [])]
     port = free_port()
     procs = []
     for node, core in (("sched", 0), ("0", 0), ("1", 1)):
         def affinity(c: int = core) -> None:
             os.sched_setaffinity(0, {c % (os.cpu_count() or 1)})
 
+        env = {**rank_env(out, node, port), **(extra_env or {})}
         with open(out / f"{node}.log", "wb") as log:
             procs.append(subprocess.Popen(argv, cwd=REPO,
                                           stdout=log, stderr=subprocess.STDOUT,
-                                          env={**rank_env(out, node, port), **(extra_env or {})},
+                                          env={k: v for k, v in env.items() if v is not None},
                                           preexec_fn=affinity if pin else None))
     try:
         for p in procs:
@@ -124,6 +128,37 @@ def env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One experimental condition: environment to add (None: unset) and train flags."""
+
+    name: str
+    env: dict[str, str | None] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+
+
+def arm_spec(text: str) -> Arm:
+    """``NAME`` or ``NAME:ITEM,ITEM``; an ITEM is ``KEY=VALUE`` (environment), ``-KEY``
+    (environment variable removed) or ``--flag=value`` (train.py flag)."""
+    name, _, rest = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"--arm {text!r}: expected NAME[:ITEM,...]")
+    env: dict[str, str | None] = {}
+    args: list[str] = []
+    for item in filter(None, rest.split(",")):
+        if item.startswith("--"):
+            flag, sep, value = item.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"--arm {text!r}: {item!r} needs =value")
+            args += [flag, value]
+        elif item.startswith("-"):
+            env[item[1:]] = None
+        else:
+            key, value = env_pair(item)
+            env[key] = value
+    return Arm(name, env, tuple(args))
+
+
 def wrong_steps(run: dict[int, float], ref: dict[int, float]) -> list[tuple[int, float, float]]:
     from faults_harness import LOSS_ATOL, LOSS_RTOL
 
@@ -133,46 +168,78 @@ def wrong_steps(run: dict[int, float], ref: dict[int, float]) -> list[tuple[int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=6, help="loaded runs of each arm")
     ap.add_argument("--load", type=int, default=3, help="bursty CPU burners beside the runs")
     ap.add_argument("--pin", action="store_true", help="each rank on its own core")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    ap.add_argument("--micro-batch", type=int, default=4, help="images per rank and step")
+    ap.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run")
     ap.add_argument("--json", help="also write the result here")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=env_pair,
-                    help="extra environment for the loaded runs (not the reference)")
+                    help="extra environment for every loaded run (not the reference)")
+    ap.add_argument("--arm", action="append", default=[], type=arm_spec,
+                    metavar="NAME[:ITEM,...]",
+                    help="a condition to compare (repeatable; runs alternate between arms); "
+                         "ITEM: KEY=VALUE, -KEY (unset) or --flag=value; default: one arm "
+                         "'base'")
     args = ap.parse_args(argv)
 
     from faults_harness import tiny_digits
 
-    extra_env = dict(args.env)
+    arms = args.arm or [Arm("base")]
+    common_env = dict(args.env)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fleet-cpu-step-race-") as d:
-        data = tiny_digits(Path(d) / "digits")
-        ref = losses(one_run(Path(d) / "reference", data, pin=True, timeout=args.timeout))
+        data = tiny_digits(Path(d) / "digits", per_class=max(8, 2 * args.micro_batch))
+        refs: dict[tuple[str, ...], dict[int, float]] = {}
+        for arm in arms:
+            if arm.args not in refs:
+                # pinned as the loaded runs are: at larger micro-batches MindSpore's CPU
+                # kernels split their work by the cores a process may use, and the split
+                # changes the float32 sums (a pinned reference differed from unpinned runs
+                # by 3e-4 in loss by step 23 at micro-batch 32)
+                refs[arm.args] = losses(one_run(Path(d) / f"reference-{len(refs)}", data,
+                                                pin=args.pin, timeout=args.timeout,
+                                                micro_batch=args.micro_batch,
+                                                extra_args=list(arm.args), steps=args.steps))
         burners = [subprocess.Popen([sys.executable, "-c", BURNER,
-                                     str(args.timeout * (args.runs + 1))])
+                                     str(args.timeout * (args.runs * len(arms) + 1))])
                    for _ in range(args.load)]
         try:
             for n in range(args.runs):
-                t0 = time.time()
-                events = one_run(Path(d) / f"run{n}", data, pin=args.pin,
-                                 timeout=args.timeout, extra_env=extra_env)
-                run = losses(events)
-                bad = wrong_steps(run, ref)
-                redone = recomputed(events)
-                rows.append({"run": n, "steps": len(run), "wrong_steps": len(bad),
-                             "first_wrong": bad[:3], "recomputed": redone,
-                             "seconds": round(time.time() - t0, 1)})
-                print(f"run {n}: {len(bad)} of {len(run)} steps differ from the reference"
-                      f"{'; first ' + str(bad[:3]) if bad else ''}; {len(redone)} micro-steps "
-                      f"recomputed{' ' + str(redone) if redone else ''}", flush=True)
+                for arm in arms:
+                    t0 = time.time()
+                    events = one_run(Path(d) / f"{arm.name}-run{n}", data, pin=args.pin,
+                                     timeout=args.timeout, extra_env={**common_env, **arm.env},
+                                     micro_batch=args.micro_batch, extra_args=list(arm.args),
+                                     steps=args.steps)
+                    run = losses(events)
+                    bad = wrong_steps(run, refs[arm.args])
+                    redone = recomputed(events)
+                    ref = refs[arm.args]
+                    differ = [st for st in sorted(ref) if st in run and run[st] != ref[st]]
+                    rows.append({"arm": arm.name, "run": n, "steps": len(run),
+                                 "wrong_steps": len(bad), "first_wrong": bad[:3],
+                                 "first_bit_difference": differ[0] if differ else None,
+                                 "recomputed": redone, "seconds": round(time.time() - t0, 1)})
+                    print(f"{arm.name} run {n}: {len(bad)} of {len(run)} steps differ from the "
+                          f"reference{'; first ' + str(bad[:3]) if bad else ''} (first "
+                          f"difference in the 6th decimal: step {differ[0] if differ else '-'}); "
+                          f"{len(redone)} "
+                          f"micro-steps recomputed{' ' + str(redone) if redone else ''} "
+                          f"({time.time() - t0:.0f} s)", flush=True)
         finally:
             for b in burners:
                 b.kill()
-    res = {"runs": rows, "runs_wrong": sum(1 for r in rows if r["wrong_steps"]),
-           "micro_steps_recomputed": sum(len(r["recomputed"]) for r in rows),
-           "pin": args.pin, "load": args.load, "env": extra_env, "cpus": os.cpu_count()}
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
+    table = {a.name: {"runs": sum(1 for r in rows if r["arm"] == a.name),
+                      "runs_wrong": sum(1 for r in rows if r["arm"] == a.name and
+                                        (r["wrong_steps"] or r["recomputed"])),
+                      "micro_steps_recomputed": sum(len(r["recomputed"]) for r in rows
+                                                    if r["arm"] == a.name),
+                      "env": a.env, "args": list(a.args)} for a in arms}
+    res = {"arms": table, "runs": rows, "pin": args.pin, "load": args.load,
+           "micro_batch": args.micro_batch, "env": common_env, "cpus": os.cpu_count()}
+    print(json.dumps(table))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
