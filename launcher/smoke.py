@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 _STEP = re.compile(r"^step-(\d{8})$")
 
 
@@ -25,7 +27,8 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def write_checkpoint(ckpt_dir: Path, step: int, g: int, keep: int = 3) -> Path:
+def write_checkpoint(ckpt_dir: Path, step: int, g: int, keep: int = 3,
+                     samples_seen: int | None = None) -> Path:
     """A checkpoint in the train loop's layout (tmp dir + rename, sha256 manifest)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:08d}"
@@ -33,7 +36,8 @@ def write_checkpoint(ckpt_dir: Path, step: int, g: int, keep: int = 3) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     (tmp / "model.ckpt").write_bytes(f"smoke model at step {step}\n".encode())
-    state = {"step": step, "epoch": 0, "samples_seen": step * g, "global_batch": g,
+    seen = step * g if samples_seen is None else samples_seen
+    state = {"step": step, "epoch": 0, "samples_seen": seen, "global_batch": g,
              "world_size": int(os.environ.get("RANK_SIZE", "1")),
              "micro_batch": int(os.environ.get("FLEET_MICRO_BATCH", "1")),
              "grad_accum": int(os.environ.get("FLEET_GRAD_ACCUM", "1")), "seed": 0,
@@ -50,19 +54,39 @@ def write_checkpoint(ckpt_dir: Path, step: int, g: int, keep: int = 3) -> Path:
     return final
 
 
-def latest_step(ckpt_dir: Path) -> int:
-    """Newest checkpoint whose manifest verifies (a torn one is skipped)."""
+def latest_checkpoint(ckpt_dir: Path) -> tuple[int, int]:
+    """(step, samples_seen) of the newest checkpoint whose manifest verifies (a torn one is
+    skipped); (0, 0) when there is none."""
     if not ckpt_dir.is_dir():
-        return 0
+        return 0, 0
     for p in sorted((p for p in ckpt_dir.iterdir() if _STEP.match(p.name)), reverse=True):
         try:
             lines = (p / "MANIFEST.sha256").read_text().splitlines()
             if all(_sha(p / name) == digest
                    for digest, name in (ln.split("  ", 1) for ln in lines if ln)):
-                return int(json.loads((p / "state.json").read_text())["step"])
+                state = json.loads((p / "state.json").read_text())
+                return int(state["step"]), int(state["samples_seen"])
         except (OSError, ValueError, KeyError):
             continue
-    return 0
+    return 0, 0
+
+
+class SampleReader:
+    """The smoke workload's input pipeline: reads the fixed-G sample stream from a position
+    (a checkpoint's ``samples_seen``), so that what a step reports is what it read, not what
+    its step number says it should have read."""
+
+    def __init__(self, sampler, position: int):
+        self.sampler, self.position = sampler, position
+
+    def next_global_batch(self) -> np.ndarray:
+        g = self.sampler.layout.global_batch
+        first, offset = divmod(self.position, g)
+        parts = [self.sampler.step_indices(first)[offset:]]
+        if offset:
+            parts.append(self.sampler.step_indices(first + 1)[:offset])
+        self.position += g
+        return np.concatenate(parts)
 
 
 def _hb(hb_file: str | None, **ev) -> None:
@@ -118,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK_ID", "0"))
     attempt = int(os.environ.get("FLEET_ATTEMPT", "1"))
     ckpt_dir = Path(os.environ.get("FLEET_CHECKPOINT_DIR") or args.ckpt_save_dir or ".")
-    start = latest_step(ckpt_dir)
+    start, seen = latest_checkpoint(ckpt_dir)
     g = int(os.environ.get("FLEET_GLOBAL_BATCH", "1"))
     # The train loop's own sampler: a fault test can check that every optimizer step,
     # across restarts and resizes, trains the same global batch as an uninterrupted run.
@@ -127,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                             int(os.environ.get("FLEET_MICRO_BATCH", str(g))),
                             int(os.environ.get("FLEET_GRAD_ACCUM", "1")), g)
     sampler = GlobalBatchSampler(max(args.smoke_samples, g), layout, args.seed)
+    reader = SampleReader(sampler, seen)
     _hb(hb, event="start", world_size=layout.world_size, micro_batch=layout.micro_batch,
         grad_accum=layout.grad_accum, global_batch=g, resumed_step=start,
         total_steps=args.max_steps)
@@ -141,18 +166,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smoke: injected failure at step {step}", flush=True)
             return 17
         dt = time.time() - t0
-        indices = sampler.step_indices(step - 1)
+        indices = reader.next_global_batch()
         # A loss that is a function of the samples: a wrong batch shows in the curve too.
         loss = 1.0 / step + float(indices.mean()) / sampler.num_samples
         fields = dict(step=step, epoch=sampler.epoch_of(step - 1), loss=round(loss, 6), lr=0.1,
-                      images_per_second=g / dt, step_seconds=dt, samples_seen=step * g)
+                      images_per_second=g / dt, step_seconds=dt, samples_seen=reader.position)
         if rank == 0:
             fields["sample_hash"] = sampler.sample_hash(indices)
         _hb(hb, event="step", **fields)
         print(f"step {step} loss {loss:.4f}", flush=True)
         if rank == 0:
             t1 = time.time()
-            path = write_checkpoint(ckpt_dir, step, g)
+            path = write_checkpoint(ckpt_dir, step, g, samples_seen=reader.position)
             _hb(hb, event="checkpoint", step=step, path=str(path),
                 save_seconds=time.time() - t1, ok=True)
     _hb(hb, event="done", step=args.max_steps, status="ok")

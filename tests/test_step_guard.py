@@ -62,13 +62,14 @@ def test_a_loss_below_the_floor_is_computed_again_and_state_put_back():
         state[0].value = state[0].value + 1  # what a forward does to BN running stats
         return HostTensor(next(losses)), ["grads"]
 
+    start = state[0].value.copy()
     restored = []
 
-    def restore(s, copy):
-        restored.append(copy.copy())
-        s.value = copy
+    def reset():
+        restored.append(start.copy())
+        state[0].value = start.copy()
 
-    loss, grads, value, redone = guarded_micro_step(run, t, state, restore)
+    loss, grads, value, redone = guarded_micro_step(run, t, reset)
     assert len(calls) == 2 and value == pytest.approx(2.31) and grads == ["grads"]
     assert [(r.wrong_loss, r.loss) for r in redone] == [(pytest.approx(0.08), pytest.approx(2.31))]
     assert redone[0].floor == pytest.approx(loss_floor(t))
@@ -76,7 +77,8 @@ def test_a_loss_below_the_floor_is_computed_again_and_state_put_back():
     assert np.array_equal(state[0].value, [2.0, 3.0])  # one step's update, not two
 
     losses = iter([0.08, 0.2, 2.31])  # wrong twice: each recomputation says what it gave
-    *_, redone = guarded_micro_step(run, t, state, restore)
+    state[0].value = start.copy()
+    *_, redone = guarded_micro_step(run, t, reset)
     assert [(r.wrong_loss, r.loss) for r in redone] == [
         (pytest.approx(0.08), pytest.approx(0.2)), (pytest.approx(0.2), pytest.approx(2.31))]
 

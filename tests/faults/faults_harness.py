@@ -80,18 +80,20 @@ def workload_inputs(home: Path, workload: str) -> tuple[Path, Path]:
     return data, cfg
 
 
-def tiny_digits(out: Path, per_class: int = 8) -> Path:
-    """An ImageFolder of per_class images x 10 digits (train only), cut from the
-    project's digits data: small enough that a VOLO-tiny step takes well under a second."""
+def tiny_digits(out: Path, per_class: int = 8, val_per_class: int = 0) -> Path:
+    """An ImageFolder of per_class images x 10 digits (and val_per_class of the validation
+    split), cut from the project's digits data: small enough that a VOLO-tiny step takes
+    well under a second."""
     from workloads.volo.digits import write_digits
 
     full = out.parent / f"{out.name}-full"
     write_digits(full)
-    for cls in sorted((full / "train").iterdir()):
-        dest = out / "train" / cls.name
-        dest.mkdir(parents=True)
-        for img in sorted(cls.iterdir())[:per_class]:
-            shutil.copy(img, dest / img.name)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for cls in sorted((full / split).iterdir()) if n else []:
+            dest = out / split / cls.name
+            dest.mkdir(parents=True)
+            for img in sorted(cls.iterdir())[:n]:
+                shutil.copy(img, dest / img.name)
     shutil.rmtree(full)
     return out
 
@@ -350,11 +352,13 @@ class Lineage:
     """
 
     committed: dict[int, dict] = field(default_factory=dict)  # step -> its step event
+    validations: dict[int, dict] = field(default_factory=dict)  # step -> its val event
     steps_lost: int = 0
     gaps: list[int] = field(default_factory=list)  # resumed past steps nobody ran
     starts: list[dict] = field(default_factory=list)
     lost_at: list[int] = field(default_factory=list)  # steps redone by each of `starts`
     attempts: list[list[dict]] = field(default_factory=list)
+    ckpt_dir: Path | None = None  # where the job's checkpoints are, when a test records it
 
 
 def lineage(fleet: Fleet, job_id: str, n_attempts: int, all_ranks: bool = False) -> Lineage:
@@ -382,11 +386,15 @@ def lineage(fleet: Fleet, job_id: str, n_attempts: int, all_ranks: bool = False)
         lin.lost_at.append(len(later))
         for s in later:
             del lin.committed[s]
+        for s in [s for s in lin.validations if s > r]:
+            del lin.validations[s]
         if r > 0 and r not in lin.committed and not any(s > r for s in lin.committed):
             lin.gaps.append(r)
         for e in evs:
             if e.get("event") == "step":
                 lin.committed[int(e["step"])] = e
+            elif e.get("event") == "val":
+                lin.validations[int(e["step"])] = e
     return lin
 
 
@@ -410,11 +418,57 @@ def compare_to_reference(lin: Lineage, ref: Lineage, total: int, global_batch: i
         if abs(la - lb) > LOSS_ATOL + LOSS_RTOL * abs(lb):
             bad_loss.append((s, la, lb))
     bad_hash = sorted(set(bad_hash))
+    # Validations score the model a step left, BatchNorm running statistics included, which
+    # the training loss never sees: each must be the reference's
+    bad_val = [(s, {k: v.get(k) for k in VAL_KEYS}, {k: b.get(k) for k in VAL_KEYS})
+               for s, b in sorted(ref.validations.items()) if s <= total
+               for v in [lin.validations.get(s, {})] if not _same_validation(v, b)]
     return {"missing": missing, "extra": extra, "bad_hash": bad_hash, "bad_loss": bad_loss,
+            "bad_val": bad_val,
             # A step whose samples differ from the reference's trained other samples
             # (some seen twice, some never): count its whole global batch.
             "samples_replayed": global_batch * (len(bad_hash) + len(extra)),
             "gaps": lin.gaps}
+
+
+VAL_KEYS = ("top1", "top5", "loss", "images")
+# Validation loss across attempts: the same rounding allowance as the training loss. Top-1 and
+# top-5 are counts of images, so they must be equal.
+VAL_LOSS_RTOL = LOSS_RTOL
+
+
+def _same_validation(a: dict, b: dict) -> bool:
+    if not a or any(a.get(k) != b.get(k) for k in ("top1", "top5", "images")):
+        return False
+    return abs(float(a["loss"]) - float(b["loss"])) <= VAL_LOSS_RTOL * abs(float(b["loss"]))
+
+
+# workloads/volo/optim.py's AdamW (and MindSpore's optimizers): moments, powers, counters
+OPTIMIZER_STATE = {"adam_m", "adam_v", "moments", "beta1_power", "beta2_power", "global_step",
+                   "learning_rate"}
+
+
+def checkpoint_params(path: Path) -> dict[str, Any]:
+    """Every value a checkpoint holds (model, BatchNorm statistics, optimizer state)."""
+    import mindspore as ms
+
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path / "model.ckpt")).items()}
+
+
+def max_param_differences(a: Path, b: Path) -> dict[str, float]:
+    """Largest |difference| between two checkpoints, per kind of value: trainable weights,
+    BatchNorm running statistics and optimizer state; raises if their keys differ."""
+    import numpy as np
+
+    pa, pb = checkpoint_params(a), checkpoint_params(b)
+    assert set(pa) == set(pb), sorted(set(pa) ^ set(pb))
+    kinds: dict[str, float] = {"weights": 0.0, "bn_statistics": 0.0, "optimizer": 0.0}
+    for k in pa:
+        kind = ("bn_statistics" if "moving_" in k else
+                "optimizer" if k.split(".")[0] in OPTIMIZER_STATE else "weights")
+        diff = float(np.abs(pa[k].astype(np.float64) - pb[k].astype(np.float64)).max(initial=0))
+        kinds[kind] = max(kinds[kind], diff)
+    return kinds
 
 
 def recovery_seconds(fleet: Fleet, job_id: str, fault_ts: float, attempt: int) -> float | None:

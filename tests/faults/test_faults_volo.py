@@ -2,7 +2,10 @@
 
 Sample order and loss equality only mean something with a real model: every
 committed optimizer step must train the reference run's exact global batch
-(`sample_hash`) and give its loss within float tolerance.
+(`sample_hash`, from the indices the ranks' loaders delivered) and give its loss within
+float tolerance; every validation (which scores the BatchNorm running statistics the loss
+never sees) must equal the reference's, and the final checkpoint's every value must be the
+reference's within MAX_PARAM_DIFF.
 
 Cluster: two Ray nodes with {"NPU": 1} on 127.0.0.1 (the job runs one CPU rank
 per "device"); the job wants 1-2 devices with G=8, micro-batch <= 4, so 2 devices
@@ -19,6 +22,7 @@ from faults_harness import (
     Fleet,
     compare_to_reference,
     lineage,
+    max_param_differences,
     rank_procs,
     record,
     recovery_seconds,
@@ -33,21 +37,27 @@ STEPS = 60
 # the shrunk attempt must outlast a node coming back (grown at step 12-13 in CI runs).
 NODE_LOSS_STEPS = 40
 G = 8
+VAL_EVERY = 10  # steps: an epoch of the 80 images
+# Largest |difference| allowed between a faulted run's final checkpoint and the reference's,
+# per value (weights, BatchNorm statistics, AdamW moments). A restart in place keeps the
+# arithmetic; a shrink changes the order of the float32 gradient sums.
+MAX_PARAM_DIFF = 1e-5
 
 
 def volo_doc(name: str, ckpt_every: int = 2, max_restarts: int = 3, max_steps: int = STEPS,
-             standby: bool = True) -> dict:
+             standby: bool = True, keep: int = 3) -> dict:
     return {
         "apiVersion": "fleet/v1", "kind": "TrainJob", "metadata": {"name": name},
         "spec": {
             "workload": "volo", "config": "recipe.yaml",
             "overrides": {"max_steps": max_steps, "epoch_size": 6, "num_parallel_workers": 1,
-                          "val_while_train": False, "warmup_epochs": 0, "lr": 0.001},
+                          "val_while_train": True, "val_interval": 1, "warmup_epochs": 0,
+                          "lr": 0.001},
             "data": {"dir": "data"},
             "resources": {"deviceType": "CPU", "devices": {"min": 1, "max": 2},
                           "cpusPerDevice": 0.5},
             "batch": {"global": G, "microBatchMax": 4},
-            "checkpoint": {"everySteps": ckpt_every, "keep": 3},
+            "checkpoint": {"everySteps": ckpt_every, "keep": keep},
             "restart": {"maxRestarts": max_restarts, "backoffSeconds": 0.2,
                         "hangTimeoutSeconds": 120, "standby": standby},
         },
@@ -57,7 +67,7 @@ def volo_doc(name: str, ckpt_every: int = 2, max_restarts: int = 3, max_steps: i
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     home = tmp_path_factory.mktemp("faults-volo")
-    data = tiny_digits(home / "digits")
+    data = tiny_digits(home / "digits", val_per_class=4)
     f = Fleet(home, [{"NPU": 1}, {"NPU": 1}])
     f.data = data
     try:
@@ -69,13 +79,19 @@ def fleet(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(fleet):
     # uninterrupted, so no processes for a next attempt: they would only take CPU
-    j = fleet.submit(volo_doc("reference", standby=False), TINY_RECIPE, fleet.data)
+    # checkpoints at the steps where the faulted runs end (a checkpoint's cadence does not
+    # change the arithmetic)
+    j = fleet.submit(volo_doc("reference", standby=False, ckpt_every=NODE_LOSS_STEPS // 2),
+                     TINY_RECIPE, fleet.data)
     st = fleet.wait_done(j, timeout=300)
     assert st["state"] == "SUCCEEDED", st["message"]
     assert len(st["attempts"]) == 1 and st["attempts"][0]["plan"]["devices"] == 2
     ref = lineage(fleet, j, 1, all_ranks=True)
     assert sorted(ref.committed) == list(range(1, STEPS + 1))
     assert all(e.get("sample_hash") for e in ref.committed.values())
+    assert sorted(ref.validations) == list(range(VAL_EVERY, STEPS + 1, VAL_EVERY))
+    assert all(v["images"] == 40 for v in ref.validations.values())
+    ref.ckpt_dir = fleet.ckpt_dir(j)
     return ref
 
 
@@ -97,7 +113,7 @@ def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
     lin = lineage(fleet, j, len(st["attempts"]), all_ranks=True)
     cmp = compare_to_reference(lin, ref, steps, G)
     ok = st["state"] == "SUCCEEDED" and not (cmp["missing"] or cmp["extra"] or cmp["bad_hash"]
-                                             or cmp["bad_loss"] or cmp["gaps"])
+                                             or cmp["bad_loss"] or cmp["gaps"] or cmp["bad_val"])
     record(FaultResult(fault, ok, recovery_seconds(fleet, j, fault_ts, resumed_attempt),
                        lin.steps_lost, cmp["samples_replayed"], note))
     assert st["state"] == "SUCCEEDED", st["message"]
@@ -106,7 +122,13 @@ def _check(fleet, j, st, ref, fault: str, fault_ts: float, resumed_attempt: int,
     assert cmp["bad_hash"] == [], f"steps whose global batch differs from the reference: {cmp}"
     assert cmp["bad_loss"] == [], f"(step, loss, reference loss): {cmp['bad_loss']}"
     assert cmp["samples_replayed"] == 0
-    return dict(cmp, steps_lost=lin.steps_lost, lineage=lin)
+    assert cmp["bad_val"] == [], f"(step, validation, reference's): {cmp['bad_val']}"
+    assert sorted(lin.validations) == [s for s in ref.validations if s <= steps]
+    final = f"step-{steps:08d}"
+    diffs = max_param_differences(fleet.ckpt_dir(j) / final, ref.ckpt_dir / final)
+    print(f"{fault}: final checkpoint vs the reference's, max |difference| {diffs}")
+    assert max(diffs.values()) <= MAX_PARAM_DIFF, diffs
+    return dict(cmp, steps_lost=lin.steps_lost, lineage=lin, param_diffs=diffs)
 
 
 def test_sigkill_one_rank_mid_step(fleet, reference):

@@ -356,7 +356,9 @@ class _TrainSource:
     def __len__(self) -> int:
         return len(self.stream)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.int32]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.int32, np.int64]:
+        """(image, label, dataset index): the index travels with its image so that the train
+        loop reports the samples it was given, not the ones it asked for."""
         idx = int(self.stream[i])
         try:
             img = load_image(self.index.files[idx])
@@ -365,18 +367,20 @@ class _TrainSource:
                 self.error = self.error or e
             raise
         rng = np.random.default_rng([self.seed, int(self.epochs[i]), idx])
-        return self.augment(img, rng), self.index.labels[idx]
+        return self.augment(img, rng), self.index.labels[idx], np.int64(idx)
 
 
 def train_dataset(index: ImageFolderIndex, stream: np.ndarray, epochs: np.ndarray,
                   augment: TrainAugment, micro_batch: int, seed: int,
                   num_workers: int = 2) -> tuple[Any, _TrainSource]:
-    """Batches of this rank's ``stream`` in order; returns (dataset, source) so that a caller
-    can read ``source.error`` to name a corrupt file when iteration fails."""
+    """Batches (image, label, dataset index) of this rank's ``stream`` in order; returns
+    (dataset, source) so that a caller can read ``source.error`` to name a corrupt file when
+    iteration fails."""
     import mindspore.dataset as ds
 
     source = _TrainSource(index, stream, epochs, augment, seed)
-    dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
+    dataset = ds.GeneratorDataset(source, column_names=["image", "label", "index"],
+                                  shuffle=False,
                                   num_parallel_workers=max(1, num_workers),
                                   python_multiprocessing=False)
     return dataset.batch(micro_batch, drop_remainder=True), source

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BatchLayout", "LayoutError", "GlobalBatchSampler", "resolve_layout"]
+__all__ = ["MAX_DATASET_SIZE", "BatchLayout", "DeliveredIndices", "LayoutError",
+           "GlobalBatchSampler", "resolve_layout"]
+
+# Delivered sample indices travel in the step's float32 all-reduce as base-4096 digits of
+# index + 1 scaled into [0, 1): each digit survives the all-reduce's mean (a division by the
+# world size and the multiplication back) exactly, so the decoded indices are exact.
+_DIGIT_BITS = 12
+_DIGITS = 2
+MAX_DATASET_SIZE = 2 ** (_DIGIT_BITS * _DIGITS) - 1
 
 
 class LayoutError(ValueError):
@@ -128,3 +136,47 @@ class GlobalBatchSampler:
     def sample_hash(indices: np.ndarray) -> str:
         """sha256 hex of the sorted indices (heartbeat ``sample_hash``)."""
         return hashlib.sha256(np.sort(np.asarray(indices, dtype=np.int64)).tobytes()).hexdigest()
+
+
+class DeliveredIndices:
+    """The dataset indices that the ranks' input pipelines actually delivered for one
+    optimizer step, gathered through the step's gradient all-reduce.
+
+    Each rank writes the indices of its micro-batches at their chunks' places of a
+    ``DIGITS * G`` float32 vector and zeros elsewhere (:meth:`encode`); every position has
+    exactly one writer, so the all-reduce's mean times the world size is every rank's
+    contribution at once, and :meth:`decode` gives the global batch's indices on every rank,
+    -1 where a rank delivered none. The heartbeat's ``sample_hash`` and ``samples_seen``
+    come from these, so a pipeline that replays or skips samples shows in them."""
+
+    def __init__(self, layout: BatchLayout):
+        self.layout = layout
+
+    @property
+    def width(self) -> int:
+        return self.layout.global_batch * _DIGITS
+
+    def encode(self, rank: int, micro_indices: list[np.ndarray]) -> np.ndarray:
+        lay = self.layout
+        if len(micro_indices) != lay.grad_accum:
+            raise ValueError(f"{len(micro_indices)} micro-batches, expected {lay.grad_accum}")
+        digits = np.zeros((lay.global_batch, _DIGITS), np.int64)
+        for k, idx in enumerate(micro_indices):
+            n = np.asarray(idx, np.int64).reshape(-1) + 1
+            if n.size != lay.micro_batch or n.min(initial=1) < 1 or \
+                    n.max(initial=1) > MAX_DATASET_SIZE:
+                raise ValueError(f"micro-batch {k} of rank {rank} delivered indices {idx!r}")
+            chunk = k * lay.world_size + rank
+            rows = digits[chunk * lay.micro_batch:(chunk + 1) * lay.micro_batch]
+            for d in range(_DIGITS):
+                rows[:, d] = (n >> (_DIGIT_BITS * (_DIGITS - 1 - d))) & ((1 << _DIGIT_BITS) - 1)
+        return (digits * 2.0 ** -_DIGIT_BITS).astype(np.float32).reshape(-1)
+
+    def decode(self, mean: np.ndarray) -> np.ndarray:
+        """The global batch's indices, in chunk order, from the all-reduced mean."""
+        scaled = np.asarray(mean, np.float64).reshape(-1, _DIGITS) * self.layout.world_size
+        digits = np.rint(scaled * 2.0 ** _DIGIT_BITS).astype(np.int64)
+        n = np.zeros(len(digits), np.int64)
+        for d in range(_DIGITS):
+            n = (n << _DIGIT_BITS) | digits[:, d]
+        return n - 1

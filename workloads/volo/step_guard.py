@@ -15,7 +15,7 @@ here; in every wrong run seen so far the first wrong step was below it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,17 +53,15 @@ class Recompute:
 
 
 def guarded_micro_step(run: Callable[[], tuple[Any, Any]], targets: np.ndarray,
-                       state: Sequence[Any] = (),
-                       restore: Callable[[Any, np.ndarray], None] | None = None,
+                       reset: Callable[[], None] | None = None,
                        ) -> tuple[Any, Any, float, list[Recompute]]:
     """``run()`` -> (loss tensor, grads); computed again while its loss is below ``targets``'
     floor, at most MAX_RECOMPUTES times, else :class:`StepCorrupted`.
 
-    ``state``: tensors the micro-step updates besides its outputs (BatchNorm running
-    statistics); their host copies are taken first and put back with ``restore(tensor,
-    copy)`` before a recomputation, so a retried step leaves them as one correct step would."""
+    ``reset()`` puts back what the micro-step changes besides its outputs (BatchNorm running
+    statistics) before a recomputation, so a retried step leaves them as one correct step
+    would."""
     floor = loss_floor(targets)
-    before = [np.array(s.asnumpy(), copy=True) for s in state] if restore else []
     redone: list[Recompute] = []
     while True:
         loss, grads = run()
@@ -79,6 +77,5 @@ def guarded_micro_step(run: Callable[[], tuple[Any, Any]], targets: np.ndarray,
                 f"{[round(r.wrong_loss, 6) for r in redone] + [round(value, 6)]}); the step is "
                 "not applied")
         redone.append(Recompute(wrong_loss=value, floor=floor, loss=float("nan")))
-        if restore is not None:
-            for s, copy in zip(state, before, strict=True):
-                restore(s, copy)
+        if reset is not None:
+            reset()

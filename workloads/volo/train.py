@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from workloads.volo import ckpt_payload, last_words
+from workloads.volo.bn_stats import StepRunningStats, running_stat_params
 from workloads.volo.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -54,7 +55,13 @@ from workloads.volo.data import (
 from workloads.volo.distributed import CollectiveCorrupted
 from workloads.volo.report import Heartbeat, log
 from workloads.volo.runtime_env import host_blocking_on_cpu, host_pipeline
-from workloads.volo.sampling import GlobalBatchSampler, LayoutError, resolve_layout
+from workloads.volo.sampling import (
+    MAX_DATASET_SIZE,
+    DeliveredIndices,
+    GlobalBatchSampler,
+    LayoutError,
+    resolve_layout,
+)
 from workloads.volo.step_guard import Recompute, StepCorrupted, guarded_micro_step
 
 __all__ = ["evaluate_model", "lr_at", "main"]
@@ -155,6 +162,9 @@ def make_plan(args: argparse.Namespace, world_size: int) -> Plan:
     layout = resolve_layout(world_size, args.batch_size, args.gradient_accumulation_steps,
                             args.global_batch)
     train_index = scan_image_folder(Path(args.data_dir) / args.train_split)
+    if len(train_index) > MAX_DATASET_SIZE:
+        raise DataError(f"{train_index.root} has {len(train_index)} images; this workload "
+                        f"trains on at most {MAX_DATASET_SIZE} (use num_samples or split it)")
     val_index = None
     if args.val_while_train:
         val_index = scan_image_folder(Path(args.data_dir) / args.val_split)
@@ -285,7 +295,9 @@ class Trainer:
         self.guard = args.device_target == "CPU"
         self.last_recomputes: list[Recompute] = []
         self.last_split: dict[str, float] = {}
-        self._running_stats = [p for p in self.net.get_parameters() if "moving_" in p.name]
+        self.carried: np.ndarray | None = None
+        self._running_stats = running_stat_params(self.net.get_parameters())
+        self.step_stats = StepRunningStats(self._running_stats, self._restore)
         self.warmed_up = False
         steps = _make_step_cell(self.net, self.opt)
         compiled = args.mode == 0
@@ -306,30 +318,9 @@ class Trainer:
                 out.append(p)
         return out
 
-    def _restore(self, param: Any, copy: np.ndarray) -> None:
-        self.ops.assign(param, self.ms.Tensor(copy))
-
-    def average_running_stats(
-            self, reducing: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
-        """Make every rank's BatchNorm running statistics their mean across ranks.
-
-        Each rank updates them from its own micro-batches only, so without this the
-        ranks hold different models for inference: a validation across ranks scores a
-        mix of them, and the checkpoint (rank 0's) scores differently from what the
-        train loop reported (timm's `--dist-bn reduce` does the same). ``reducing()`` is
-        entered for the all-reduce, as in step(): a peer lost here leaves the last step's
-        state intact for last words (the statistics assigned after it are not yet)."""
-        stats = self._running_stats
-        if self.reducer.world_size <= 1 or not stats:
-            return
-        ops = self.ops
-        with reducing():
-            means = self.reducer([p.value() for p in stats])
-        for p, mean in zip(stats, means, strict=True):
-            # Copy into the parameter's memory: set_data would give the Python side a new
-            # buffer while the compiled step went on updating the old one (measured: the
-            # saved statistics froze at the first average and top-1 fell to 24%).
-            ops.assign(p, mean)
+    def _restore(self, param: Any, value: Any) -> None:
+        self.ops.assign(param, value if isinstance(value, self.ms.Tensor) else
+                        self.ms.Tensor(value))
 
     def load(self, model_ckpt: Path) -> None:
         ms = self.ms
@@ -341,7 +332,7 @@ class Trainer:
         for p in self.state_params():
             if self.warmed_up:
                 # into the memory the compiled graphs use (set_data would give the Python
-                # side a new buffer, as in average_running_stats)
+                # side a new buffer, as in StepRunningStats.apply)
                 self.ops.assign(p, data[p.name])
             else:
                 p.set_data(data[p.name])
@@ -366,34 +357,49 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------
     def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float,
-             reducing: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> float:
+             reducing: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+             carry: np.ndarray | None = None) -> float:
         """Average the micro-batches' gradients over accumulation and ranks, apply them with
-        learning rate ``lr``; returns the global batch's mean loss. ``reducing()`` is entered
-        for the all-reduce and its wait; the update is launched after it exits."""
+        learning rate ``lr``, and advance the BatchNorm running statistics by the whole
+        global batch (bn_stats.py); returns the global batch's mean loss. ``reducing()`` is
+        entered for the all-reduce and its wait; the update is launched after it exits.
+        ``carry``: float32 values averaged over ranks in the same all-reduce (the delivered
+        sample indices), left in ``self.carried``."""
         ms = self.ms
+        stats = self.step_stats
         acc = None
         loss_sum = 0.0
         t0 = time.perf_counter()
         self.last_recomputes = []
+        if stats:
+            stats.begin()
         for x, t in micro_batches:
             if self.guard:
                 loss, grads, value, redone = guarded_micro_step(
                     lambda x=x, t=t: self._micro(ms.Tensor(x), ms.Tensor(t)), t,
-                    self._running_stats, self._restore)
+                    stats.reset if stats else None)
                 self.last_recomputes += redone
             else:
                 loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
                 value = float(loss.asnumpy())
+            if stats:
+                stats.collect()
             loss_sum += value
             acc = list(grads) if acc is None else [a + g for a, g in zip(acc, grads, strict=True)]
         a = len(micro_batches)
         mean_loss = ms.Tensor(np.array([loss_sum / a], np.float32))
+        local_stats = [ms.Tensor(m) for m in stats.local_mean()] if stats else []
+        carried = [] if carry is None else [ms.Tensor(np.asarray(carry, np.float32))]
         t1 = time.perf_counter()
         with reducing():
-            reduced = self.reducer([g / a for g in acc] + [mean_loss])
+            reduced = self.reducer([g / a for g in acc] + local_stats + carried + [mean_loss])
             loss = float(reduced[-1].asnumpy()[0])  # waits for the all-reduce
         t2 = time.perf_counter()
-        self._update(ms.mutable(tuple(reduced[:-1])), ms.Tensor(lr, ms.float32))  # mutable: compile once
+        n, s = len(acc), len(local_stats)
+        self._update(ms.mutable(tuple(reduced[:n])), ms.Tensor(lr, ms.float32))  # mutable: compile once
+        if stats:
+            stats.apply(reduced[n:n + s])
+        self.carried = reduced[n + s].asnumpy() if carried else None
         # where a slow step's time went: own compute, waiting for the slowest peer, the update
         # (on an NPU the update is only launched here)
         self.last_split = {"grad": round(t1 - t0, 4), "reduce": round(t2 - t1, 4),
@@ -631,6 +637,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
     steps_saved_at = start
     t_train = 0.0
     per_step = lay.micro_batch * lay.grad_accum  # samples one rank reads per optimizer step
+    batch_indices = DeliveredIndices(lay)
+    samples_seen = start * lay.global_batch
     while step < plan.stop_step:
         seg_end = segment_end(step, plan.steps_per_epoch, plan.stop_step,
                               args.val_interval if val is not None else None)
@@ -643,9 +651,10 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             while step < seg_end:
                 epoch = step // plan.steps_per_epoch
                 t0 = time.perf_counter()
-                micro = []
+                micro, indices = [], []
                 for k in range(lay.grad_accum):
-                    images, labels = next(it)
+                    images, labels, delivered = next(it)
+                    indices.append(delivered)
                     chunk = k * world_size + rank
                     rng = np.random.default_rng([args.seed, _MIX_TAG, step, chunk])
                     micro.append(mix_batch(images, labels.astype(np.int64), plan.num_classes,
@@ -653,7 +662,9 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                                            args.cutmix_prob, rng))
                 lr = lr_at(step, **lr_kw)
                 t_data = time.perf_counter() - t0
-                loss = trainer.step(micro, lr, reducing)
+                loss = trainer.step(micro, lr, reducing, carry=batch_indices.encode(rank, indices))
+                delivered = batch_indices.decode(trainer.carried)
+                samples_seen += int((delivered >= 0).sum())
                 dt = time.perf_counter() - t0
                 t_train += dt
                 step += 1
@@ -666,8 +677,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                 # all-reduce leaves its step logged by the others only
                 hb.emit("step", step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
                         images_per_second=round(lay.global_batch / dt, 2),
-                        step_seconds=round(dt, 4), samples_seen=step * lay.global_batch,
-                        sample_hash=sampler.sample_hash(sampler.step_indices(step - 1)),
+                        step_seconds=round(dt, 4), samples_seen=samples_seen,
+                        sample_hash=sampler.sample_hash(delivered),
                         split={"data": round(t_data, 4), **trainer.last_split},
                         **_recompute_fields(trainer.last_recomputes))
                 for r in trainer.last_recomputes:
@@ -684,9 +695,6 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                 by_epoch = (args.ckpt_save_steps is None and epoch_end
                             and ep_done % max(1, args.ckpt_save_interval) == 0)
                 saving = bool(by_steps or by_epoch) and step < plan.stop_step
-                if validating or saving:
-                    # once for both, on every rank alike: it is a collective
-                    trainer.average_running_stats(reducing)
                 if validating:
                     validate(step)
                 if saving:
@@ -701,10 +709,6 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             raise
         finally:
             del it
-    if step != steps_saved_at:
-        # A collective: decided on what every rank knows alike (a glob of the checkpoint
-        # dir may differ between ranks while rank 0's last save is still being written).
-        trainer.average_running_stats(reducing)
     if step != steps_saved_at or not any(plan.ckpt_dir.glob("step-*")):
         save(step, block=True)
     ckpt.wait()
@@ -721,10 +725,10 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
 
 def last_words_for(world_size: int,
                    say: Callable[[int, ckpt_payload.Snapshot], None]) -> last_words.LastWords | None:
-    """Last words (workloads/volo/last_words.py) when the agent asks for them. BatchNorm
-    running statistics are then the survivor's own, not the mean a periodic checkpoint
-    takes (a collective): they are each rank's own between checkpoints anyway, feed no
-    gradient, and the next periodic checkpoint averages them again."""
+    """Last words (workloads/volo/last_words.py) when the agent asks for them. They hold the
+    job's BatchNorm running statistics, not only the survivor's: every rank holds the
+    global batch's after every step (bn_stats.py), and a rank waiting in a dead all-reduce
+    has put back those of the last completed step."""
     request = os.environ.get(last_words.ENV)
     if not request or world_size <= 1:
         return None
