@@ -93,6 +93,8 @@ def test_unknown_keywords_and_shapes_are_rendered_not_dropped(tmp_path):
                     "extra": {"type": "object", "additionalProperties": {"$ref": "#/$defs/Doc"}},
                     "future": {"type": "integer", "x-brand-new": {"a": 1}},
                     "loose": {},
+                    "inline": {"type": "object", "properties": {"depth": {"type": "integer",
+                                                                           "minimum": 0}}},
                 },
             },
             "Orphan": {"type": "string", "enum": ["a"]},
@@ -112,6 +114,8 @@ def test_unknown_keywords_and_shapes_are_rendered_not_dropped(tmp_path):
     assert '`x-brand-new: {"a": 1}`' in rows["Doc"]["future"]
     assert "any value" in rows["Doc"]["loose"]
     assert "Orphan" in rows, "a definition no document reaches still gets a section"
+    assert "[Doc.inline](#docinline)" in rows["Doc"]["inline"]
+    assert "≥ 0" in rows["Doc.inline"]["depth"], "an inline object's fields get their own table"
 
 
 def test_unreadable_schema_is_a_clear_error(tmp_path):
