@@ -1,5 +1,5 @@
 """Reproduce the wrong CPU micro-step under CPU contention, and check the step guard
-(README, Known gaps; workloads/volo/step_guard.py).
+(docs/known-issues.md; workloads/volo/step_guard.py).
 
     .venv/bin/python bench/cpu_step_race.py [--runs 6] [--load 3] [--pin] [--env K=V] [--json F]
 
@@ -18,7 +18,7 @@ Measured on the shared 2-core machine, before the guard: wrong steps in 1 of 8 r
 two burners of rare C-level bursts, 1 of 4 beside four of the short bursts below, and 1 of 5
 in a probe build beside three (that build logged each rank's own loss: 0.04-0.31 where 0.50
 is the least possible, and the same micro-batch computed again right after gave ~2.3).
-With the guard: see the closing notes and README.
+With the guard: see the closing notes and docs/known-issues.md.
 """
 
 from __future__ import annotations

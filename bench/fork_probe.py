@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/fork_probe.py [--steps 20] [--world 2] [--json F]
 
-A probe for a fork server for standbys (README, "Where goodput goes"): today every restart
-in place spawns one standby per rank that imports MindSpore (~1.3 s of CPU each) while the
+A probe for a fork server for standbys (docs/known-issues.md, "Goodput and recovery"): today
+every restart in place spawns one standby per rank that imports MindSpore (~1.3 s of CPU each) while the
 new attempt trains. Forked from a process that imported once, a standby would cost a fork.
 
 Runs the rank program (VOLO-tiny, 80 digits images, global batch 8) twice on 127.0.0.1:

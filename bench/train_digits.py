@@ -4,12 +4,12 @@
         [--threads N] [--ckpt_save_steps 11] [--d1_save]
 
 1. Writes the digits ImageFolder if missing, then runs the unmodified quickstart recipe
-   (``volo_tiny_digits.yaml``) as the README does, with a heartbeat file, checkpointing every
+   (``volo_tiny_digits.yaml``) as docs/volo.md does, with a heartbeat file, checkpointing every
    ``--ckpt_save_steps`` optimizer steps on top of the recipe's per-epoch saves.
 2. From the heartbeat: wall time from process start to the first validation >= 90% top-1,
    final top-1, and checkpoint overhead = time the training loop was blocked by saves /
    training time (the part of a save that hashes, fsyncs and renames runs on a thread).
-3. Validates the best checkpoint with ``workloads.volo.validate`` (the README command).
+3. Validates the best checkpoint with ``workloads.volo.validate`` (the command in docs/volo.md).
 4. ``--d1_save``: the same save path for VOLO-D1's parameters + AdamW state (~330 MB):
    how long a save blocks training and how long the background part takes, on this disk.
 

@@ -90,7 +90,7 @@ class MeanAllReduce:
     complete); otherwise :class:`CollectiveCorrupted` turns the step into a rank failure (the
     job restarts from the survivors' last words) instead of a silently wrong update. The first
     version checked the chunk ends only; the two halved losses seen in CI that prompted it came
-    from a wrong micro-step on one rank, not from here (README, Known gaps). Writing the sums
+    from a wrong micro-step on one rank, not from here (docs/known-issues.md). Writing the sums
     reads the buffer on the host first, which also waits for everything that fills it
     before the collective is launched. Cost: ~2 ms per step for volo_tiny's 1.3 M values."""
 

@@ -1,7 +1,7 @@
 """Catch a micro-step whose loss is impossible for its targets, and compute it again.
 
 On a CPU rank under CPU contention, MindSpore 2.10 sometimes computes one micro-step wrongly
-(README, Known gaps): the rank's own loss comes out at 0.04-0.4 where label smoothing 0.1
+(docs/known-issues.md): the rank's own loss comes out at 0.04-0.4 where label smoothing 0.1
 allows no less than 0.50, and its gradients are wrong too. Computing the same micro-batch
 again right away gave the right loss and gradients in every case probed (bench/cpu_step_race.py),
 so the fault is transient, not in the parameters or the inputs.
