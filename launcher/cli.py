@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +49,11 @@ Shell completion: eval "$(_FLEET_COMPLETE=bash_source fleet)"
 
 # Queries answered from the durable store when no cluster is running.
 OFFLINE_METHODS = {"status", "list_jobs", "read_log"}
+# Calls that change state and are not safe to send twice when the controller died
+# mid-call (Ray cannot say whether it ran); every other call is retried.
+NOT_REPEATABLE = {"submit"}
+RESTART_WAIT_S = 120.0
+RESTART_POLL_S = 1.0
 
 
 class Ctx:
@@ -71,9 +77,16 @@ class Ctx:
                 click.echo("error: no fleet cluster running. Start one with `fleet up`, or "
                            "pass --address / set RAY_ADDRESS.", err=True)
                 sys.exit(EXIT_NO_CLUSTER)
+            except local.Unreachable as e:
+                click.echo(f"error: {e}", err=True)
+                # A ray.init still retrying in its thread would hold up a normal exit.
+                _exit_now(EXIT_NO_CLUSTER)
             except (ConnectionError, RuntimeError) as e:
                 click.echo(f"error: cannot reach the cluster: {e}", err=True)
                 sys.exit(EXIT_NO_CLUSTER)
+            except ValueError as e:  # a bad setting such as FLEET_CONNECT_TIMEOUT_S
+                click.echo(f"error: {e}", err=True)
+                sys.exit(EXIT_INVALID)
         return self._ctl
 
     def call(self, method: str, *args, timeout: float = 60.0, start: bool = False):
@@ -82,12 +95,49 @@ class Ctx:
             return getattr(OfflineView(self.home), method)(*args)
         ctl = self.controller(start)
         import ray
-        try:
-            return ray.get(getattr(ctl, method).remote(*args), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            click.echo(f"error: controller did not answer {method} within {timeout:.0f}s",
-                       err=True)
-            sys.exit(EXIT_NO_CLUSTER)
+        back_by: float | None = None
+        while True:
+            try:
+                out = ray.get(getattr(ctl, method).remote(*args), timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                click.echo(f"error: controller did not answer {method} within {timeout:.0f}s",
+                           err=True)
+                sys.exit(EXIT_NO_CLUSTER)
+            except ray.exceptions.RayActorError:
+                # Ray restarts the detached controller (max_restarts=-1) and its __init__
+                # reattaches to running jobs; a query only has to wait for it.
+                if method in NOT_REPEATABLE:
+                    click.echo(f"error: the controller restarted during {method}; it may or "
+                               "may not have been applied - check `fleet list --all` before "
+                               "trying again", err=True)
+                    sys.exit(EXIT_NO_CLUSTER)
+                now = time.monotonic()
+                if back_by is None:
+                    back_by = now + RESTART_WAIT_S
+                    click.echo(f"controller restarting… (waiting up to {RESTART_WAIT_S:.0f}s)",
+                               err=True)
+                elif now > back_by:
+                    click.echo(f"error: the controller did not come back within "
+                               f"{RESTART_WAIT_S:.0f}s; see `fleet status` and the Ray logs",
+                               err=True)
+                    sys.exit(EXIT_NO_CLUSTER)
+                time.sleep(RESTART_POLL_S)
+                continue
+            if back_by is not None:
+                click.echo("controller back", err=True)
+            return out
+
+
+def _exit_now(code: int) -> None:
+    """Exit without Ray's atexit shutdown, which waits on a connection still retrying."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    click.echo("terminated; submitted jobs keep running", err=True)
+    _exit_now(128 + signum)
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,6 +258,10 @@ def _print_dry_run(d: dict) -> None:
 
 
 # ------------------------------------------------------------------ progress
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
 
 def _fmt_eta(seconds: float | None) -> str:
     if seconds is None or seconds < 0:
@@ -413,12 +467,16 @@ def status(c: Ctx, job: str | None, output: str) -> None:
                 said.setdefault(e["attempt"], []).append(e["rank"])
         for a in st.get("attempts", []):
             p = a["plan"]
-            end = time.strftime("%H:%M:%S", time.localtime(a["ended"])) if a["ended"] else "-"
+            end = _clock(a["ended"]) if a["ended"] else "-"
             words = f" (last step saved by {', '.join(said[a['n']])})" if a["n"] in said else ""
             click.echo(f"  attempt {a['n']}: {p['devices']} dev micro {p['micro_batch']} "
                        f"accum {p['grad_accum']} start "
-                       f"{time.strftime('%H:%M:%S', time.localtime(a['started']))} end {end} "
+                       f"{_clock(a['started'])} end {end} "
                        f"{a['status']} {a['reason']}{words}")
+        for e in st.get("events", []):
+            if e.get("kind") == "reattached":
+                click.echo(f"  controller restarted at {_clock(e['ts'])}: reattached to the "
+                           f"running ranks of attempt {e['attempt']}")
         _print_outcome(st) if st["state"] in TERMINAL else None
     if st["state"] in ("FAILED", "CANCELLED"):
         sys.exit(EXIT_FAILED)
@@ -536,7 +594,17 @@ _register_optional()
 
 
 def main() -> None:
-    cli(prog_name="fleet")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        # Not standalone: click would turn Ctrl-C into "Aborted!" and exit 1.
+        rv = cli.main(prog_name="fleet", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("\ninterrupted; submitted jobs keep running", err=True)
+        _exit_now(EXIT_INTERRUPTED)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ run as subprocesses, the way a user runs them."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +115,22 @@ def fleet(home, *args, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def controller_pid(home: Path) -> int:
+    """The pid of this home's controller actor: a Ray worker titled ray::Controller whose
+    environment carries this FLEET_HOME (other local clusters may run on the machine)."""
+    mine = f"FLEET_HOME={home}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if (d / "cmdline").read_bytes().startswith(b"ray::Controller") and \
+                    mine in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_local_cluster_session(proj):
     home = proj / "home"
     try:
@@ -137,28 +155,54 @@ def test_local_cluster_session(proj):
         r = fleet(home, "logs", "smoke-1", "--rank", "1")
         assert r.returncode == 0 and "step 6 loss" in r.stdout
 
+        # The controller killed (-9) during `submit --wait`: Ray restarts it, it reattaches
+        # to the running ranks, and the waiting CLI rides that out to the job's success.
+        slow = proj / "slow.yaml"
+        slow.write_text(JOB.replace("max_steps: 6", "max_steps: 60"))
+        env = dict(os.environ, FLEET_HOME=str(home), PYTHONUNBUFFERED="1")
+        env.pop("RAY_ADDRESS", None)
+        waiting = subprocess.Popen([sys.executable, "-m", "launcher.cli", "submit", str(slow),
+                                    "--wait"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        guard = threading.Timer(120, waiting.kill)  # bounds the read loop below
+        guard.start()
+        seen = []
+        for line in waiting.stdout:
+            seen.append(line)
+            if "smoke-2 RUNNING  step" in line:
+                break
+        os.kill(controller_pid(home), signal.SIGKILL)
+        out, err = waiting.communicate(timeout=180)
+        guard.cancel()
+        out = "".join(seen) + out
+        assert waiting.returncode == 0, out + err
+        assert "controller restarting" in err and "Traceback" not in err, err
+        assert "smoke-2: SUCCEEDED" in out and "step 60/60" in out
+        r = fleet(home, "status", "smoke-2")
+        assert "reattached to the running ranks of attempt 1" in r.stdout, r.stdout
+
         long = proj / "long.yaml"
         long.write_text(JOB.replace("max_steps: 6", "max_steps: 500"))
         r = fleet(home, "submit", str(long))
-        assert r.returncode == 0 and "smoke-2" in r.stdout
+        assert r.returncode == 0 and "smoke-3" in r.stdout
         deadline = time.time() + 60
         while time.time() < deadline:
-            st = json.loads(fleet(home, "status", "smoke-2", "-o", "json").stdout)
+            st = json.loads(fleet(home, "status", "smoke-3", "-o", "json").stdout)
             if st["state"] == "RUNNING":
                 break
             time.sleep(0.5)
         env = dict(os.environ, FLEET_HOME=str(home))
-        follow = subprocess.Popen([sys.executable, "-m", "launcher.cli", "logs", "smoke-2",
+        follow = subprocess.Popen([sys.executable, "-m", "launcher.cli", "logs", "smoke-3",
                                    "--follow"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                   text=True)
         first = follow.stdout.readline()
         assert first.startswith("step ")
-        r = fleet(home, "cancel", "smoke-2")
+        r = fleet(home, "cancel", "smoke-3")
         assert r.returncode == 0 and "CANCELLED" in r.stdout
         # --follow ends by itself once the job is over.
         rest, _ = follow.communicate(timeout=60)
         assert follow.returncode == 0
-        r = fleet(home, "status", "smoke-2")
+        r = fleet(home, "status", "smoke-3")
         assert r.returncode == 1  # a cancelled job's status exits 1
         r = fleet(home, "status", "nope-9")
         assert r.returncode == 4
@@ -188,3 +232,54 @@ def test_status_names_the_rank_that_saved_the_last_step(tmp_path):
     first, second = [ln for ln in out.splitlines() if ln.strip().startswith("attempt")]
     assert "signal 9 (last step saved by rank-0)" in first, out
     assert "saved" not in second
+
+
+def cli_proc(home: Path, *args: str, **env: str) -> subprocess.Popen:
+    e = dict(os.environ, FLEET_HOME=str(home), **env)
+    e.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], env=e, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_unreachable_address_fails_fast_with_exit_3(tmp_path):
+    t0 = time.monotonic()
+    p = cli_proc(tmp_path, "--address", "127.0.0.1:1", "list")
+    out, err = p.communicate(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert p.returncode == C.EXIT_NO_CLUSTER, out + err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "--address" in lines[0], err
+
+
+@pytest.fixture()
+def silent_port():
+    """A port that accepts TCP connections (the kernel's backlog) but speaks no Ray."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    yield s.getsockname()[1]
+    s.close()
+
+
+def test_a_listener_that_is_not_ray_fails_within_the_connect_bound(tmp_path, silent_port):
+    t0 = time.monotonic()
+    p = cli_proc(tmp_path, "--address", f"127.0.0.1:{silent_port}", "list",
+                 FLEET_CONNECT_TIMEOUT_S="2")
+    out, err = p.communicate(timeout=60)
+    assert time.monotonic() - t0 < 12
+    assert p.returncode == C.EXIT_NO_CLUSTER, out + err
+    assert "within 2s (FLEET_CONNECT_TIMEOUT_S)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_end_a_command_stuck_connecting(tmp_path, silent_port, sig, code):
+    p = cli_proc(tmp_path, "--address", f"127.0.0.1:{silent_port}", "list")
+    time.sleep(3)  # past the TCP probe, inside ray.init's connection retries
+    assert p.poll() is None, p.communicate()
+    t0 = time.monotonic()
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert time.monotonic() - t0 < 3, err
+    assert p.returncode == code, out + err
+    assert "jobs keep running" in err and "Traceback" not in err
