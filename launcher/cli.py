@@ -1,9 +1,6 @@
 """`fleet`: the command-line front door (click).
 
-Exit codes (also in `fleet --help`):
-  0 success; 1 the job failed or was cancelled (with --wait / status of a finished job);
-  2 invalid spec or usage; 3 no cluster / cannot reach the controller; 4 no such job;
-  130 interrupted (the job keeps running).
+The exit codes are listed in EPILOG (`fleet --help`); docs/cli.md is the user guide.
 """
 
 from __future__ import annotations
@@ -19,25 +16,37 @@ from typing import Any
 
 import click
 
+from launcher import jobref
 from launcher import local as _local  # noqa: F401 - sets Ray's loopback env before ray loads
 from launcher import spec as specmod
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_CLUSTER, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_CLUSTER = 0, 1, 2, 3
+EXIT_NOT_FOUND = jobref.EXIT_NOT_FOUND
 EXIT_INTERRUPTED = 130
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 EPILOG = """\b
-Exit codes: 0 ok, 1 job failed/cancelled, 2 invalid spec or usage,
-3 no cluster reachable, 4 no such job, 130 interrupted.
+Exit codes:
+  0    ok
+  1    the job failed or was cancelled (--wait, or status of a finished job)
+  2    invalid spec, usage or setting
+  3    no cluster reachable: nothing at the address (fails within 3 s), no Ray
+       answer within FLEET_CONNECT_TIMEOUT_S (default 30 s), or the controller
+       did not come back from a restart within 120 s
+  4    no such job, step, attempt or rank (the error names what exists)
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): submitted jobs keep running
+\b
+JOB is a job id (smoke-3) or WORKFLOW/STEP (quickstart-1/train); `fleet list
+--all` shows both.
 \b
 Examples:
   fleet submit examples/quickstart.yaml --wait     # starts a local cluster if needed
   fleet submit job.yaml --set spec.batch.global=512 --dry-run
   fleet validate job.yaml
-  fleet list
-  fleet status volo-digits-3 --output json
-  fleet logs volo-digits-3 --rank 1 --follow
-  fleet cancel volo-digits-3
+  fleet list --all
+  fleet status quickstart-1/train --output json
+  fleet logs quickstart-1/train --rank 1 --follow
+  fleet cancel quickstart-1
   fleet up / fleet down                            # local Ray on 127.0.0.1 + controller
   fleet schema > fleet-job.schema.json             # for editor completion
 \b
@@ -126,6 +135,11 @@ class Ctx:
             if back_by is not None:
                 click.echo("controller back", err=True)
             return out
+
+
+    def status(self, ref: str) -> dict[str, Any]:
+        """The status of the job `ref` names (an id or WORKFLOW/STEP), or exit 4."""
+        return jobref.resolve(ref, lambda j: self.call("status", j))
 
 
 def _exit_now(code: int) -> None:
@@ -449,10 +463,7 @@ def status(c: Ctx, job: str | None, output: str) -> None:
             for line in kubernetes_lines(st.get("kubernetes")):
                 click.echo(line)
         return
-    st = c.call("status", job)
-    if st is None:
-        click.echo(f"error: no job {job!r} (see `fleet list`)", err=True)
-        sys.exit(EXIT_NOT_FOUND)
+    st = c.status(job)
     if output == "json":
         click.echo(json.dumps(st, indent=2, default=str))
     else:
@@ -492,11 +503,25 @@ def list_(c: Ctx, show_all: bool, output: str) -> None:
     if output == "json":
         click.echo(json.dumps(rows, default=str))
         return
-    click.echo(f"{'JOB':32} {'KIND':12} {'STATE':11} {'PRIO':>4} {'DEV':>4} {'STEP':>6}  MESSAGE")
+    for line in list_lines(rows):
+        click.echo(line)
+
+
+def list_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The `fleet list` table: a Workflow's step jobs indented under it, each as
+    `WORKFLOW/STEP = ID` (either name addresses the step in status/logs/plot/cancel)."""
+    table: list[tuple[str, dict[str, Any]]] = []
     for r in rows:
+        table.append((r["id"], r))
+        for s in r.get("steps") or []:
+            table.append((f"  {jobref.step_ref(r['id'], s['step'])} = {s['id']}", s))
+    w = max([32, *(len(name) for name, _ in table)])
+    out = [f"{'JOB':{w}} {'KIND':12} {'STATE':11} {'PRIO':>4} {'DEV':>4} {'STEP':>6}  MESSAGE"]
+    for name, r in table:
         step = (r.get("progress") or {}).get("step", "")
-        click.echo(f"{r['id']:32} {r['kind']:12} {r['state']:11} {r['priority']:>4} "
+        out.append(f"{name:{w}} {r['kind']:12} {r['state']:11} {r['priority']:>4} "
                    f"{r.get('devices') or '':>4} {step!s:>6}  {r.get('message', '')[:60]}")
+    return out
 
 
 @cli.command()
@@ -508,34 +533,64 @@ def list_(c: Ctx, show_all: bool, output: str) -> None:
 @click.pass_obj
 def logs(c: Ctx, job: str, rank: int, scheduler: bool, attempt: int | None,
          follow: bool) -> None:
-    """Print a rank's log."""
-    if c.call("status", job) is None:
-        click.echo(f"error: no job {job!r}", err=True)
-        sys.exit(EXIT_NOT_FOUND)
-    label = "scheduler" if scheduler else f"rank-{rank}"
-    offset, cur_attempt = 0, attempt
+    """Print a rank's log (a Workflow: each step's, prefixed with its name)."""
+    st = c.status(job)
+    want = None if scheduler else rank
     try:
-        while True:
-            r = c.call("read_log", job, label, offset, cur_attempt)
-            if cur_attempt is None and r.get("attempt") is not None:
-                cur_attempt = r["attempt"]
-            if r.get("data"):
-                click.echo(r["data"], nl=False)
-                offset = r["offset"]
-                continue
-            if not follow:
-                break
-            st = c.call("status", job)
-            latest = (st.get("attempts") or [{}])[-1].get("n")
-            if attempt is None and latest and latest != cur_attempt:
-                click.echo(f"--- attempt {latest} ---")
-                cur_attempt, offset = latest, 0
-                continue
-            if st["state"] in TERMINAL:
-                break
-            time.sleep(0.5)
+        if st["kind"] != "Workflow":
+            _job_log(c, st, want, attempt, follow, prefix="")
+            return
+        shown = 0
+        for step in st.get("steps") or []:
+            prefix = f"[{step['step']}] "
+            try:
+                _job_log(c, step, want, attempt, follow, prefix)
+                shown += 1
+            except jobref.NotFound as e:
+                click.echo(f"{prefix}{e.message}", err=True)
+        if not shown:
+            raise jobref.NotFound(f"no step of workflow {st['id']!r} has that log; its "
+                                  "steps: " + ", ".join(jobref.step_names(st)))
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _job_log(c: Ctx, st: dict, rank: int | None, attempt: int | None, follow: bool,
+             prefix: str) -> None:
+    """Print one job's log; with follow, until the job ends (moving on to new attempts)."""
+    while follow and not st.get("attempts") and st["state"] not in TERMINAL:
+        time.sleep(0.5)  # a step that has not started yet
+        st = c.call("status", st["id"])
+    att = jobref.pick_attempt(st, attempt)
+    jobref.check_rank(st, att, rank)
+    label = "scheduler" if rank is None else f"rank-{rank}"
+    cur, offset, partial = att["n"], 0, False
+    while True:
+        r = c.call("read_log", st["id"], label, offset, cur)
+        if r.get("data"):
+            _echo_prefixed(r["data"], prefix, partial)
+            partial = not r["data"].endswith("\n")
+            offset = r["offset"]
+            continue
+        if not follow:
+            break
+        st = c.call("status", st["id"])
+        latest = (st.get("attempts") or [{}])[-1].get("n")
+        if attempt is None and latest and latest != cur:
+            click.echo(f"{prefix}--- attempt {latest} ---")
+            cur, offset, partial = latest, 0, False
+            continue
+        if st["state"] in TERMINAL:
+            break
+        time.sleep(0.5)
+
+
+def _echo_prefixed(data: str, prefix: str, partial: bool) -> None:
+    if prefix:
+        lines = data.splitlines(keepends=True)
+        data = "".join(ln if (k == 0 and partial) else prefix + ln
+                       for k, ln in enumerate(lines))
+    click.echo(data, nl=False)
 
 
 @cli.command()
@@ -543,10 +598,9 @@ def logs(c: Ctx, job: str, rank: int, scheduler: bool, attempt: int | None,
 @click.pass_obj
 def cancel(c: Ctx, job: str) -> None:
     """Cancel a job: stops its ranks and frees its devices."""
-    r = c.call("cancel", job)
-    if "error" in r:
-        click.echo(f"error: {r['error']}", err=True)
-        sys.exit(EXIT_NOT_FOUND)
+    r = c.call("cancel", c.status(job)["id"])
+    if "error" in r:  # gone between the two calls
+        raise jobref.no_such_job(job)
     click.echo(f"{r['id']}: {r['state']}" + (" (already finished)" if r.get("already") else ""))
 
 

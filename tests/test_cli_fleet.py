@@ -49,7 +49,7 @@ def run(args, home):
 def test_help_lists_exit_codes_and_examples(tmp_path):
     r = run(["--help"], tmp_path)
     assert r.exit_code == 0
-    assert "Exit codes: 0 ok, 1 job failed/cancelled, 2 invalid spec" in r.output
+    assert "Exit codes:" in r.output and "4    no such job, step, attempt or rank" in r.output
     assert "fleet submit examples/quickstart.yaml --wait" in r.output
     for cmd in ("up", "down", "submit", "status", "list", "logs", "cancel", "validate",
                 "schema"):
@@ -283,3 +283,110 @@ def test_signals_end_a_command_stuck_connecting(tmp_path, silent_port, sig, code
     assert time.monotonic() - t0 < 3, err
     assert p.returncode == code, out + err
     assert "jobs keep running" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ job addressing (offline)
+
+PLAN2 = {"devices": 2, "micro_batch": 4, "grad_accum": 1, "slices": []}
+PLAN1 = {"devices": 1, "micro_batch": 4, "grad_accum": 1, "slices": []}
+
+
+@pytest.fixture()
+def store_home(tmp_path):
+    """A fleet home whose store holds a TrainJob with two attempts of 2 ranks each and a
+    Workflow with a train step (1 attempt, 2 ranks) and a validate step (1 rank); no
+    cluster: the CLI answers status/list/logs from the store."""
+    from launcher.ranks import attempt_dir
+    from launcher.store import Store
+
+    home = tmp_path / "home"
+    home.mkdir()
+    store = Store(home / "fleet.db")
+
+    def log(job_id, n, label, text):
+        d = attempt_dir(home, job_id, n)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{label}.log").write_text(text)
+
+    job = store.add_job("tj", "TrainJob", {}, {}, 0)
+    for n in (1, 2):
+        store.add_attempt(job.id, PLAN2, "pg")
+        log(job.id, n, "rank-0", f"attempt {n} rank 0\n")
+        log(job.id, n, "rank-1", f"attempt {n} rank 1\n")
+    wf = store.add_job("wf", "Workflow", {}, {}, 0)
+    train = store.add_job("wf-train", "TrainJob", {}, {}, 0, parent=wf.id, step="train")
+    val = store.add_job("wf-validate", "ValidateJob", {}, {}, 0, parent=wf.id,
+                        step="validate")
+    store.add_attempt(train.id, PLAN2, "pg")
+    log(train.id, 1, "rank-0", "train line 1\ntrain line 2\n")
+    store.add_attempt(val.id, PLAN1, "pg")
+    log(val.id, 1, "rank-0", "top1 91.0\n")
+    return {"home": home, "job": job.id, "wf": wf.id, "train": train.id, "val": val.id}
+
+
+def run_err(args, home):
+    """CliRunner with stderr kept apart (click >= 8.2 always separates it)."""
+    return CliRunner().invoke(C.cli, ["--home", str(home), *args])
+
+
+def test_logs_picks_the_attempt_and_rank_asked_for(store_home):
+    h, j = store_home["home"], store_home["job"]
+    assert run_err(["logs", j], h).stdout == "attempt 2 rank 0\n"
+    assert run_err(["logs", j, "--attempt", "1", "--rank", "1"], h).stdout == \
+        "attempt 1 rank 1\n"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--rank", "5"], "has no rank 5; it ran ranks 0-1"),
+    (["--rank", "-1"], "has no rank -1; it ran ranks 0-1"),
+    (["--attempt", "99"], "has no attempt 99; its attempts: 1, 2"),
+])
+def test_logs_of_what_does_not_exist_is_an_error_naming_what_does(store_home, args, says):
+    r = run_err(["logs", store_home["job"], *args], store_home["home"])
+    assert r.exit_code == C.EXIT_NOT_FOUND and r.stdout == ""
+    assert says in r.stderr, r.stderr
+
+
+def test_logs_of_a_workflow_shows_each_steps_log_prefixed(store_home):
+    r = run_err(["logs", store_home["wf"]], store_home["home"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "[train] train line 1\n[train] train line 2\n[validate] top1 91.0\n"
+    # rank 1 exists in the train step only: the validate step says it has none.
+    r = run_err(["logs", store_home["wf"], "--rank", "1"], store_home["home"])
+    assert r.exit_code == 0 and "[validate]" in r.stderr and "no rank 1" in r.stderr
+
+
+def test_workflow_slash_step_addresses_the_step_job(store_home):
+    h, wf = store_home["home"], store_home["wf"]
+    r = run_err(["logs", f"{wf}/validate"], h)
+    assert r.exit_code == 0 and r.stdout == "top1 91.0\n"
+    r = run_err(["status", f"{wf}/train", "-o", "json"], h)
+    assert json.loads(r.stdout)["id"] == store_home["train"]
+    r = run_err(["status", f"{wf}/export"], h)
+    assert r.exit_code == C.EXIT_NOT_FOUND
+    assert "has no step 'export'; its steps: train, validate" in r.stderr
+
+
+def test_list_all_shows_workflow_steps_indented_with_their_ids(store_home):
+    r = run_err(["list", "--all"], store_home["home"])
+    lines = r.stdout.splitlines()
+    wf_row = next(i for i, ln in enumerate(lines) if ln.startswith(store_home["wf"] + " "))
+    assert lines[wf_row + 1].startswith(f"  {store_home['wf']}/train = {store_home['train']}")
+    assert lines[wf_row + 2].startswith(
+        f"  {store_home['wf']}/validate = {store_home['val']}")
+
+
+def test_no_such_job_is_one_wording_and_exit_4_everywhere(store_home, monkeypatch):
+    h = store_home["home"]
+    want = "error: no job 'nope-9' (`fleet list --all` shows jobs and their steps)\n"
+    for cmd in (["status", "nope-9"], ["logs", "nope-9"], ["cancel", "nope-9"],
+                ["plot", "nope-9"]):
+        r = run_err(cmd, h)
+        assert r.exit_code == C.EXIT_NOT_FOUND, (cmd, r.output)
+        assert r.stderr.startswith(want.rstrip("\n")), (cmd, r.stderr)
+
+
+def test_plot_of_a_workflow_names_its_steps(store_home):
+    r = run_err(["plot", store_home["wf"]], store_home["home"])
+    assert r.exit_code == C.EXIT_INVALID
+    assert f"{store_home['wf']}/train ({store_home['train']})" in r.output
