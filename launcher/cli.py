@@ -362,7 +362,7 @@ def _complete_job(ctx: click.Context, param: click.Parameter, incomplete: str) -
 
 # ------------------------------------------------------------------ commands
 
-@cli.command()
+@cli.command(short_help="Validate a spec and submit it.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a spec field, e.g. --set spec.batch.global=512 (repeatable).")
@@ -395,7 +395,7 @@ def submit(c: Ctx, file: str, sets: tuple[str, ...], wait: bool, dry_run: bool,
         sys.exit(_wait(c, res["id"]))
 
 
-@cli.command()
+@cli.command(short_help="Check a spec without submitting it.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @click.pass_obj
@@ -413,7 +413,7 @@ def validate(c: Ctx, file: str, sets: tuple[str, ...]) -> None:
         click.echo(f"  {name}: {kind}{extra}")
 
 
-@cli.command()
+@cli.command(short_help="Print the job spec's JSON Schema.")
 def schema() -> None:
     """Print the JSON Schema of job specs (also shipped as launcher/schema.json)."""
     click.echo(specmod.schema_text(), nl=False)
@@ -447,7 +447,7 @@ def kubernetes_lines(k: dict[str, Any] | None) -> list[str]:
     return out
 
 
-@cli.command()
+@cli.command(short_help="Show a job, or the cluster summary.")
 @click.argument("job", required=False, shell_complete=_complete_job)
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text")
 @click.pass_obj
@@ -493,7 +493,7 @@ def status(c: Ctx, job: str | None, output: str) -> None:
         sys.exit(EXIT_FAILED)
 
 
-@cli.command(name="list")
+@cli.command(name="list", short_help="List jobs and their workflow steps.")
 @click.option("--all", "show_all", is_flag=True, help="Include finished jobs.")
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text")
 @click.pass_obj
@@ -524,7 +524,7 @@ def list_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-@cli.command()
+@cli.command(short_help="Print a rank's log (or each step's).")
 @click.argument("job", shell_complete=_complete_job)
 @click.option("--rank", type=int, default=0, help="Rank whose log to show (default 0).")
 @click.option("--scheduler", is_flag=True, help="Show the MindSpore scheduler's log.")
@@ -593,7 +593,7 @@ def _echo_prefixed(data: str, prefix: str, partial: bool) -> None:
     click.echo(data, nl=False)
 
 
-@cli.command()
+@cli.command(short_help="Cancel a job and free its devices.")
 @click.argument("job", shell_complete=_complete_job)
 @click.pass_obj
 def cancel(c: Ctx, job: str) -> None:
@@ -604,7 +604,7 @@ def cancel(c: Ctx, job: str) -> None:
     click.echo(f"{r['id']}: {r['state']}" + (" (already finished)" if r.get("already") else ""))
 
 
-@cli.command()
+@cli.command(short_help="Start the local cluster, or check --address.")
 @click.option("--npus", type=int, default=8, show_default=True,
               help="Stand-in NPU devices the local node advertises.")
 @click.option("--num-cpus", type=int, default=None, help="Ray CPUs (default max(4, cores)).")
@@ -621,7 +621,7 @@ def up(c: Ctx, npus: int, num_cpus: int | None) -> None:
                f"pid {st['pid']}, home {c.home})")
 
 
-@cli.command()
+@cli.command(short_help="Stop the local cluster.")
 @click.pass_obj
 def down(c: Ctx) -> None:
     """Stop the local cluster started by `fleet up` (running jobs are cancelled)."""

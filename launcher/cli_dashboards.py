@@ -67,7 +67,7 @@ def load_dashboards(directory: Path) -> list[dict[str, Any]]:
     return out
 
 
-@click.group("dashboards")
+@click.group("dashboards", short_help="Push the Grafana dashboards.")
 def dashboards_group() -> None:
     """Grafana dashboards for fleet metrics (Training, Fleet)."""
 
@@ -182,7 +182,7 @@ def _stored_job(home: Path, ref: str) -> dict[str, Any] | None:
     return jobref.resolve(ref, view.status)
 
 
-@click.command("plot")
+@click.command("plot", short_help="Draw a job's training panels to a PNG.")
 @click.argument("job")
 @click.option(
     "--out",
@@ -208,11 +208,12 @@ def plot_command(ctx: click.Context, job: str, out: Path | None) -> None:
     if not history.events:
         raise click.ClickException(f"the heartbeat files under {root} hold no events yet")
     result = render(history, out)
-    summary = ", ".join(f"{title}: {n}" for title, n in result.panels.items())
-    click.echo(f"wrote {result.path} ({result.width}x{result.height} px; points {summary})")
+    summary = "; ".join(f"{title}: {n} {result.units[title]}"
+                        for title, n in result.panels.items())
+    click.echo(f"wrote {result.path} ({result.width}x{result.height} px)\n  {summary}")
 
 
-@click.group("metrics")
+@click.group("metrics", short_help="Serve the Prometheus exporter.")
 def metrics_group() -> None:
     """Prometheus exporter for fleet metrics (what the controller serves)."""
 

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -390,3 +391,18 @@ def test_plot_of_a_workflow_names_its_steps(store_home):
     r = run_err(["plot", store_home["wf"]], store_home["home"])
     assert r.exit_code == C.EXIT_INVALID
     assert f"{store_home['wf']}/train ({store_home['train']})" in r.output
+
+
+def test_help_summaries_are_whole_phrases(tmp_path):
+    """click cuts a docstring's first sentence at ~45 characters with '...'; every
+    command and subcommand's listing must be a whole phrase."""
+    groups = [([], C.cli)]
+    while groups:
+        path, group = groups.pop()
+        r = run([*path, "--help"], tmp_path)
+        listing = r.output.split("Commands:", 1)[1].split("\n\n")[0]
+        for name, cmd in group.commands.items():
+            line = next(ln for ln in listing.splitlines() if ln.split()[:1] == [name])
+            assert not line.rstrip().endswith("..."), line
+            if isinstance(cmd, click.Group):
+                groups.append(([*path, name], cmd))

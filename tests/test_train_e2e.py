@@ -278,6 +278,7 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["out"] == str(out) and out.stat().st_size > 100_000
+    assert out.stat().st_mode & 0o777 == 0o644  # MindSpore alone leaves it 0400
     assert (info["num_classes"], info["image_size"]) == (10, 32)
 
     # the exported graph computes what the checkpointed model computes
