@@ -172,12 +172,20 @@ def cli(ctx: click.Context, address: str | None, home: Path | None) -> None:
 
 def _load(file: str, sets: tuple[str, ...]) -> tuple[Any, dict, dict]:
     """Parse + validate + resolve paths; exits 2 with the spec's errors."""
+    from launcher import ranks
+
     try:
         job, doc = specmod.load_file(file, list(sets))
         paths = specmod.check_paths(job, file, create_data=True)
+        level = ranks.mindspore_log_level(os.environ.get(ranks.MINDSPORE_LOG_LEVEL_ENV))
     except specmod.SpecError as e:
         click.echo(e.render(), err=True)
         sys.exit(EXIT_INVALID)
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_INVALID)
+    for step_paths in paths.values():
+        step_paths[ranks.MINDSPORE_LOG_LEVEL_KEY] = level
     ctx = {"workdir": str(specmod.project_root(Path(file))), "steps": paths}
     return job, doc, ctx
 

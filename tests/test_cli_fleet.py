@@ -406,3 +406,22 @@ def test_help_summaries_are_whole_phrases(tmp_path):
             assert not line.rstrip().endswith("..."), line
             if isinstance(cmd, click.Group):
                 groups.append(([*path, name], cmd))
+
+
+def rank_glog_v(proj, **env: str) -> tuple[int, set[str], str]:
+    r = CliRunner().invoke(C.cli, ["--home", str(proj / "home"), "submit",
+                                   str(proj / "job.yaml"), "--dry-run", "--output", "json"],
+                           env=env)
+    if r.exit_code:
+        return r.exit_code, set(), r.stderr
+    ranks = json.loads(r.stdout)["steps"][0]["processes"][0]["ranks"]
+    return r.exit_code, {x["env"]["GLOG_v"] for x in ranks}, r.stderr
+
+
+def test_mindspore_log_level_is_errors_unless_raised(proj):
+    assert rank_glog_v(proj, FLEET_MINDSPORE_LOG_LEVEL=None)[:2] == (0, {"3"})
+    assert rank_glog_v(proj, FLEET_MINDSPORE_LOG_LEVEL="info")[:2] == (0, {"1"})
+    assert rank_glog_v(proj, FLEET_MINDSPORE_LOG_LEVEL="2")[:2] == (0, {"2"})
+    code, _, err = rank_glog_v(proj, FLEET_MINDSPORE_LOG_LEVEL="LOUD")
+    assert code == C.EXIT_INVALID
+    assert "FLEET_MINDSPORE_LOG_LEVEL='LOUD': use one of DEBUG, INFO, WARNING, ERROR" in err

@@ -89,6 +89,8 @@ def reference(digits, tmp_path_factory) -> Path:
                 "--max_steps", "6", "--ckpt_save_steps", "3"], tmp, "ref",
                FLEET_COMPILE_CACHE_STORE=str(_store(tmp)))
     assert r.returncode == 0, r.stderr[-3000:]
+    # A healthy CPU run logs no ERROR (MindSpore's stream check did, at each first wait).
+    assert "[ERROR]" not in r.stdout + r.stderr, r.stderr[-3000:]
     return tmp
 
 
