@@ -16,14 +16,14 @@ from typing import Any
 
 import click
 
-from launcher import jobref
+from launcher import jobref, progress_view
 from launcher import local as _local  # noqa: F401 - sets Ray's loopback env before ray loads
 from launcher import spec as specmod
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_CLUSTER = 0, 1, 2, 3
 EXIT_NOT_FOUND = jobref.EXIT_NOT_FOUND
 EXIT_INTERRUPTED = 130
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+TERMINAL = progress_view.TERMINAL
 
 EPILOG = """\b
 Exit codes:
@@ -285,60 +285,32 @@ def _clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def progress_line(st: dict) -> str:
-    p = st.get("progress") or {}
-    parts = [f"{st['id']} {st['state']}"]
-    if "step" in p:
-        total = p.get("stop_step") or p.get("total_steps")
-        parts.append(f"step {p['step']}" + (f"/{total}" if total else ""))
-        if p.get("loss") is not None:
-            parts.append(f"loss {float(p['loss']):.4f}")
-        if p.get("images_per_second") is not None:
-            parts.append(f"{float(p['images_per_second']):.1f} img/s")
-        per_step = p.get("avg_step_seconds")  # absent until a post-compile step
-        if total and per_step and st["state"] not in TERMINAL:
-            parts.append(f"ETA {_fmt_eta((total - p['step']) * float(per_step))}")
-    if p.get("val_top1") is not None:
-        parts.append(f"val top-1 {float(p['val_top1']):.2f}%")
-    atts = st.get("attempts") or []
-    if atts:
-        a = atts[-1]["plan"]
-        if a.get("devices"):
-            parts.append(f"[{a['devices']} dev, micro {a['micro_batch']} x accum "
-                         f"{a['grad_accum']}, attempt {atts[-1]['n']}]")
-    if st["state"] in ("PENDING", "RESTARTING", "FAILED", "CANCELLED") and st.get("message"):
-        parts.append(f"- {st['message']}")
-    return "  ".join(parts)
-
-
-def _wait(c: Ctx, job_id: str, interval: float = 1.0) -> int:
-    last: dict[str, str] = {}
+def _wait(c: Ctx, job_id: str, live: bool, interval: float = 1.0) -> int:
+    """Follow a job to its end: exit 0 if it succeeded, 1 if not, 130 on Ctrl-C."""
+    view = progress_view.make_view(live)
     try:
         while True:
             st = c.call("status", job_id)
             if st is None:
+                view.close()
                 click.echo(f"error: job {job_id} disappeared", err=True)
                 return EXIT_NOT_FOUND
-            rows = st.get("steps") or [st]
-            for r in rows:
-                line = progress_line(r)
-                if last.get(r["id"]) != line:
-                    click.echo(line)
-                    last[r["id"]] = line
+            view.show(st)
             if st["state"] in TERMINAL:
+                view.close()
                 _print_outcome(st)
                 return EXIT_OK if st["state"] == "SUCCEEDED" else EXIT_FAILED
             time.sleep(interval)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; {job_id} keeps running (fleet status {job_id})", err=True)
+        view.close()
+        click.echo(f"\ninterrupted; {job_id} keeps running (fleet status {job_id} --watch)",
+                   err=True)
         return EXIT_INTERRUPTED
+
+
+def _live_ok(output: str) -> bool:
+    """The live view only on a terminal and for text output; plain lines otherwise."""
+    return output == "text" and sys.stdout.isatty()
 
 
 def _print_outcome(st: dict) -> None:
@@ -400,7 +372,7 @@ def submit(c: Ctx, file: str, sets: tuple[str, ...], wait: bool, dry_run: bool,
         for step, jid in (res.get("steps") or {}).items():
             click.echo(f"  step {step}: {jid}")
     if wait:
-        sys.exit(_wait(c, res["id"]))
+        sys.exit(_wait(c, res["id"], _live_ok(output)))
 
 
 @cli.command(short_help="Check a spec without submitting it.")
@@ -458,9 +430,15 @@ def kubernetes_lines(k: dict[str, Any] | None) -> list[str]:
 @cli.command(short_help="Show a job, or the cluster summary.")
 @click.argument("job", required=False, shell_complete=_complete_job)
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text")
+@click.option("--watch", "-w", is_flag=True,
+              help="Follow the job until it ends, as `submit --wait` does.")
 @click.pass_obj
-def status(c: Ctx, job: str | None, output: str) -> None:
+def status(c: Ctx, job: str | None, output: str, watch: bool) -> None:
     """Show one job (with attempts) or the cluster summary."""
+    if watch:
+        if job is None:
+            raise click.UsageError("--watch needs a JOB")
+        sys.exit(_wait(c, c.status(job)["id"], _live_ok(output)))
     if job is None:
         st = c.call("cluster")
         if output == "json":
@@ -476,8 +454,8 @@ def status(c: Ctx, job: str | None, output: str) -> None:
         click.echo(json.dumps(st, indent=2, default=str))
     else:
         for r in st.get("steps") or []:
-            click.echo("  " + progress_line(r))
-        click.echo(progress_line(st))
+            click.echo("  " + progress_view.progress_line(r))
+        click.echo(progress_view.progress_line(st))
         if st.get("message"):
             click.echo(f"message: {st['message']}")
         said: dict[int, list[str]] = {}
