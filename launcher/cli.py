@@ -127,7 +127,7 @@ class Ctx:
                                err=True)
                 elif now > back_by:
                     click.echo(f"error: the controller did not come back within "
-                               f"{RESTART_WAIT_S:.0f}s; see `fleet status` and the Ray logs",
+                               f"{RESTART_WAIT_S:.0f}s; check the Ray head (`ray status`) and its logs",
                                err=True)
                     sys.exit(EXIT_NO_CLUSTER)
                 time.sleep(RESTART_POLL_S)
@@ -135,7 +135,6 @@ class Ctx:
             if back_by is not None:
                 click.echo("controller back", err=True)
             return out
-
 
     def status(self, ref: str) -> dict[str, Any]:
         """The status of the job `ref` names (an id or WORKFLOW/STEP), or exit 4."""
@@ -327,7 +326,7 @@ def _print_outcome(st: dict) -> None:
 # ------------------------------------------------------------------ completion
 
 def _complete_job(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
-    """Job ids from the local store (no cluster round trip while typing)."""
+    """Job ids and WORKFLOW/STEP names from the local store (no cluster round trip)."""
     from launcher.local import fleet_home
     from launcher.store import Store
 
@@ -335,7 +334,9 @@ def _complete_job(ctx: click.Context, param: click.Parameter, incomplete: str) -
     if not db.exists():
         return []
     try:
-        return [j.id for j in Store(db).jobs() if j.id.startswith(incomplete)][-50:]
+        names = [n for j in Store(db).jobs() for n in (
+            j.id, *([jobref.step_ref(j.parent, j.step)] if j.parent and j.step else []))]
+        return [n for n in names if n.startswith(incomplete)][-50:]
     except Exception:  # noqa: BLE001 - completion must never crash the shell
         return []
 

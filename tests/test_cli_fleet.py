@@ -425,3 +425,9 @@ def test_mindspore_log_level_is_errors_unless_raised(proj):
     code, _, err = rank_glog_v(proj, FLEET_MINDSPORE_LOG_LEVEL="LOUD")
     assert code == C.EXIT_INVALID
     assert "FLEET_MINDSPORE_LOG_LEVEL='LOUD': use one of DEBUG, INFO, WARNING, ERROR" in err
+
+
+def test_completion_offers_ids_and_workflow_steps(store_home, monkeypatch):
+    monkeypatch.setenv("FLEET_HOME", str(store_home["home"]))
+    got = C._complete_job(None, None, store_home["wf"])
+    assert got == [store_home["wf"], f"{store_home['wf']}/train", f"{store_home['wf']}/validate"]
