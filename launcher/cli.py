@@ -149,6 +149,7 @@ def _exit_now(code: int) -> None:
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
+    progress_view.restore_terminal()
     click.echo("terminated; submitted jobs keep running", err=True)
     _exit_now(128 + signum)
 

@@ -19,6 +19,7 @@ EXPLAINED = ("PENDING", "RESTARTING", "FAILED", "CANCELLED")  # states whose mes
 REFRESH_PER_SECOND = 4
 
 Status = dict[str, Any]
+_ACTIVE: list[LiveView] = []  # the live view on screen, for restore_terminal()
 
 
 def fmt_eta(seconds: float | None) -> str:
@@ -113,6 +114,7 @@ class LiveView:
         self._live = Live(console=Console(), refresh_per_second=REFRESH_PER_SECOND,
                           transient=False)
         self._live.start()
+        _ACTIVE.append(self)
 
     def show(self, st: Status) -> None:
         self._last = st
@@ -122,6 +124,8 @@ class LiveView:
         if self._last is not None:  # the frame that stays: without the "waiting" hint
             self._live.update(self.render(self._last, final=True), refresh=True)
         self._live.stop()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
     def render(self, st: Status, final: bool = False) -> Any:
         from rich.progress_bar import ProgressBar
@@ -158,6 +162,14 @@ class LiveView:
             if r["state"] in EXPLAINED and r.get("message"):
                 t.add_row("", Text(r["message"], style="dim"))  # Text: no markup parsing
         return t
+
+
+def restore_terminal() -> None:
+    """Show the cursor the live view hid; for a process about to exit without closing it
+    (a signal handler may run while the view is mid-draw, so no redraw here)."""
+    for v in _ACTIVE:
+        v._live.console.show_cursor(True)
+        v._live.console.line()
 
 
 def make_view(live: bool) -> View:

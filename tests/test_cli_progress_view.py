@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -123,3 +124,27 @@ def test_plain_lines_when_not_a_terminal(running):
                      "[2 dev, micro 16 x accum 2, attempt 1]  restarts 1\n")
     assert "\x1b[" not in first + rest
     assert f"{job_id} SUCCEEDED  step 10/10" in rest
+
+
+def test_sigterm_during_the_live_view_gives_the_cursor_back(running):
+    home, _store, job_id = running
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    p = subprocess.Popen([sys.executable, "-m", "launcher.cli", "status", job_id, "--watch"],
+                         stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
+                         env=cli_env(home), close_fds=True)
+    os.close(slave)
+    buf = bytearray()
+    try:
+        assert read_until(master, b"3/10", buf, 30), buf.decode(errors="replace")
+        p.send_signal(signal.SIGTERM)
+        read_until(master, b"jobs keep running", buf, 10)
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    raw = buf.decode(errors="replace")
+    assert p.returncode == 143
+    hidden = raw.index("\x1b[?25l")  # rich hides the cursor while it draws
+    assert "\x1b[?25h" in raw[hidden:]
