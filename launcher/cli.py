@@ -1,15 +1,13 @@
 """`fleet`: the command-line front door (click).
 
-Exit codes (also in `fleet --help`):
-  0 success; 1 the job failed or was cancelled (with --wait / status of a finished job);
-  2 invalid spec or usage; 3 no cluster / cannot reach the controller; 4 no such job;
-  130 interrupted (the job keeps running).
+The exit codes are listed in EPILOG (`fleet --help`); docs/cli.md is the user guide.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,25 +16,37 @@ from typing import Any
 
 import click
 
+from launcher import jobref, progress_view
 from launcher import local as _local  # noqa: F401 - sets Ray's loopback env before ray loads
 from launcher import spec as specmod
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_CLUSTER, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NO_CLUSTER = 0, 1, 2, 3
+EXIT_NOT_FOUND = jobref.EXIT_NOT_FOUND
 EXIT_INTERRUPTED = 130
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+TERMINAL = progress_view.TERMINAL
 
 EPILOG = """\b
-Exit codes: 0 ok, 1 job failed/cancelled, 2 invalid spec or usage,
-3 no cluster reachable, 4 no such job, 130 interrupted.
+Exit codes:
+  0    ok
+  1    the job failed or was cancelled (--wait, or status of a finished job)
+  2    invalid spec, usage or setting
+  3    no cluster reachable: nothing at the address (fails within 3 s), no Ray
+       answer within FLEET_CONNECT_TIMEOUT_S (default 30 s), or the controller
+       did not come back from a restart within 120 s
+  4    no such job, step, attempt or rank (the error names what exists)
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): submitted jobs keep running
+\b
+JOB is a job id (smoke-3) or WORKFLOW/STEP (quickstart-1/train); `fleet list
+--all` shows both.
 \b
 Examples:
   fleet submit examples/quickstart.yaml --wait     # starts a local cluster if needed
   fleet submit job.yaml --set spec.batch.global=512 --dry-run
   fleet validate job.yaml
-  fleet list
-  fleet status volo-digits-3 --output json
-  fleet logs volo-digits-3 --rank 1 --follow
-  fleet cancel volo-digits-3
+  fleet list --all
+  fleet status quickstart-1/train --output json
+  fleet logs quickstart-1/train --rank 1 --follow
+  fleet cancel quickstart-1
   fleet up / fleet down                            # local Ray on 127.0.0.1 + controller
   fleet schema > fleet-job.schema.json             # for editor completion
 \b
@@ -48,6 +58,11 @@ Shell completion: eval "$(_FLEET_COMPLETE=bash_source fleet)"
 
 # Queries answered from the durable store when no cluster is running.
 OFFLINE_METHODS = {"status", "list_jobs", "read_log"}
+# Calls that change state and are not safe to send twice when the controller died
+# mid-call (Ray cannot say whether it ran); every other call is retried.
+NOT_REPEATABLE = {"submit"}
+RESTART_WAIT_S = 120.0
+RESTART_POLL_S = 1.0
 
 
 class Ctx:
@@ -71,9 +86,16 @@ class Ctx:
                 click.echo("error: no fleet cluster running. Start one with `fleet up`, or "
                            "pass --address / set RAY_ADDRESS.", err=True)
                 sys.exit(EXIT_NO_CLUSTER)
+            except local.Unreachable as e:
+                click.echo(f"error: {e}", err=True)
+                # A ray.init still retrying in its thread would hold up a normal exit.
+                _exit_now(EXIT_NO_CLUSTER)
             except (ConnectionError, RuntimeError) as e:
                 click.echo(f"error: cannot reach the cluster: {e}", err=True)
                 sys.exit(EXIT_NO_CLUSTER)
+            except ValueError as e:  # a bad setting such as FLEET_CONNECT_TIMEOUT_S
+                click.echo(f"error: {e}", err=True)
+                sys.exit(EXIT_INVALID)
         return self._ctl
 
     def call(self, method: str, *args, timeout: float = 60.0, start: bool = False):
@@ -82,12 +104,54 @@ class Ctx:
             return getattr(OfflineView(self.home), method)(*args)
         ctl = self.controller(start)
         import ray
-        try:
-            return ray.get(getattr(ctl, method).remote(*args), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            click.echo(f"error: controller did not answer {method} within {timeout:.0f}s",
-                       err=True)
-            sys.exit(EXIT_NO_CLUSTER)
+        back_by: float | None = None
+        while True:
+            try:
+                out = ray.get(getattr(ctl, method).remote(*args), timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                click.echo(f"error: controller did not answer {method} within {timeout:.0f}s",
+                           err=True)
+                sys.exit(EXIT_NO_CLUSTER)
+            except ray.exceptions.RayActorError:
+                # Ray restarts the detached controller (max_restarts=-1) and its __init__
+                # reattaches to running jobs; a query only has to wait for it.
+                if method in NOT_REPEATABLE:
+                    click.echo(f"error: the controller restarted during {method}; it may or "
+                               "may not have been applied - check `fleet list --all` before "
+                               "trying again", err=True)
+                    sys.exit(EXIT_NO_CLUSTER)
+                now = time.monotonic()
+                if back_by is None:
+                    back_by = now + RESTART_WAIT_S
+                    click.echo(f"controller restarting… (waiting up to {RESTART_WAIT_S:.0f}s)",
+                               err=True)
+                elif now > back_by:
+                    click.echo(f"error: the controller did not come back within "
+                               f"{RESTART_WAIT_S:.0f}s; check the Ray head (`ray status`) and its logs",
+                               err=True)
+                    sys.exit(EXIT_NO_CLUSTER)
+                time.sleep(RESTART_POLL_S)
+                continue
+            if back_by is not None:
+                click.echo("controller back", err=True)
+            return out
+
+    def status(self, ref: str) -> dict[str, Any]:
+        """The status of the job `ref` names (an id or WORKFLOW/STEP), or exit 4."""
+        return jobref.resolve(ref, lambda j: self.call("status", j))
+
+
+def _exit_now(code: int) -> None:
+    """Exit without Ray's atexit shutdown, which waits on a connection still retrying."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    progress_view.restore_terminal()
+    click.echo("terminated; submitted jobs keep running", err=True)
+    _exit_now(128 + signum)
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,12 +172,20 @@ def cli(ctx: click.Context, address: str | None, home: Path | None) -> None:
 
 def _load(file: str, sets: tuple[str, ...]) -> tuple[Any, dict, dict]:
     """Parse + validate + resolve paths; exits 2 with the spec's errors."""
+    from launcher import ranks
+
     try:
         job, doc = specmod.load_file(file, list(sets))
         paths = specmod.check_paths(job, file, create_data=True)
+        level = ranks.mindspore_log_level(os.environ.get(ranks.MINDSPORE_LOG_LEVEL_ENV))
     except specmod.SpecError as e:
         click.echo(e.render(), err=True)
         sys.exit(EXIT_INVALID)
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_INVALID)
+    for step_paths in paths.values():
+        step_paths[ranks.MINDSPORE_LOG_LEVEL_KEY] = level
     ctx = {"workdir": str(specmod.project_root(Path(file))), "steps": paths}
     return job, doc, ctx
 
@@ -209,60 +281,36 @@ def _print_dry_run(d: dict) -> None:
 
 # ------------------------------------------------------------------ progress
 
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
-def progress_line(st: dict) -> str:
-    p = st.get("progress") or {}
-    parts = [f"{st['id']} {st['state']}"]
-    if "step" in p:
-        total = p.get("stop_step") or p.get("total_steps")
-        parts.append(f"step {p['step']}" + (f"/{total}" if total else ""))
-        if p.get("loss") is not None:
-            parts.append(f"loss {float(p['loss']):.4f}")
-        if p.get("images_per_second") is not None:
-            parts.append(f"{float(p['images_per_second']):.1f} img/s")
-        per_step = p.get("avg_step_seconds")  # absent until a post-compile step
-        if total and per_step and st["state"] not in TERMINAL:
-            parts.append(f"ETA {_fmt_eta((total - p['step']) * float(per_step))}")
-    if p.get("val_top1") is not None:
-        parts.append(f"val top-1 {float(p['val_top1']):.2f}%")
-    atts = st.get("attempts") or []
-    if atts:
-        a = atts[-1]["plan"]
-        if a.get("devices"):
-            parts.append(f"[{a['devices']} dev, micro {a['micro_batch']} x accum "
-                         f"{a['grad_accum']}, attempt {atts[-1]['n']}]")
-    if st["state"] in ("PENDING", "RESTARTING", "FAILED", "CANCELLED") and st.get("message"):
-        parts.append(f"- {st['message']}")
-    return "  ".join(parts)
-
-
-def _wait(c: Ctx, job_id: str, interval: float = 1.0) -> int:
-    last: dict[str, str] = {}
+def _wait(c: Ctx, job_id: str, live: bool, interval: float = 1.0) -> int:
+    """Follow a job to its end: exit 0 if it succeeded, 1 if not, 130 on Ctrl-C."""
+    view = progress_view.make_view(live)
     try:
         while True:
             st = c.call("status", job_id)
             if st is None:
+                view.close()
                 click.echo(f"error: job {job_id} disappeared", err=True)
                 return EXIT_NOT_FOUND
-            rows = st.get("steps") or [st]
-            for r in rows:
-                line = progress_line(r)
-                if last.get(r["id"]) != line:
-                    click.echo(line)
-                    last[r["id"]] = line
+            view.show(st)
             if st["state"] in TERMINAL:
+                view.close()
                 _print_outcome(st)
                 return EXIT_OK if st["state"] == "SUCCEEDED" else EXIT_FAILED
             time.sleep(interval)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; {job_id} keeps running (fleet status {job_id})", err=True)
+        view.close()
+        click.echo(f"\ninterrupted; {job_id} keeps running (fleet status {job_id} --watch)",
+                   err=True)
         return EXIT_INTERRUPTED
+
+
+def _live_ok(output: str) -> bool:
+    """The live view only on a terminal and for text output; plain lines otherwise."""
+    return output == "text" and sys.stdout.isatty()
 
 
 def _print_outcome(st: dict) -> None:
@@ -279,7 +327,7 @@ def _print_outcome(st: dict) -> None:
 # ------------------------------------------------------------------ completion
 
 def _complete_job(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
-    """Job ids from the local store (no cluster round trip while typing)."""
+    """Job ids and WORKFLOW/STEP names from the local store (no cluster round trip)."""
     from launcher.local import fleet_home
     from launcher.store import Store
 
@@ -287,14 +335,16 @@ def _complete_job(ctx: click.Context, param: click.Parameter, incomplete: str) -
     if not db.exists():
         return []
     try:
-        return [j.id for j in Store(db).jobs() if j.id.startswith(incomplete)][-50:]
+        names = [n for j in Store(db).jobs() for n in (
+            j.id, *([jobref.step_ref(j.parent, j.step)] if j.parent and j.step else []))]
+        return [n for n in names if n.startswith(incomplete)][-50:]
     except Exception:  # noqa: BLE001 - completion must never crash the shell
         return []
 
 
 # ------------------------------------------------------------------ commands
 
-@cli.command()
+@cli.command(short_help="Validate a spec and submit it.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a spec field, e.g. --set spec.batch.global=512 (repeatable).")
@@ -324,10 +374,10 @@ def submit(c: Ctx, file: str, sets: tuple[str, ...], wait: bool, dry_run: bool,
         for step, jid in (res.get("steps") or {}).items():
             click.echo(f"  step {step}: {jid}")
     if wait:
-        sys.exit(_wait(c, res["id"]))
+        sys.exit(_wait(c, res["id"], _live_ok(output)))
 
 
-@cli.command()
+@cli.command(short_help="Check a spec without submitting it.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @click.pass_obj
@@ -345,7 +395,7 @@ def validate(c: Ctx, file: str, sets: tuple[str, ...]) -> None:
         click.echo(f"  {name}: {kind}{extra}")
 
 
-@cli.command()
+@cli.command(short_help="Print the job spec's JSON Schema.")
 def schema() -> None:
     """Print the JSON Schema of job specs (also shipped as launcher/schema.json)."""
     click.echo(specmod.schema_text(), nl=False)
@@ -379,12 +429,18 @@ def kubernetes_lines(k: dict[str, Any] | None) -> list[str]:
     return out
 
 
-@cli.command()
+@cli.command(short_help="Show a job, or the cluster summary.")
 @click.argument("job", required=False, shell_complete=_complete_job)
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text")
+@click.option("--watch", "-w", is_flag=True,
+              help="Follow the job until it ends, as `submit --wait` does.")
 @click.pass_obj
-def status(c: Ctx, job: str | None, output: str) -> None:
+def status(c: Ctx, job: str | None, output: str, watch: bool) -> None:
     """Show one job (with attempts) or the cluster summary."""
+    if watch:
+        if job is None:
+            raise click.UsageError("--watch needs a JOB")
+        sys.exit(_wait(c, c.status(job)["id"], _live_ok(output)))
     if job is None:
         st = c.call("cluster")
         if output == "json":
@@ -395,16 +451,13 @@ def status(c: Ctx, job: str | None, output: str) -> None:
             for line in kubernetes_lines(st.get("kubernetes")):
                 click.echo(line)
         return
-    st = c.call("status", job)
-    if st is None:
-        click.echo(f"error: no job {job!r} (see `fleet list`)", err=True)
-        sys.exit(EXIT_NOT_FOUND)
+    st = c.status(job)
     if output == "json":
         click.echo(json.dumps(st, indent=2, default=str))
     else:
         for r in st.get("steps") or []:
-            click.echo("  " + progress_line(r))
-        click.echo(progress_line(st))
+            click.echo("  " + progress_view.progress_line(r))
+        click.echo(progress_view.progress_line(st))
         if st.get("message"):
             click.echo(f"message: {st['message']}")
         said: dict[int, list[str]] = {}
@@ -413,18 +466,22 @@ def status(c: Ctx, job: str | None, output: str) -> None:
                 said.setdefault(e["attempt"], []).append(e["rank"])
         for a in st.get("attempts", []):
             p = a["plan"]
-            end = time.strftime("%H:%M:%S", time.localtime(a["ended"])) if a["ended"] else "-"
+            end = _clock(a["ended"]) if a["ended"] else "-"
             words = f" (last step saved by {', '.join(said[a['n']])})" if a["n"] in said else ""
             click.echo(f"  attempt {a['n']}: {p['devices']} dev micro {p['micro_batch']} "
                        f"accum {p['grad_accum']} start "
-                       f"{time.strftime('%H:%M:%S', time.localtime(a['started']))} end {end} "
+                       f"{_clock(a['started'])} end {end} "
                        f"{a['status']} {a['reason']}{words}")
+        for e in st.get("events", []):
+            if e.get("kind") == "reattached":
+                click.echo(f"  controller restarted at {_clock(e['ts'])}: reattached to the "
+                           f"running ranks of attempt {e['attempt']}")
         _print_outcome(st) if st["state"] in TERMINAL else None
     if st["state"] in ("FAILED", "CANCELLED"):
         sys.exit(EXIT_FAILED)
 
 
-@cli.command(name="list")
+@cli.command(name="list", short_help="List jobs and their workflow steps.")
 @click.option("--all", "show_all", is_flag=True, help="Include finished jobs.")
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text")
 @click.pass_obj
@@ -434,14 +491,28 @@ def list_(c: Ctx, show_all: bool, output: str) -> None:
     if output == "json":
         click.echo(json.dumps(rows, default=str))
         return
-    click.echo(f"{'JOB':32} {'KIND':12} {'STATE':11} {'PRIO':>4} {'DEV':>4} {'STEP':>6}  MESSAGE")
+    for line in list_lines(rows):
+        click.echo(line)
+
+
+def list_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The `fleet list` table: a Workflow's step jobs indented under it, each as
+    `WORKFLOW/STEP = ID` (either name addresses the step in status/logs/plot/cancel)."""
+    table: list[tuple[str, dict[str, Any]]] = []
     for r in rows:
+        table.append((r["id"], r))
+        for s in r.get("steps") or []:
+            table.append((f"  {jobref.step_ref(r['id'], s['step'])} = {s['id']}", s))
+    w = max([32, *(len(name) for name, _ in table)])
+    out = [f"{'JOB':{w}} {'KIND':12} {'STATE':11} {'PRIO':>4} {'DEV':>4} {'STEP':>6}  MESSAGE"]
+    for name, r in table:
         step = (r.get("progress") or {}).get("step", "")
-        click.echo(f"{r['id']:32} {r['kind']:12} {r['state']:11} {r['priority']:>4} "
+        out.append(f"{name:{w}} {r['kind']:12} {r['state']:11} {r['priority']:>4} "
                    f"{r.get('devices') or '':>4} {step!s:>6}  {r.get('message', '')[:60]}")
+    return out
 
 
-@cli.command()
+@cli.command(short_help="Print a rank's log (or each step's).")
 @click.argument("job", shell_complete=_complete_job)
 @click.option("--rank", type=int, default=0, help="Rank whose log to show (default 0).")
 @click.option("--scheduler", is_flag=True, help="Show the MindSpore scheduler's log.")
@@ -450,49 +521,78 @@ def list_(c: Ctx, show_all: bool, output: str) -> None:
 @click.pass_obj
 def logs(c: Ctx, job: str, rank: int, scheduler: bool, attempt: int | None,
          follow: bool) -> None:
-    """Print a rank's log."""
-    if c.call("status", job) is None:
-        click.echo(f"error: no job {job!r}", err=True)
-        sys.exit(EXIT_NOT_FOUND)
-    label = "scheduler" if scheduler else f"rank-{rank}"
-    offset, cur_attempt = 0, attempt
+    """Print a rank's log (a Workflow: each step's, prefixed with its name)."""
+    st = c.status(job)
+    want = None if scheduler else rank
     try:
-        while True:
-            r = c.call("read_log", job, label, offset, cur_attempt)
-            if cur_attempt is None and r.get("attempt") is not None:
-                cur_attempt = r["attempt"]
-            if r.get("data"):
-                click.echo(r["data"], nl=False)
-                offset = r["offset"]
-                continue
-            if not follow:
-                break
-            st = c.call("status", job)
-            latest = (st.get("attempts") or [{}])[-1].get("n")
-            if attempt is None and latest and latest != cur_attempt:
-                click.echo(f"--- attempt {latest} ---")
-                cur_attempt, offset = latest, 0
-                continue
-            if st["state"] in TERMINAL:
-                break
-            time.sleep(0.5)
+        if st["kind"] != "Workflow":
+            _job_log(c, st, want, attempt, follow, prefix="")
+            return
+        shown = 0
+        for step in st.get("steps") or []:
+            prefix = f"[{step['step']}] "
+            try:
+                _job_log(c, step, want, attempt, follow, prefix)
+                shown += 1
+            except jobref.NotFound as e:
+                click.echo(f"{prefix}{e.message}", err=True)
+        if not shown:
+            raise jobref.NotFound(f"no step of workflow {st['id']!r} has that log; its "
+                                  "steps: " + ", ".join(jobref.step_names(st)))
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
 
 
-@cli.command()
+def _job_log(c: Ctx, st: dict, rank: int | None, attempt: int | None, follow: bool,
+             prefix: str) -> None:
+    """Print one job's log; with follow, until the job ends (moving on to new attempts)."""
+    while follow and not st.get("attempts") and st["state"] not in TERMINAL:
+        time.sleep(0.5)  # a step that has not started yet
+        st = c.call("status", st["id"])
+    att = jobref.pick_attempt(st, attempt)
+    jobref.check_rank(st, att, rank)
+    label = "scheduler" if rank is None else f"rank-{rank}"
+    cur, offset, partial = att["n"], 0, False
+    while True:
+        r = c.call("read_log", st["id"], label, offset, cur)
+        if r.get("data"):
+            _echo_prefixed(r["data"], prefix, partial)
+            partial = not r["data"].endswith("\n")
+            offset = r["offset"]
+            continue
+        if not follow:
+            break
+        st = c.call("status", st["id"])
+        latest = (st.get("attempts") or [{}])[-1].get("n")
+        if attempt is None and latest and latest != cur:
+            click.echo(f"{prefix}--- attempt {latest} ---")
+            cur, offset, partial = latest, 0, False
+            continue
+        if st["state"] in TERMINAL:
+            break
+        time.sleep(0.5)
+
+
+def _echo_prefixed(data: str, prefix: str, partial: bool) -> None:
+    if prefix:
+        lines = data.splitlines(keepends=True)
+        data = "".join(ln if (k == 0 and partial) else prefix + ln
+                       for k, ln in enumerate(lines))
+    click.echo(data, nl=False)
+
+
+@cli.command(short_help="Cancel a job and free its devices.")
 @click.argument("job", shell_complete=_complete_job)
 @click.pass_obj
 def cancel(c: Ctx, job: str) -> None:
     """Cancel a job: stops its ranks and frees its devices."""
-    r = c.call("cancel", job)
-    if "error" in r:
-        click.echo(f"error: {r['error']}", err=True)
-        sys.exit(EXIT_NOT_FOUND)
+    r = c.call("cancel", c.status(job)["id"])
+    if "error" in r:  # gone between the two calls
+        raise jobref.no_such_job(job)
     click.echo(f"{r['id']}: {r['state']}" + (" (already finished)" if r.get("already") else ""))
 
 
-@cli.command()
+@cli.command(short_help="Start the local cluster, or check --address.")
 @click.option("--npus", type=int, default=8, show_default=True,
               help="Stand-in NPU devices the local node advertises.")
 @click.option("--num-cpus", type=int, default=None, help="Ray CPUs (default max(4, cores)).")
@@ -509,7 +609,7 @@ def up(c: Ctx, npus: int, num_cpus: int | None) -> None:
                f"pid {st['pid']}, home {c.home})")
 
 
-@cli.command()
+@cli.command(short_help="Stop the local cluster.")
 @click.pass_obj
 def down(c: Ctx) -> None:
     """Stop the local cluster started by `fleet up` (running jobs are cancelled)."""
@@ -536,7 +636,17 @@ _register_optional()
 
 
 def main() -> None:
-    cli(prog_name="fleet")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        # Not standalone: click would turn Ctrl-C into "Aborted!" and exit 1.
+        rv = cli.main(prog_name="fleet", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("\ninterrupted; submitted jobs keep running", err=True)
+        _exit_now(EXIT_INTERRUPTED)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

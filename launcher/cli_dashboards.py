@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import click
 
+from launcher import jobref
 from launcher.metrics import serve_command
 
 DEFAULT_TOKEN_ENV = "GRAFANA_TOKEN"  # noqa: S105 - the variable's name, not a secret
@@ -66,7 +67,7 @@ def load_dashboards(directory: Path) -> list[dict[str, Any]]:
     return out
 
 
-@click.group("dashboards")
+@click.group("dashboards", short_help="Push the Grafana dashboards.")
 def dashboards_group() -> None:
     """Grafana dashboards for fleet metrics (Training, Fleet)."""
 
@@ -146,21 +147,42 @@ def push_command(
 
 
 def resolve_job_dir(ctx: click.Context, job: str) -> tuple[str, Path]:
-    """JOB is a job id under $FLEET_HOME/jobs/, or a path to a run's heartbeat files."""
+    """JOB is a job id or WORKFLOW/STEP (from the store), a job directory under
+    $FLEET_HOME/jobs/, or a path to a run's heartbeat files."""
     home = _fleet_home(ctx)
-    candidate = home / "jobs" / job
+    jobs_dir = home / "jobs"
+    st = _stored_job(home, job)
+    if st is not None:
+        if st["kind"] == "Workflow":
+            steps = ", ".join(f"{jobref.step_ref(st['id'], s['step'])} ({s['id']})"
+                              for s in st.get("steps") or [])
+            raise click.UsageError(f"{job!r} is a Workflow; plot one of its steps: {steps}")
+        return st["id"], jobs_dir / st["id"]
+    candidate = jobs_dir / job
     if "/" not in job and candidate.is_dir():
         return job, candidate
     path = Path(job)
     if path.exists():
         return path.resolve().name or job, path
-    jobs_dir = home / "jobs"
     known = sorted(d.name for d in jobs_dir.iterdir() if d.is_dir()) if jobs_dir.is_dir() else []
-    hint = f"known jobs: {', '.join(known[:20])}" if known else f"no jobs under {jobs_dir}"
-    raise click.ClickException(f"no job {job!r} in {jobs_dir} and no such path ({hint})")
+    err = jobref.no_such_job(job)
+    err.message += f"; known jobs: {', '.join(known[:20])}" if known else f"; no jobs under {jobs_dir}"
+    raise err
 
 
-@click.command("plot")
+def _stored_job(home: Path, ref: str) -> dict[str, Any] | None:
+    """The job `ref` names in the store, read offline (plot needs no cluster)."""
+    if not (home / "fleet.db").exists():
+        return None
+    from launcher.controller import OfflineView
+
+    view = OfflineView(home)
+    if view.status(ref.partition(jobref.STEP_SEP)[0]) is None:
+        return None  # perhaps a path to heartbeat files
+    return jobref.resolve(ref, view.status)
+
+
+@click.command("plot", short_help="Draw a job's training panels to a PNG.")
 @click.argument("job")
 @click.option(
     "--out",
@@ -186,11 +208,12 @@ def plot_command(ctx: click.Context, job: str, out: Path | None) -> None:
     if not history.events:
         raise click.ClickException(f"the heartbeat files under {root} hold no events yet")
     result = render(history, out)
-    summary = ", ".join(f"{title}: {n}" for title, n in result.panels.items())
-    click.echo(f"wrote {result.path} ({result.width}x{result.height} px; points {summary})")
+    summary = "; ".join(f"{title}: {n} {result.units[title]}"
+                        for title, n in result.panels.items())
+    click.echo(f"wrote {result.path} ({result.width}x{result.height} px)\n  {summary}")
 
 
-@click.group("metrics")
+@click.group("metrics", short_help="Serve the Prometheus exporter.")
 def metrics_group() -> None:
     """Prometheus exporter for fleet metrics (what the controller serves)."""
 

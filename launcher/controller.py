@@ -164,20 +164,27 @@ class JobQueries:
         return d
 
     def list_jobs(self, include_done: bool = True) -> list[dict[str, Any]]:
+        """Top-level jobs; a Workflow's row carries its step jobs' rows under "steps"."""
         out = []
         for j in self.store.jobs(top_level=True):
             if not include_done and j.state in TERMINAL:
                 continue
-            d = j.to_dict()
-            d.pop("spec", None)
-            rt = self.runtimes.get(j.id)
-            if rt is not None and rt.progress:
-                d["progress"] = dict(rt.progress)
-            att = self.store.open_attempt(j.id) or next(
-                iter(reversed(self.store.attempts(j.id))), None)
-            d["devices"] = att.plan.get("devices") if att else None
+            d = self._list_row(j)
+            if j.kind == "Workflow":
+                d["steps"] = [self._list_row(c) for c in self.store.jobs(parent=j.id)]
             out.append(d)
         return out
+
+    def _list_row(self, j: JobRow) -> dict[str, Any]:
+        d = j.to_dict()
+        d.pop("spec", None)
+        rt = self.runtimes.get(j.id)
+        if rt is not None and rt.progress:
+            d["progress"] = dict(rt.progress)
+        att = self.store.open_attempt(j.id) or next(
+            iter(reversed(self.store.attempts(j.id))), None)
+        d["devices"] = att.plan.get("devices") if att else None
+        return d
 
     def read_log(self, job_id: str, label: str = "rank-0", offset: int = 0,
                  attempt: int | None = None) -> dict[str, Any]:

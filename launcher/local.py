@@ -28,6 +28,19 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 LOCAL_STATE = "local-cluster.json"
 DEFAULT_NPUS = 8
+# Bounds on reaching a cluster. Ray's own ray.init retries a dead GCS for minutes, so the
+# CLI first opens a plain TCP connection to the GCS port, then runs ray.init under a limit.
+PROBE_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_ENV = "FLEET_CONNECT_TIMEOUT_S"
+CONNECT_TIMEOUT_S = 30.0
+
+
+def connect_timeout() -> float:
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else CONNECT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
 
 
 class _NoNpuTypeTraceback(logging.Filter):
@@ -37,9 +50,17 @@ class _NoNpuTypeTraceback(logging.Filter):
         return "Failed to detect NPU type" not in record.getMessage()
 
 
+class _NoThreadSigtermWarning(logging.Filter):
+    # ray.init runs in a helper thread (to bound it), so Ray says it set no SIGTERM
+    # handler; the CLI installs its own in the main thread.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
 def quiet_ray() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     logging.getLogger("ray._private.accelerators.npu").addFilter(_NoNpuTypeTraceback())
+    logging.getLogger("ray._private.worker").addFilter(_NoThreadSigtermWarning())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
@@ -150,6 +171,64 @@ def stop_local(home: Path, timeout: float = 60.0) -> bool:
     return True
 
 
+class Unreachable(ConnectionError):
+    """The address answers no Ray GCS within the bounds above."""
+
+
+def gcs_host_port(addr: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `ray://host:port` address; None for "auto" etc."""
+    rest = addr.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def probe(addr: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise Unreachable unless something accepts a TCP connection at addr's port."""
+    import socket
+
+    hp = gcs_host_port(addr)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout).close()
+    except OSError as e:
+        why = f"no answer within {timeout:g}s" if isinstance(e, TimeoutError) else (
+            e.strerror or str(e))
+        raise Unreachable(f"nothing answers at {addr} ({why}); check "
+                          "--address / RAY_ADDRESS (the Ray head's GCS host:port) or start "
+                          "a local cluster with `fleet up`") from None
+
+
+def init_bounded(timeout: float, **kw: Any) -> None:
+    """ray.init in a helper thread, waited for at most `timeout` seconds.
+
+    The main thread stays in Python while it waits, so Ctrl-C and SIGTERM reach the
+    CLI's handlers instead of waiting on Ray's connection retries.
+    """
+    import ray
+
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ray.init(**kw)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            err.append(e)
+
+    t = threading.Thread(target=run, daemon=True, name="fleet-ray-init")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise Unreachable(f"no Ray cluster answered at {kw.get('address')} within "
+                          f"{timeout:g}s ({CONNECT_TIMEOUT_ENV}); check --address / "
+                          "RAY_ADDRESS points at a Ray head's GCS port (default 6379), not "
+                          "another service")
+    if err:
+        raise err[0]
+
+
 def connect(address: str | None, home: Path, start: bool):
     """ray.init to the right cluster; returns the controller actor handle."""
     quiet_ray()
@@ -172,8 +251,9 @@ def connect(address: str | None, home: Path, start: bool):
             # Otherwise Ray swaps 127.0.0.1 for the host's primary IP, which the
             # loopback-bound head does not listen on.
             kw["_node_ip_address"] = "127.0.0.1"
-        ray.init(address=addr, namespace=ctl.NAMESPACE, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=True, **kw)
+        probe(addr)
+        init_bounded(connect_timeout(), address=addr, namespace=ctl.NAMESPACE, log_to_driver=False,
+                     logging_level=logging.WARNING, configure_logging=True, **kw)
     return ctl.get_or_create(str(home))
 
 

@@ -401,7 +401,7 @@ def _parse_watch(value: str) -> tuple[str, Path]:
     return name, root
 
 
-@click.command("serve")
+@click.command("serve", short_help="Serve metrics from heartbeat files over HTTP.")
 @click.option(
     "--watch",
     "watches",

@@ -22,6 +22,8 @@ from launcher.metrics_history import RunHistory, Series  # noqa: E402
 FIGSIZE = (12.0, 9.0)
 DPI = 100
 RESTART_COLOR = "tab:red"
+# What one point of each panel is, in drawing order.
+POINT_UNITS = ("steps", "steps", "validations", "starts")
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,12 @@ class PlotResult:
     path: Path
     width: int
     height: int
-    panels: dict[str, int]  # panel title -> points drawn
+    # panel title -> how many x positions it draws (loss and lr share one per step)
+    panels: dict[str, int]
+    # panel title -> its left y axis label, unit included
+    ylabels: dict[str, str]
+    # panel title -> what one point is ("steps", "validations", "starts")
+    units: dict[str, str]
 
 
 def _mark_restarts(ax: Axes, restarts: list[float]) -> None:
@@ -62,14 +69,14 @@ def render(history: RunHistory, out: Path) -> PlotResult:
         ax_loss.set_title("Loss and learning rate")
         if len(loss):
             _lines(ax_loss, loss, "tab:blue", "loss")
-            ax_loss.set_ylabel("loss")
             ax_lr = ax_loss.twinx()
             _lines(ax_lr, lr, "tab:orange", "lr")
             ax_lr.set_ylabel("learning rate")
             ax_lr.legend(loc="upper right")
         else:
             _empty(ax_loss, "steps")
-        drawn["Loss and learning rate"] = len(loss) + len(lr)
+        ax_loss.set_ylabel("loss (cross-entropy)")
+        drawn["Loss and learning rate"] = len(loss)
 
         ips = history.images_per_second()
         ax_ips.set_title("Throughput (images/s, whole job)")
@@ -79,6 +86,7 @@ def render(history: RunHistory, out: Path) -> PlotResult:
             ax_ips.set_ylim(0, max(ips.y) * 1.15)
         else:
             _empty(ax_ips, "steps")
+        ax_ips.set_ylabel("images/s")
         drawn["Throughput"] = len(ips)
 
         top1 = history.top1()
@@ -87,6 +95,7 @@ def render(history: RunHistory, out: Path) -> PlotResult:
             _lines(ax_top1, top1, "tab:purple", "top-1", marker="o")
         else:
             _empty(ax_top1, "validation")
+        ax_top1.set_ylabel("top-1 accuracy (%)")
         drawn["Validation top-1"] = len(top1)
 
         ax_batch.set_title("Devices × micro-batch × accumulation = global batch")
@@ -105,6 +114,7 @@ def render(history: RunHistory, out: Path) -> PlotResult:
             ax_batch.set_yscale("log", base=2)
         else:
             _empty(ax_batch, "start")
+        ax_batch.set_ylabel("count (log₂ scale)")
         drawn["Devices × micro-batch × accumulation = global batch"] = len(starts)
 
         for ax in axes.flat:
@@ -118,6 +128,9 @@ def render(history: RunHistory, out: Path) -> PlotResult:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, format="png")
         width, height = fig.canvas.get_width_height()
+        ylabels = {title: ax.get_ylabel() for title, ax in
+                   zip(drawn, (ax_loss, ax_ips, ax_top1, ax_batch), strict=True)}
     finally:
         plt.close(fig)
-    return PlotResult(path=out, width=width, height=height, panels=drawn)
+    return PlotResult(path=out, width=width, height=height, panels=drawn, ylabels=ylabels,
+                      units=dict(zip(drawn, POINT_UNITS, strict=True)))

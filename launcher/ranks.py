@@ -105,6 +105,29 @@ def compile_cache_store(home: Path, environ: Mapping[str, str] | None = None) ->
     return Path(root) / ".compile-cache" if root else home / "compile-cache"
 
 
+# MindSpore's own log level in every rank (its GLOG_v). ERROR by default: at WARNING a
+# healthy run's log is mostly compile-cache notices. The submitting shell's
+# FLEET_MINDSPORE_LOG_LEVEL raises it for that submission (the CLI stores it with the job's
+# launch context under MINDSPORE_LOG_LEVEL_KEY); a controller-wide value is the fallback.
+MINDSPORE_LOG_LEVEL_ENV = "FLEET_MINDSPORE_LOG_LEVEL"
+MINDSPORE_LOG_LEVEL_KEY = "mindspore_log_level"
+MINDSPORE_GLOG_V = {"DEBUG": "0", "INFO": "1", "WARNING": "2", "ERROR": "3"}
+DEFAULT_MINDSPORE_LOG_LEVEL = "ERROR"
+
+
+def mindspore_log_level(value: str | None) -> str:
+    """The level name for `value` (a name in any case, or a GLOG_v digit); ValueError
+    naming the setting and the allowed values otherwise. None: the default."""
+    if value is None or not value.strip():
+        return DEFAULT_MINDSPORE_LOG_LEVEL
+    v = value.strip().upper()
+    by_digit = {d: n for n, d in MINDSPORE_GLOG_V.items()}
+    if v in MINDSPORE_GLOG_V or v in by_digit:
+        return by_digit.get(v, v)
+    raise ValueError(f"{MINDSPORE_LOG_LEVEL_ENV}={value!r}: use one of "
+                     f"{', '.join(MINDSPORE_GLOG_V)} (or GLOG_v 0-3)")
+
+
 def threads_per_rank(cpus_per_device: float) -> int:
     # Ray sets OMP_NUM_THREADS=1 in its workers and ranks inherit it; give each
     # rank the CPUs reserved for its device instead (at least one thread).
@@ -132,7 +155,8 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
         "OMP_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": workdir,
-        "GLOG_v": "2",  # MindSpore: warnings and up, not per-op INFO noise
+        "GLOG_v": MINDSPORE_GLOG_V[mindspore_log_level(
+            paths.get(MINDSPORE_LOG_LEVEL_KEY) or os.environ.get(MINDSPORE_LOG_LEVEL_ENV))],
     }
     if world > 1:
         # MindSpore's dynamic cluster polls the scheduler at a random 3-5 s interval while

@@ -50,6 +50,15 @@ def test_quickstart_workflow_real_volo(tmp_path):
         assert "quickstart-validate-3: top-1 = " in text and "(359 images)" in text
         assert "Traceback" not in text
         assert out.is_file() and out.stat().st_size > 10_000
+        assert out.stat().st_mode & 0o777 == 0o644
+        # The happy path's rank logs (every step's, at the default MindSpore log level)
+        # hold no ERROR line, and the local cluster's log no NPU-detection traceback.
+        rank_logs = sorted((home / "jobs").glob("quickstart-*/attempt-*/*.log"))
+        assert len(rank_logs) >= 4, rank_logs  # train 2 ranks + scheduler, validate, export
+        for log in rank_logs:
+            errors = [ln for ln in log.read_text().splitlines() if "ERROR" in ln]
+            assert not errors, (log, errors[:3])
+        assert "Failed to detect NPU type" not in (home / "local-cluster.log").read_text()
 
         st = json.loads(fleet(home, "status", "quickstart-1", "-o", "json").stdout)
         steps = {s["step"]: s for s in st["steps"]}

@@ -83,8 +83,24 @@ def test_fleet_plot_writes_a_png_with_four_drawn_panels(home, tmp_path):
 
 
 def test_render_reports_points_per_panel(home, tmp_path):
-    result = render(RunHistory.load(JOB, home / "jobs" / JOB), tmp_path / "p.png")
-    assert all(n > 0 for n in result.panels.values()), result.panels
+    history = RunHistory.load(JOB, home / "jobs" / JOB)
+    result = render(history, tmp_path / "p.png")
+    # One point per step drawn: the lr line shares the loss line's steps.
+    assert result.panels["Loss and learning rate"] == len(history.loss())
+    assert result.panels["Throughput"] == len(history.images_per_second())
+    assert result.panels["Validation top-1"] == len(history.top1())
+    assert result.panels["Devices × micro-batch × accumulation = global batch"] == 2
+    assert result.ylabels["Throughput"] == "images/s"
+    assert result.ylabels["Validation top-1"] == "top-1 accuracy (%)"
+    assert all(result.ylabels.values()), result.ylabels
+
+
+def test_fleet_plot_says_what_it_drew(home, tmp_path):
+    res = CliRunner().invoke(plot_command, [JOB, "--out", str(tmp_path / "p.png")],
+                             env={"FLEET_HOME": str(home)})
+    n = len(RunHistory.load(JOB, home / "jobs" / JOB).loss())
+    assert f"Loss and learning rate: {n} steps;" in res.output, res.output
+    assert "global batch: 2 starts" in res.output
 
 
 def test_a_job_that_only_started_still_plots(tmp_path):

@@ -89,6 +89,8 @@ def reference(digits, tmp_path_factory) -> Path:
                 "--max_steps", "6", "--ckpt_save_steps", "3"], tmp, "ref",
                FLEET_COMPILE_CACHE_STORE=str(_store(tmp)))
     assert r.returncode == 0, r.stderr[-3000:]
+    # A healthy CPU run logs no ERROR (MindSpore's stream check did, at each first wait).
+    assert "[ERROR]" not in r.stdout + r.stderr, r.stderr[-3000:]
     return tmp
 
 
@@ -278,6 +280,7 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["out"] == str(out) and out.stat().st_size > 100_000
+    assert out.stat().st_mode & 0o777 == 0o644  # MindSpore alone leaves it 0400
     assert (info["num_classes"], info["image_size"]) == (10, 32)
 
     # the exported graph computes what the checkpointed model computes

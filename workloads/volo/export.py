@@ -22,6 +22,9 @@ from workloads.volo.validate import resolve_checkpoint
 __all__ = ["main"]
 
 _SUFFIX = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
+# MindSpore writes the file 0400 (owner read-only): a serving process running as another
+# user, or a later export over it, could not use it. A model file is not a secret.
+EXPORT_MODE = 0o644
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         written = Path(str(stem) + suffix)
         if not written.is_file():
             raise ConfigError(f"MindSpore did not write {written}")
+        written.chmod(EXPORT_MODE)
     except ConfigError as e:
         log(f"error: {e}")
         return 2

@@ -25,3 +25,16 @@ def host_blocking_on_cpu(device_target: str) -> None:
 def host_pipeline() -> str:
     """"blocking" or "async": how this process runs PyNative ops (the heartbeat reports it)."""
     return "blocking" if os.environ.get(HOST_BLOCKING_ENV) == "1" else "async"
+
+
+def synchronize() -> None:
+    """Wait until every launched op has run: ms.runtime.synchronize() without its CPU check.
+
+    MindSpore 2.10's ms.runtime.synchronize() asks once per process whether the device
+    supports streams; on CPU that logs "[ERROR] ... CPU device is not supported" and returns
+    without waiting (only later calls wait). Its wait, _c_expression.synchronize, works on
+    every device, so calling it directly waits every time and a healthy CPU run logs no
+    ERROR; on Ascend it is exactly what ms.runtime.synchronize() runs after its check."""
+    from mindspore._c_expression import synchronize as wait_for_launched_ops
+
+    wait_for_launched_ops()

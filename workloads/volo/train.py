@@ -54,7 +54,7 @@ from workloads.volo.data import (
 )
 from workloads.volo.distributed import CollectiveCorrupted
 from workloads.volo.report import Heartbeat, log
-from workloads.volo.runtime_env import host_blocking_on_cpu, host_pipeline
+from workloads.volo.runtime_env import host_blocking_on_cpu, host_pipeline, synchronize
 from workloads.volo.sampling import (
     MAX_DATASET_SIZE,
     DeliveredIndices,
@@ -349,10 +349,10 @@ class Trainer:
         loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
         reduced = self.reducer(list(grads) + [ms.Tensor(np.zeros(1, np.float32))])
         self._update(ms.mutable(tuple(reduced[:-1])), ms.Tensor(0.0, ms.float32))
-        ms.runtime.synchronize()
+        synchronize()
         for p, copy in saved:
             self._restore(p, copy)
-        ms.runtime.synchronize()
+        synchronize()
         self.warmed_up = True
 
     # -- one optimizer step ----------------------------------------------------------------
@@ -597,7 +597,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
 
         # PyNative launches the optimizer update asynchronously: wait for it, or the
         # checkpoint may capture parameters from before the last update finished.
-        ms.runtime.synchronize()
+        synchronize()
         params = trainer.state_params()
         snap = ckpt_payload.snapshot(params)  # host copies; serialised on the writer thread
         if snap is None:
@@ -737,9 +737,7 @@ def last_words_for(world_size: int,
 
 def arm_last_words(lw: last_words.LastWords, trainer: Trainer) -> bool:
     """Give ``lw`` fresh views of the state; False (and ``lw`` disarmed) where there are none."""
-    import mindspore as ms
-
-    ms.runtime.synchronize()
+    synchronize()
     views = last_words.host_views(trainer.state_params())
     if views is None:
         lw.disarm()
