@@ -358,6 +358,72 @@ VOLO_CHECKS: dict[tuple[str, str, str], Check] = {
 }
 
 
+@dataclass(frozen=True)
+class Truth:
+    """What the ranks' heartbeat files say. A panel that shows a heartbeat field must show
+    exactly its values: every scraped value is one a rank reported, and each series ends on
+    its rank's last report (the ranges above only say the values are plausible)."""
+
+    events: list[dict]
+
+    @classmethod
+    def load(cls, hb_dir: Path) -> Truth:
+        return cls([json.loads(line) for f in sorted(hb_dir.rglob("*.jsonl"))
+                    for line in f.read_text().splitlines() if line.strip()])
+
+    def reported(self, kind: str, field: str, rank: str | None) -> list[tuple[tuple, float]]:
+        """((attempt, ts), value) of every `kind` event of `rank` (any rank: None)."""
+        return sorted(((e["attempt"], e["ts"]), float(e[field])) for e in self.events
+                      if e["event"] == kind and field in e
+                      and (rank is None or str(e["rank"]) == rank))
+
+
+TruthCheck = Callable[[list[dict], Path], None]  # (query result, the heartbeat directory)
+
+
+def equals_heartbeats(kind: str, field: str) -> TruthCheck:
+    def check(result: list[dict], hb_dir: Path) -> None:
+        truth = Truth.load(hb_dir)
+        for series in result:
+            reported = truth.reported(kind, field, series["metric"].get("rank"))
+            assert reported, f"no {kind} event with {field} for {series['metric']}"
+            allowed = {v for _, v in reported}
+            scraped = [float(v) for _, v in series["values"]]
+            assert set(scraped) <= allowed, (
+                f"{field}: scraped {sorted(set(scraped) - allowed)[:5]} that no rank reported")
+            assert scraped[-1] == reported[-1][1], (field, scraped[-1], reported[-1])
+
+    return check
+
+
+def equals_job_progress(value: Callable[[object], float]) -> TruthCheck:
+    """The series ends on what the controller's fold of the same heartbeats gives."""
+    def check(result: list[dict], hb_dir: Path) -> None:
+        from launcher.metrics_history import RunHistory
+
+        want = value(RunHistory.load(JOB, hb_dir).progress())
+        assert [float(s["values"][-1][1]) for s in result] == [want], want
+
+    return check
+
+
+# Panels whose values come straight from the heartbeats (or their fold) are checked for
+# equality on top of the plausibility checks.
+TRUTH_CHECKS: dict[tuple[str, str, str], TruthCheck] = {
+    ("training", "Optimizer step", "A"): equals_heartbeats("step", "step"),
+    ("training", "Loss and learning rate", "A"): equals_heartbeats("step", "loss"),
+    ("training", "Loss and learning rate", "B"): equals_heartbeats("step", "lr"),
+    ("training", "Validation top-1 / top-5", "A"): equals_heartbeats("val", "top1"),
+    ("training", "Validation top-1 / top-5", "B"): equals_heartbeats("val", "top5"),
+    ("training", "Throughput", "B"): equals_heartbeats("step", "images_per_second"),
+    ("training", "Step time", "A"): equals_heartbeats("step", "step_seconds"),
+
+    ("training", "Throughput", "A"): equals_job_progress(lambda p: p.job_images_per_second()),
+    ("training", "Goodput", "A"): equals_job_progress(lambda p: p.goodput_ratio()),
+    ("fleet", "Goodput", "A"): equals_job_progress(lambda p: p.goodput_ratio()),
+}
+
+
 def checks_for(driver: Driver) -> dict[tuple[str, str, str], Check]:
     return {**CHECKS, **VOLO_CHECKS} if driver is VOLO else CHECKS
 
@@ -399,6 +465,8 @@ def test_panel_query_returns_plausible_series(live, key):
     result = prom.query_range(grafana_vars(expr), t0, t1, step=1.0)
     assert result, f"{key}: {expr!r} returned no series"
     checks_for(driver)[key](result)
+    if key in TRUTH_CHECKS:
+        TRUTH_CHECKS[key](result, live[4] / "hb")
 
 
 def test_restart_annotation_and_job_variable(live):
