@@ -63,12 +63,9 @@ def _flag_value(v: Any) -> str:
 
 
 def override_flags(overrides: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        out += [f"--{k}", _flag_value(v)]
-    return out
+    """`--key=value`, one argv item per override: a value can never be read as a flag of
+    its own. The spec refuses keys the launcher sets itself (spec.TRAIN_OWNED...)."""
+    return [f"--{k}={_flag_value(v)}" for k, v in overrides.items() if v is not None]
 
 
 def attempt_dir(home: Path, job_id: str, attempt: int) -> Path:
