@@ -663,8 +663,9 @@ def load_yaml(text: str, file: str = "<spec>") -> tuple[Any, dict[tuple, int]]:
     deep = _flow_too_deep(text)
     if deep is not None:
         raise SpecError(file, [(f"{file}:{deep}", f"nested deeper than {MAX_DEPTH} levels")])
-    loader = _SpecLoader(text)
+    loader = None
     try:
+        loader = _SpecLoader(text)  # reads the first chunk: may raise a ReaderError
         root = loader.get_single_node()
         doc = loader.construct_document(root) if root is not None else None
     except _Refused as e:
@@ -675,7 +676,8 @@ def load_yaml(text: str, file: str = "<spec>") -> tuple[Any, dict[tuple, int]]:
     except (ValueError, OverflowError) as e:  # e.g. a timestamp PyYAML cannot build
         raise SpecError(file, [("(document)", f"malformed YAML value: {e}")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return doc, _line_index(root)
 
 
