@@ -132,10 +132,16 @@ def failure_streak(previous: int, progress: dict) -> int:
     return 1 if saved else previous + 1
 
 
+# 2**62 times any base a spec allows is still a finite float: the delay is capped by
+# maxBackoffSeconds long before, and a long crash loop cannot overflow it.
+MAX_BACKOFF_EXPONENT = 62
+
+
 def backoff_seconds(policy: dict, restarts: int) -> float:
     base = float(policy.get("backoffSeconds", 2.0))
     cap = float(policy.get("maxBackoffSeconds", 60.0))
-    delay = min(cap, base * (2 ** max(0, restarts - 1)))
+    exponent = min(max(0, restarts - 1), MAX_BACKOFF_EXPONENT)
+    delay = min(cap, base * float(2 ** exponent))
     # Jitter so that many jobs failing together (a node loss) do not retry in lockstep.
     return delay * (1.0 + 0.25 * random.random())  # noqa: S311 - not crypto
 
@@ -377,6 +383,44 @@ class Controller(JobQueries):
     def shutdown(self) -> None:
         self._stop.set()
 
+    # ================================================================ decisions
+    @contextlib.contextmanager
+    def _deciding(self, job_id: str, what: str):
+        """Run one job's decision; if it raises, the job ends FAILED with the reason
+        recorded rather than being left half-changed (a RUNNING job with no runtime was
+        never looked at again). Other jobs' decisions go on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - any bug in a decision must not strand a job
+            log.exception("job %s: controller error while %s", job_id, what)
+            self._fail_after_error(job_id, f"controller error while {what}: "
+                                           f"{type(e).__name__}: {e}")
+
+    def _fail_after_error(self, job_id: str, reason: str) -> None:
+        with self.lock:
+            try:
+                rt = self.runtimes.pop(job_id, None)
+                self._failure_streaks.pop(job_id, None)
+                with contextlib.suppress(Exception):
+                    self._release_held(job_id)
+                if rt is not None:
+                    with contextlib.suppress(Exception):
+                        self._teardown(rt, failed=True)
+                att = self.store.open_attempt(job_id)
+                if att is not None:
+                    self.store.end_attempt(job_id, att.n, "error", reason)
+                job = self.store.get_job(job_id)
+                if job is not None and job.kind == "Workflow":
+                    for c in self.store.jobs(parent=job_id):
+                        if c.state not in TERMINAL:
+                            self._cancel_one(c.id, f"workflow failed: {reason}")
+                if job is not None and job.state not in TERMINAL:
+                    self.store.set_state(job_id, S.FAILED, reason)
+                self.store.add_event(job_id, "controller_error", {"error": reason})
+            except Exception:  # noqa: BLE001 - the store itself failing: the tick reports it
+                log.exception("job %s: could not record the controller error", job_id)
+                raise
+
     # ================================================================ loop
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -456,8 +500,13 @@ class Controller(JobQueries):
                     done_steps[j.parent] = sib
                 if any(sib.get(n) != S.SUCCEEDED for n in j.paths.get("needs", [])):
                     continue  # waits for the steps it needs
-            out.append(QueuedJob(j.id, j.priority, j.seq, self._request(j),
-                                 self._job_topology(j), j.not_before))
+            try:
+                request, topology = self._request(j), self._job_topology(j)
+            except Exception as e:  # noqa: BLE001 - a stored spec this code cannot read
+                self._fail_after_error(j.id, f"controller error while reading the stored "
+                                             f"spec: {type(e).__name__}: {e}")
+                continue
+            out.append(QueuedJob(j.id, j.priority, j.seq, request, topology, j.not_before))
         return out
 
     @staticmethod
@@ -512,7 +561,8 @@ class Controller(JobQueries):
                     self._release_held(job_id)
                     continue
                 del self._held[job_id]
-                self._begin_attempt(job_id, held.plan, held)
+                with self._deciding(job_id, "restarting in place"):
+                    self._begin_attempt(job_id, held.plan, held)
 
     def _release_held(self, job_id: str) -> None:
         held = self._held.pop(job_id, None)
@@ -532,7 +582,8 @@ class Controller(JobQueries):
             free, total = pool.total_free(), sum(len(c) for c in nodes.values())
             decisions = schedule(queue, pool, now, self.policy)
             for qj, plan in decisions:
-                self._begin_attempt(qj.id, plan)
+                with self._deciding(qj.id, "starting an attempt"):
+                    self._begin_attempt(qj.id, plan)
             placed = {qj.id for qj, _ in decisions}
             for qj in queue:
                 if qj.id not in placed and qj.not_before <= now:
@@ -718,7 +769,7 @@ class Controller(JobQueries):
                     self._teardown(rt)
         except Exception as e:
             log.warning("job %s attempt %s failed to start: %s", job.id, rt.attempt, e)
-            with self.lock:
+            with self.lock, self._deciding(job.id, "handling a failed start"):
                 if self.runtimes.get(job.id) is rt:
                     self._attempt_failed(job.id, rt, f"start failed: {type(e).__name__}: {e}")
                 else:
@@ -747,34 +798,39 @@ class Controller(JobQueries):
                         self.suspect_nodes[node] = time.time() + SUSPECT_NODE_S
                         lost += f" on node {node[:12]}" + self._node_failure_reason(node)
                     break
-            with self.lock:
-                if self.runtimes.get(job_id) is not rt:
-                    continue
-                job = self.store.get_job(job_id)
-                if job is None or job.state not in (S.RUNNING, S.RESIZING):
-                    continue
-                if lost:
-                    self._attempt_failed(job_id, rt, lost)
-                    continue
-                for r in results:
-                    if r:
-                        self._absorb(rt, r)
-                self._flush_progress(rt)
-                statuses = [r["status"] for r in results if r]
-                if any(s == "failed" for s in statuses):
-                    self._note_last_words(job_id, rt, results)
-                    bad = next(r for r in results if r and r["status"] == "failed")
-                    self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
-                        "exit_code") not in NON_RETRYABLE_EXIT_CODES, in_place=True)
-                elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
-                    result = next((r["result"] for r in results if r and r.get("result")), None)
-                    self._attempt_succeeded(job_id, rt, result)
-                elif rt.checkpoint_ready:
-                    self._resize(job_id, rt)
-                else:
-                    hung = self._hung(job, rt) if job.kind == "TrainJob" else None
-                    if hung:
-                        self._attempt_failed(job_id, rt, hung, in_place=True)
+            with self.lock, self._deciding(job_id, "acting on its ranks' state"):
+                self._decide_running(job_id, rt, results, lost)
+
+    def _decide_running(self, job_id: str, rt: Runtime, results: list[dict | None],
+                        lost: str | None) -> None:
+        """One running job's outcome from its agents' polls (under the lock)."""
+        if self.runtimes.get(job_id) is not rt:
+            return
+        job = self.store.get_job(job_id)
+        if job is None or job.state not in (S.RUNNING, S.RESIZING):
+            return
+        if lost:
+            self._attempt_failed(job_id, rt, lost)
+            return
+        for r in results:
+            if r:
+                self._absorb(rt, r)
+        self._flush_progress(rt)
+        statuses = [r["status"] for r in results if r]
+        if any(s == "failed" for s in statuses):
+            self._note_last_words(job_id, rt, results)
+            bad = next(r for r in results if r and r["status"] == "failed")
+            self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
+                "exit_code") not in NON_RETRYABLE_EXIT_CODES, in_place=True)
+        elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
+            result = next((r["result"] for r in results if r and r.get("result")), None)
+            self._attempt_succeeded(job_id, rt, result)
+        elif rt.checkpoint_ready:
+            self._resize(job_id, rt)
+        else:
+            hung = self._hung(job, rt) if job.kind == "TrainJob" else None
+            if hung:
+                self._attempt_failed(job_id, rt, hung, in_place=True)
 
     @staticmethod
     def _hung(job: Any, rt: Runtime) -> str | None:
@@ -1050,25 +1106,29 @@ class Controller(JobQueries):
             for wf in self.store.jobs({S.PENDING, S.SCHEDULING, S.RUNNING}):
                 if wf.kind != "Workflow":
                     continue
-                kids = self.store.jobs(parent=wf.id)
-                states = {k.step: k.state for k in kids}
-                if kids and all(s == S.SUCCEEDED for s in states.values()):
-                    summary = {k.step: k.result for k in kids if k.result}
-                    if wf.state == S.PENDING:
-                        self.store.set_state(wf.id, S.SCHEDULING)
-                    if self.store.get_job(wf.id).state == S.SCHEDULING:
-                        self.store.set_state(wf.id, S.RUNNING)
-                    self.store.set_state(wf.id, S.SUCCEEDED, "all steps succeeded",
-                                         result=summary)
-                    continue
-                bad = [k for k in kids if k.state in (S.FAILED, S.CANCELLED)]
-                if bad:
-                    for k in kids:
-                        if k.state not in TERMINAL:
-                            self._cancel_one(k.id, f"step {bad[0].step} {bad[0].state}")
-                    self.store.set_state(
-                        wf.id, S.FAILED,
-                        f"step {bad[0].step} {bad[0].state}: {bad[0].message}")
+                with self._deciding(wf.id, "advancing the workflow"):
+                    self._advance_workflow(wf)
+
+    def _advance_workflow(self, wf: JobRow) -> None:
+        kids = self.store.jobs(parent=wf.id)
+        states = {k.step: k.state for k in kids}
+        if kids and all(s == S.SUCCEEDED for s in states.values()):
+            summary = {k.step: k.result for k in kids if k.result}
+            if wf.state == S.PENDING:
+                self.store.set_state(wf.id, S.SCHEDULING)
+            if self.store.get_job(wf.id).state == S.SCHEDULING:
+                self.store.set_state(wf.id, S.RUNNING)
+            self.store.set_state(wf.id, S.SUCCEEDED, "all steps succeeded",
+                                 result=summary)
+            return
+        bad = [k for k in kids if k.state in (S.FAILED, S.CANCELLED)]
+        if bad:
+            for k in kids:
+                if k.state not in TERMINAL:
+                    self._cancel_one(k.id, f"step {bad[0].step} {bad[0].state}")
+            self.store.set_state(
+                wf.id, S.FAILED,
+                f"step {bad[0].step} {bad[0].state}: {bad[0].message}")
 
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:
