@@ -3,7 +3,7 @@
 Exit codes (also in `fleet --help`):
   0 success; 1 the job failed or was cancelled (with --wait / status of a finished job);
   2 invalid spec or usage; 3 no cluster / cannot reach the controller; 4 no such job;
-  130 interrupted (the job keeps running).
+  5 the job store (fleet.db) is corrupt; 130 interrupted (the job keeps running).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 EPILOG = """\b
 Exit codes: 0 ok, 1 job failed/cancelled, 2 invalid spec or usage,
-3 no cluster reachable, 4 no such job, 130 interrupted.
+3 no cluster reachable, 4 no such job, 5 job store corrupt, 130 interrupted.
 \b
 Examples:
   fleet submit examples/quickstart.yaml --wait     # starts a local cluster if needed
@@ -536,7 +536,12 @@ _register_optional()
 
 
 def main() -> None:
-    cli(prog_name="fleet")
+    from launcher.store import EXIT_STORE_CORRUPT, StoreCorrupt
+    try:
+        cli(prog_name="fleet")
+    except StoreCorrupt as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_STORE_CORRUPT)
 
 
 if __name__ == "__main__":

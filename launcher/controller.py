@@ -33,7 +33,7 @@ from launcher.lifecycle import HOLDS_DEVICES, TERMINAL, JobState
 from launcher.planner import ASCEND_910, FreePool, Plan, Request, Topology
 from launcher.ranks import NodeLaunch, attempt_dir, build_launch, default_ckpt_dir
 from launcher.scheduler import PriorityFifo, QueuedJob, schedule
-from launcher.store import JobRow, Store
+from launcher.store import STATUS_EVENTS, JobRow, QueueRow, Store
 
 log = logging.getLogger("fleet.controller")
 
@@ -52,6 +52,18 @@ AUTOSCALE_INTERVAL_S = 1.0
 NON_RETRYABLE_EXIT_CODES = frozenset({2, 3})
 
 S = JobState
+
+MAX_PENDING_ENV = "FLEET_MAX_PENDING"
+MAX_PENDING_DEFAULT = 10_000
+
+
+def max_pending(environ: dict[str, str] | None = None) -> int:
+    """Most jobs (workflow steps count) that may wait at once; FLEET_MAX_PENDING sets it."""
+    raw = (os.environ if environ is None else environ).get(MAX_PENDING_ENV, "")
+    try:
+        return max(1, int(raw)) if raw else MAX_PENDING_DEFAULT
+    except ValueError:
+        return MAX_PENDING_DEFAULT
 
 
 def agent_name(placement: str, index: int) -> str:
@@ -161,7 +173,7 @@ class JobQueries:
         d = job.to_dict()
         d.pop("spec", None)
         d["attempts"] = [a.to_dict() for a in self.store.attempts(job_id)]
-        d["events"] = self.store.events(job_id)[-50:]
+        d["events"] = self.store.events(job_id, limit=STATUS_EVENTS)
         if job.kind == "Workflow":
             d["steps"] = [self.status(c.id) for c in self.store.jobs(parent=job_id)]
         rt = self.runtimes.get(job_id)
@@ -238,6 +250,7 @@ class Controller(JobQueries):
         self._failure_streaks: dict[str, int] = {}
         self.restart_placement = RestartInPlace()
         self._held: dict[str, HeldPlacement] = {}  # RESTARTING jobs that keep their devices
+        self._plan_inputs: dict[str, tuple[Request | None, Topology]] = {}  # _planning_inputs
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -324,6 +337,7 @@ class Controller(JobQueries):
         job = specmod.parse_doc(doc, "<submitted>")  # never trust the client's validation
         name = job.metadata.name
         with self.lock:
+            self._check_queue_room(job)
             if isinstance(job, specmod.Workflow):
                 parent = self.store.add_job(name, "Workflow", doc, {"workdir":
                                             paths.get("workdir")}, job.spec.priority)
@@ -347,13 +361,23 @@ class Controller(JobQueries):
         self._wake.set()
         return out
 
+    def _check_queue_room(self, job: specmod.AnyJob) -> None:
+        """A queue limit: every waiting job costs the scheduler a little on every tick."""
+        limit = max_pending()
+        waiting = self.store.count({S.PENDING, S.RESTARTING})
+        adding = len(job.spec.steps) + 1 if isinstance(job, specmod.Workflow) else 1
+        if waiting + adding > limit:
+            raise specmod.SpecError("<submitted>", [("(queue)", (
+                f"the queue is full: {waiting} jobs wait and at most {limit} may "
+                f"({MAX_PENDING_ENV}); wait for some to start or cancel some"))])
+
     def cluster(self) -> dict[str, Any]:
         nodes = self._cluster_nodes()
         pool = self._pool(nodes)
         total = sum(len(c) for c in nodes.values())
         out = {"nodes": len(nodes), "devices": total, "free": pool.total_free(),
                "whole_free_nodes": pool.whole_nodes(),
-               "queued": len([j for j in self.store.jobs({S.PENDING, S.RESTARTING})])}
+               "queued": self.store.count({S.PENDING, S.RESTARTING})}
         if self.k8s is not None:
             try:
                 out["kubernetes"] = self.k8s.status()
@@ -490,24 +514,38 @@ class Controller(JobQueries):
     def _queued(self) -> list[QueuedJob]:
         out = []
         done_steps: dict[str, dict[str, JobState]] = {}
-        for j in self.store.jobs({S.PENDING, S.RESTARTING, S.RESIZING}):
-            if j.kind == "Workflow" or j.id in self.runtimes or j.id in self._held:
+        rows = self.store.queue_rows({S.PENDING, S.RESTARTING, S.RESIZING})
+        waiting = {j.id for j in rows}
+        for gone in [k for k in self._plan_inputs if k not in waiting]:
+            del self._plan_inputs[gone]
+        for j in rows:
+            if j.id in self.runtimes or j.id in self._held:
                 continue
             if j.parent:
                 sib = done_steps.get(j.parent)
                 if sib is None:
                     sib = {c.step: c.state for c in self.store.jobs(parent=j.parent)}
                     done_steps[j.parent] = sib
-                if any(sib.get(n) != S.SUCCEEDED for n in j.paths.get("needs", [])):
+                if any(sib.get(n) != S.SUCCEEDED for n in j.needs):
                     continue  # waits for the steps it needs
             try:
-                request, topology = self._request(j), self._job_topology(j)
+                request, topology = self._planning_inputs(j)
             except Exception as e:  # noqa: BLE001 - a stored spec this code cannot read
                 self._fail_after_error(j.id, f"controller error while reading the stored "
                                              f"spec: {type(e).__name__}: {e}")
                 continue
             out.append(QueuedJob(j.id, j.priority, j.seq, request, topology, j.not_before))
         return out
+
+    def _planning_inputs(self, j: QueueRow) -> tuple[Request | None, Topology]:
+        """A job's request and topology, read from its spec once: a spec does not change
+        after submit, and validating it again on every tick cost more than the tick."""
+        got = self._plan_inputs.get(j.id)
+        if got is None:
+            row = self.store.get_job(j.id)
+            got = (self._request(row), self._job_topology(row))
+            self._plan_inputs[j.id] = got
+        return got
 
     @staticmethod
     def _request(j: JobRow) -> Request | None:

@@ -6,6 +6,13 @@ whose `poll.remote()` returns the poll result and `ray.get` hands it back."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from launcher import controller as ctl
@@ -102,3 +109,60 @@ def test_a_stored_spec_the_code_cannot_read_fails_that_job_only(controller):
     assert [q.id for q in queued] == [good.id]
     job = controller.store.get_job(bad.id)
     assert job.state == S.FAILED and "reading the stored spec" in job.message
+
+
+# ------------------------------------------------------------------ the store
+
+def test_a_corrupt_store_is_named_kept_and_has_its_own_exit_code(tmp_path):
+    from launcher.store import EXIT_STORE_CORRUPT, Store, StoreCorrupt
+
+    db = tmp_path / "fleet.db"
+    junk = b"this is not a database" * 100
+    db.write_bytes(junk)
+    with pytest.raises(StoreCorrupt, match=str(db)):
+        Store(db)
+    assert db.read_bytes() == junk  # kept for inspection
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "--home", str(tmp_path), "status",
+                        "some-job"], capture_output=True, text=True, timeout=120, cwd=repo,
+                       env={**os.environ, "PYTHONPATH": str(repo)})
+    assert r.returncode == EXIT_STORE_CORRUPT, r.stderr
+    assert f"the job store {db} is corrupt" in r.stderr and "Traceback" not in r.stderr
+    assert db.read_bytes() == junk
+
+
+def test_events_are_pruned_per_job_and_status_reads_a_bounded_number(tmp_path, monkeypatch):
+    from launcher import store as st
+
+    monkeypatch.setattr(st, "MAX_EVENTS_PER_JOB", 20)
+    s = st.Store(tmp_path / "fleet.db")
+    for i in range(100):
+        s.add_event("a", "tick", {"i": i})
+        if i % 10 == 0:
+            s.add_event("b", "tick", {"i": i})
+    a = s.events("a")
+    assert len(a) == 20 and [e["i"] for e in a] == list(range(80, 100))
+    assert len(s.events("b")) == 10  # another job's events are not pruned by a's
+    assert [e["i"] for e in s.events("a", limit=3)] == [97, 98, 99]
+
+
+def test_queue_is_fast_at_10k_waiting_jobs_and_bounded(controller, monkeypatch):
+    from launcher import spec as specmod
+    rows = [("j", "TrainJob", SPEC, {}, 0)] * 10_000
+    with controller.store.tx() as db:
+        for i, (name, kind, spec, paths, prio) in enumerate(rows):
+            db.execute("INSERT INTO jobs (id, name, kind, state, priority, spec, paths, created, "
+                       "updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (f"{name}-{i}", name, kind, "PENDING", prio,
+                        json.dumps(spec), "{}", 0.0, 0.0))
+    controller._queued()  # the first pass reads each spec once
+    t = time.perf_counter()
+    for _ in range(3):
+        q = controller._queued()
+    per_tick = (time.perf_counter() - t) / 3
+    assert len(q) == 10_000 and per_tick < 0.15, per_tick  # was 0.45 s, every tick
+    doc = {"apiVersion": "fleet/v1", "kind": "TrainJob", "metadata": {"name": "one-more"},
+           "spec": dict(SPEC, batch={"global": 8, "microBatchMax": 8})}
+    monkeypatch.setenv("FLEET_MAX_PENDING", "10000")
+    with pytest.raises(specmod.SpecError, match="the queue is full: 10000 jobs wait"):
+        controller.submit(doc, {})
