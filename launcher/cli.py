@@ -114,7 +114,9 @@ def _load(file: str, sets: tuple[str, ...]) -> tuple[Any, dict, dict]:
     except specmod.SpecError as e:
         click.echo(e.render(), err=True)
         sys.exit(EXIT_INVALID)
-    ctx = {"workdir": str(specmod.project_root(Path(file))), "steps": paths}
+    # base and workdir let the controller resolve the spec's relative paths itself
+    ctx = {"workdir": str(specmod.project_root(Path(file))), "steps": paths,
+           "base": str(Path(file).resolve().parent)}
     return job, doc, ctx
 
 
@@ -129,7 +131,7 @@ def _create_data(job, ctx: dict) -> None:
         click.echo(f"creating data: python -m {data.create.module} --out {d}")
         r = subprocess.run([sys.executable, "-m", data.create.module, "--out", str(d)],  # noqa: S603
                            cwd=ctx["workdir"], check=False,
-                           env=dict(os.environ, PYTHONPATH=ctx["workdir"]))
+                           env=specmod.maker_env(dict(os.environ), ctx["workdir"]))
         if r.returncode != 0 or not d.is_dir():
             click.echo(f"error: creating {d} failed (exit {r.returncode})", err=True)
             sys.exit(EXIT_INVALID)

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ AUTOSCALE_INTERVAL_S = 1.0
 NON_RETRYABLE_EXIT_CODES = frozenset({2, 3})
 
 S = JobState
+
+LOG_LABEL = re.compile(r"(scheduler|rank-\d{1,6})")
+# Where `launcher` and `workloads` are: the ranks' working directory and PYTHONPATH.
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 MAX_PENDING_ENV = "FLEET_MAX_PENDING"
 MAX_PENDING_DEFAULT = 10_000
@@ -201,6 +206,13 @@ class JobQueries:
                  attempt: int | None = None) -> dict[str, Any]:
         from launcher.agent import read_file_chunk
 
+        # the label becomes a file name: only the names ranks' logs have
+        if not isinstance(label, str) or not LOG_LABEL.fullmatch(label):
+            return {"data": "", "offset": 0, "attempt": None,
+                    "error": f"no log {str(label)[:40]!r}: use 'scheduler' or 'rank-N'"}
+        if not isinstance(offset, int) or offset < 0:
+            return {"data": "", "offset": 0, "attempt": None,
+                    "error": f"offset must be a whole number >= 0, got {offset!r}"}
         atts = self.store.attempts(job_id)
         if not atts:
             return {"data": "", "offset": offset, "missing": True, "attempt": None}
@@ -333,11 +345,18 @@ class Controller(JobQueries):
         return f"http://{host}:{port}/metrics"
 
     def submit(self, doc: dict, paths: dict) -> dict[str, Any]:
-        """Store a validated spec; returns its id (and step ids for a workflow)."""
+        """Store a validated spec; returns its id (and step ids for a workflow).
+
+        `paths` gives only where the spec file was (`base`, its directory, and `workdir`,
+        its project): the controller resolves the spec's paths itself, inside the
+        configured roots, and the ranks run from the launcher's own code directory."""
         job = specmod.parse_doc(doc, "<submitted>")  # never trust the client's validation
         name = job.metadata.name
+        resolved = self._resolve_paths(job, paths)
+        paths = {"workdir": str(CODE_ROOT), "steps": resolved}
         with self.lock:
             self._check_queue_room(job)
+            self._check_checkpoint_dirs(job, resolved)
             if isinstance(job, specmod.Workflow):
                 parent = self.store.add_job(name, "Workflow", doc, {"workdir":
                                             paths.get("workdir")}, job.spec.priority)
@@ -360,6 +379,65 @@ class Controller(JobQueries):
                 out = {"id": row.id, "kind": job.kind}
         self._wake.set()
         return out
+
+    @staticmethod
+    def _resolve_paths(job: specmod.AnyJob, client: dict) -> dict[str, dict[str, str]]:
+        """The steps' paths, decided here. With `base` (the spec file's directory, as
+        `fleet submit` sends) every path is resolved again from the spec; a caller that
+        sends resolved paths instead gets them checked: known keys only, absolute and
+        normalised, inside the configured roots - no more than an absolute path in the
+        spec could ask for."""
+        if not isinstance(client, dict):
+            client = {}
+        base, root = client.get("base"), client.get("workdir")
+        if isinstance(base, str) and Path(base).is_absolute():
+            if not (isinstance(root, str) and Path(root).is_absolute()):
+                root = base
+            return specmod.job_paths(job, Path(base), Path(root), "<submitted>")
+        sent = client.get("steps") if isinstance(client.get("steps"), dict) else {}
+        out: dict[str, dict[str, str]] = {}
+        problems: list[tuple[str, str]] = []
+        for name, _kind, _sp in specmod.steps_of(job):
+            step = sent.get(name) if isinstance(sent.get(name), dict) else {}
+            res: dict[str, str] = {}
+            for key in specmod.STEP_PATH_KEYS:
+                v = step.get(key)
+                if v is None:
+                    continue
+                env = specmod.ROOT_OF.get(key, "")
+                try:
+                    if not isinstance(v, str) or not Path(v).is_absolute():
+                        raise specmod.SpecError("<submitted>", [(f"{name}.{key}", (
+                            f"{str(v)[:80]!r} is not an absolute path"))])
+                    res[key] = str(specmod.resolve_path(v, Path("/"), Path("/"),
+                                                        f"{name}.{key}", "<submitted>",
+                                                        os.environ.get(env) or None, env))
+                except specmod.SpecError as e:
+                    problems += e.problems
+            out[name] = res
+        if problems:
+            raise specmod.SpecError("<submitted>", problems)
+        return out
+
+    def _check_checkpoint_dirs(self, job: specmod.AnyJob,
+                               resolved: dict[str, dict[str, str]]) -> None:
+        """Two live jobs may not share a checkpoint directory (or one inside the other):
+        each prunes its directory to its newest checkpoints, deleting the other's."""
+        mine = [(name, Path(resolved[name]["ckpt_dir"])) for name, kind, _sp in
+                specmod.steps_of(job) if kind == "TrainJob" and "ckpt_dir" in resolved[name]]
+        if not mine:
+            return
+        taken = [(jid, Path(d) if d else default_ckpt_dir(self.home, jid))
+                 for jid, d in self.store.checkpoint_dirs(set(S) - set(TERMINAL))]
+        taken += mine
+        problems = []
+        for i, (name, d) in enumerate(mine):
+            for other, od in taken[:len(taken) - len(mine) + i]:
+                if d == od or d.is_relative_to(od) or od.is_relative_to(d):
+                    problems.append((name, f"checkpoint.dir {d} is in use by {other} "
+                                           f"({od}); give each job its own directory"))
+        if problems:
+            raise specmod.SpecError("<submitted>", problems)
 
     def _check_queue_room(self, job: specmod.AnyJob) -> None:
         """A queue limit: every waiting job costs the scheduler a little on every tick."""

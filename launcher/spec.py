@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from launcher.planner import Request, Topology, explain_infeasible, feasible_device_counts
+from launcher.ranks import CHECKPOINT_ROOT_ENV
 
 API_VERSION = "fleet/v1"
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -237,6 +238,22 @@ class RestartPolicy(_Model):
         "memory, i.e. CPU ranks; on NPUs the restart resumes from the periodic checkpoint)"))
 
 
+# Modules that `data.create` may run (`python -m MODULE --out DIR`): each writes a dataset
+# into DIR and nothing else. A new maker is added here, in review.
+DATASET_MAKERS = frozenset({"workloads.volo.digits"})
+# What a dataset maker's environment keeps of the submitter's: enough to find Python and
+# a home, never tokens (GRAFANA_TOKEN, RAY_AUTH_TOKEN, cloud credentials...).
+MAKER_ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+                  "VIRTUAL_ENV", "SYSTEMROOT")
+
+
+def maker_env(environ: dict[str, str], workdir: str) -> dict[str, str]:
+    """The cleaned environment a dataset maker runs with."""
+    env = {k: v for k, v in environ.items() if k in MAKER_ENV_KEEP or k.startswith("LC_")}
+    env["PYTHONPATH"] = workdir
+    return env
+
+
 class DataCreate(_Model):
     module: Annotated[str, StringConstraints(max_length=MAX_PATH_COMPONENT)] = Field(
         description="python -m MODULE --out DIR creates the data if missing")
@@ -244,8 +261,11 @@ class DataCreate(_Model):
     @field_validator("module")
     @classmethod
     def _mod(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$", v):
-            raise ValueError(f"{v!r} is not a python module path like workloads.volo.digits")
+        if v not in DATASET_MAKERS:
+            # it runs on the submitting machine before any cluster is involved: only the
+            # registered makers, never any importable module
+            raise ValueError(f"{v[:80]!r} is not a registered dataset maker; "
+                             f"data.create.module may be {', '.join(sorted(DATASET_MAKERS))}")
         return v
 
 
@@ -1000,18 +1020,31 @@ def project_root(spec_file: Path) -> Path:
     return d
 
 
-def resolve_path(raw: str, base: Path, root: Path, field: str, file: str) -> Path:
-    """Relative paths are taken from `base` and must stay under `root`.
+# Operator-configured roots (set on Kubernetes by k8s/base): when set, every data,
+# checkpoint or export path of a spec must resolve inside its root.
+DATA_ROOT_ENV = "FLEET_DATA_ROOT"
+EXPORT_ROOT_ENV = "FLEET_EXPORT_ROOT"
+ROOT_OF = {"data_dir": DATA_ROOT_ENV, "ckpt_dir": CHECKPOINT_ROOT_ENV,
+            "ckpt_path": CHECKPOINT_ROOT_ENV, "out": EXPORT_ROOT_ENV}
+STEP_PATH_KEYS = ("config", "data_dir", "ckpt_path", "ckpt_dir", "out")
 
-    Absolute paths are allowed: shared volumes live at fixed mount points.
-    """
+
+def resolve_path(raw: str, base: Path, root: Path, field: str, file: str,
+                 allowed_root: str | None = None, root_env: str = "") -> Path:
+    """Relative paths are taken from `base` and must stay under `root`; absolute paths
+    (shared volumes at fixed mount points) are allowed, and with `allowed_root` (an
+    operator's FLEET_*_ROOT) every path must resolve inside it."""
     p = Path(raw).expanduser()
-    if p.is_absolute():
-        return p.resolve()
-    full = (base / p).resolve()
-    if not full.is_relative_to(root.resolve()):
+    try:
+        full = p.resolve() if p.is_absolute() else (base / p).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL...
+        raise SpecError(file, [(field, f"cannot resolve {raw[:80]!r}: {e}")]) from None
+    if not p.is_absolute() and not full.is_relative_to(root.resolve()):
         raise SpecError(file, [(field, f"relative path {raw!r} escapes its root {root}; "
                                        "use a path inside the project or an absolute path")])
+    if allowed_root and not full.is_relative_to(Path(allowed_root).resolve()):
+        raise SpecError(file, [(field, f"{full} is outside {root_env}={allowed_root}, where "
+                                       "this fleet keeps them; use a path inside it")])
     return full
 
 
@@ -1020,6 +1053,42 @@ def steps_of(job) -> list[tuple[str, str, Any]]:
     if isinstance(job, Workflow):
         return [(s.name, s.kind, s.spec) for s in job.spec.steps]
     return [(job.metadata.name, job.kind, job.spec)]
+
+
+def job_paths(job, base: Path, root: Path, file: str,
+              environ: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Every step's paths resolved (no check that they exist): the client's view, and the
+    controller's own recomputation from the same spec (it does not take the client's)."""
+    env = os.environ if environ is None else environ
+    is_wf = isinstance(job, Workflow)
+    out: dict[str, dict[str, str]] = {}
+    problems: list[tuple[str, str]] = []
+    for i, (name, _kind, spec) in enumerate(steps_of(job)):
+        prefix = f"spec.steps[{i}].spec" if is_wf else "spec"
+        raw: dict[str, tuple[str, str]] = {}  # key -> (raw path, field)
+        if hasattr(spec, "config"):
+            raw["config"] = (spec.config, f"{prefix}.config")
+        if hasattr(spec, "data"):
+            raw["data_dir"] = (spec.data.dir, f"{prefix}.data.dir")
+        ck = getattr(spec, "checkpoint", None)
+        if isinstance(ck, CheckpointRef) and ck.path is not None:
+            raw["ckpt_path"] = (ck.path, f"{prefix}.checkpoint.path")
+        if isinstance(ck, Checkpoint) and ck.dir is not None:
+            raw["ckpt_dir"] = (ck.dir, f"{prefix}.checkpoint.dir")
+        if isinstance(spec, ExportSpec):
+            raw["out"] = (spec.out, f"{prefix}.out")
+        res: dict[str, str] = {}
+        for key, (value, field) in raw.items():
+            env_name = ROOT_OF.get(key, "")
+            try:
+                res[key] = str(resolve_path(value, base, root, field, file,
+                                            env.get(env_name) or None, env_name))
+            except SpecError as e:
+                problems += e.problems
+        out[name] = res
+    if problems:
+        raise SpecError(file, problems)
+    return out
 
 
 def check_paths(job, spec_file: str | Path, root: Path | None = None,
@@ -1032,48 +1101,26 @@ def check_paths(job, spec_file: str | Path, root: Path | None = None,
     f = Path(spec_file)
     base = f.resolve().parent
     root = root or project_root(f)
-    out: dict[str, dict[str, str]] = {}
+    out = job_paths(job, base, root, str(f))
     problems: list[tuple[str, str]] = []
     is_wf = isinstance(job, Workflow)
-    created: set[Path] = set()  # data dirs some step's data.create will make
-    if create_data:
-        for _n, _k, sp in steps_of(job):
-            data = getattr(sp, "data", None)
-            if data is not None and data.create is not None:
-                with contextlib.suppress(SpecError):
-                    created.add(resolve_path(data.dir, base, root, "", str(f)))
+    created = {Path(out[name]["data_dir"]) for name, _k, sp in steps_of(job)
+               if create_data and getattr(sp, "data", None) is not None
+               and sp.data.create is not None}
     for i, (name, _kind, spec) in enumerate(steps_of(job)):
         prefix = f"spec.steps[{i}].spec" if is_wf else "spec"
-        res: dict[str, str] = {}
-        try:
-            if hasattr(spec, "config"):
-                cfg = resolve_path(spec.config, base, root, f"{prefix}.config", str(f))
-                if not cfg.is_file():
-                    problems.append((f"{prefix}.config", f"recipe file {cfg} does not exist"))
-                res["config"] = str(cfg)
-            if hasattr(spec, "data"):
-                d = resolve_path(spec.data.dir, base, root, f"{prefix}.data.dir", str(f))
-                if not d.is_dir() and d not in created:
-                    hint = (" (it has data.create: `fleet submit` creates it)"
-                            if spec.data.create else
-                            "; create it or fix the path")
-                    problems.append((f"{prefix}.data.dir", f"data directory {d} does not "
-                                                            f"exist{hint}"))
-                res["data_dir"] = str(d)
-            ck = getattr(spec, "checkpoint", None)
-            if isinstance(ck, CheckpointRef) and ck.path is not None:
-                c = resolve_path(ck.path, base, root, f"{prefix}.checkpoint.path", str(f))
-                if not c.exists():
-                    problems.append((f"{prefix}.checkpoint.path", f"{c} does not exist"))
-                res["ckpt_path"] = str(c)
-            if isinstance(ck, Checkpoint) and ck.dir is not None:
-                res["ckpt_dir"] = str(resolve_path(ck.dir, base, root,
-                                                   f"{prefix}.checkpoint.dir", str(f)))
-            if isinstance(spec, ExportSpec):
-                res["out"] = str(resolve_path(spec.out, base, root, f"{prefix}.out", str(f)))
-        except SpecError as e:
-            problems += e.problems
-        out[name] = res
+        res = out[name]
+        if "config" in res and not Path(res["config"]).is_file():
+            problems.append((f"{prefix}.config", f"recipe file {res['config']} does not exist"))
+        if "data_dir" in res:
+            d = Path(res["data_dir"])
+            if not d.is_dir() and d not in created:
+                hint = (" (it has data.create: `fleet submit` creates it)"
+                        if spec.data.create else "; create it or fix the path")
+                problems.append((f"{prefix}.data.dir", f"data directory {d} does not "
+                                                        f"exist{hint}"))
+        if "ckpt_path" in res and not Path(res["ckpt_path"]).exists():
+            problems.append((f"{prefix}.checkpoint.path", f"{res['ckpt_path']} does not exist"))
     if problems:
         raise SpecError(str(f), problems)
     return out

@@ -257,6 +257,14 @@ class Store:
                          r["not_before"], tuple(json.loads(r["needs"]) if r["needs"] else ()))
                 for r in rows]
 
+    def checkpoint_dirs(self, states: set[JobState]) -> list[tuple[str, str | None]]:
+        """(job id, its checkpoint.dir or None for the default) of TrainJobs in `states`."""
+        q = (f"SELECT id, json_extract(paths, '$.ckpt_dir') AS d FROM jobs WHERE "  # noqa: S608
+             f"kind = 'TrainJob' AND state IN ({','.join('?' * len(states))}) ORDER BY seq")
+        with self._lock:
+            return [(r["id"], r["d"]) for r in
+                    self._db.execute(q, [str(x) for x in states]).fetchall()]
+
     def count(self, states: set[JobState]) -> int:
         q = f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})"  # noqa: S608
         with self._lock:

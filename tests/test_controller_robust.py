@@ -166,3 +166,80 @@ def test_queue_is_fast_at_10k_waiting_jobs_and_bounded(controller, monkeypatch):
     monkeypatch.setenv("FLEET_MAX_PENDING", "10000")
     with pytest.raises(specmod.SpecError, match="the queue is full: 10000 jobs wait"):
         controller.submit(doc, {})
+
+
+# ------------------------------------------------------------------ what a client may send
+
+def _doc(name: str, **spec) -> dict:
+    base = {"workload": "smoke", "config": "recipe.yaml", "data": {"dir": "data"},
+            "resources": {"deviceType": "CPU", "devices": {"min": 1, "max": 1}},
+            "batch": {"global": 8, "microBatchMax": 8}}
+    return {"apiVersion": "fleet/v1", "kind": "TrainJob", "metadata": {"name": name},
+            "spec": {**base, **spec}}
+
+
+def test_the_controller_resolves_paths_itself(controller, tmp_path):
+    proj = tmp_path / "proj"
+    evil = {"workdir": str(proj), "base": str(proj),
+            "steps": {"j": {"config": "/etc/passwd", "data_dir": "/", "ckpt_dir": "/etc"}}}
+    jid = controller.submit(_doc("j"), evil)["id"]
+    row = controller.store.get_job(jid)
+    assert row.paths["workdir"] == str(ctl.CODE_ROOT)  # the ranks' PYTHONPATH and cwd
+    assert row.paths["config"] == str(proj / "recipe.yaml")
+    assert row.paths["data_dir"] == str(proj / "data") and "ckpt_dir" not in row.paths
+    # a relative path may not leave the project the submitter named
+    with pytest.raises(ctl.specmod.SpecError, match="escapes its root /tmp/evil"):
+        controller.submit(_doc("k"), dict(evil, workdir="/tmp/evil"))
+    with pytest.raises(ctl.specmod.SpecError, match="escapes its root"):
+        controller.submit(_doc("k", data={"dir": "../../etc"}), {"base": str(proj),
+                                                                 "workdir": str(proj)})
+    # resolved paths without a base: only the known keys, absolute, inside the roots
+    jid = controller.submit(_doc("m"), {"workdir": "/tmp/evil", "steps": {"m": {
+        "config": "/r/../r/recipe.yaml", "data_dir": "/d", "needs": ["x"], "order": 9}}})["id"]
+    row = controller.store.get_job(jid)
+    assert row.paths == {"config": "/r/recipe.yaml", "data_dir": "/d",
+                         "workdir": str(ctl.CODE_ROOT)}
+    with pytest.raises(ctl.specmod.SpecError, match="not an absolute path"):
+        controller.submit(_doc("n"), {"steps": {"n": {"config": "relative.yaml"}}})
+
+
+def test_the_controller_honours_configured_roots(controller, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEET_DATA_ROOT", str(tmp_path / "datasets"))
+    with pytest.raises(ctl.specmod.SpecError, match="outside FLEET_DATA_ROOT"):
+        controller.submit(_doc("j", data={"dir": "/etc"}), {"base": str(tmp_path)})
+    with pytest.raises(ctl.specmod.SpecError, match="outside FLEET_DATA_ROOT"):
+        controller.submit(_doc("j"), {"steps": {"j": {"data_dir": "/etc"}}})
+
+
+def test_two_live_jobs_may_not_share_a_checkpoint_directory(controller, tmp_path):
+    ck = str(tmp_path / "ckpt")
+    first = controller.submit(_doc("a", checkpoint={"dir": ck}), {"base": str(tmp_path)})["id"]
+    for d in (ck, ck + "/inner", str(tmp_path)):
+        with pytest.raises(ctl.specmod.SpecError, match=f"in use by {first}"):
+            controller.submit(_doc("b", checkpoint={"dir": d}), {"base": str(tmp_path)})
+    # another job's default directory is taken too
+    default = ctl.default_ckpt_dir(controller.home, first)
+    second = controller.submit(_doc("c"), {"base": str(tmp_path)})["id"]
+    with pytest.raises(ctl.specmod.SpecError, match=f"in use by {second}"):
+        controller.submit(_doc("d", checkpoint={"dir": str(
+            ctl.default_ckpt_dir(controller.home, second))}), {"base": str(tmp_path)})
+    assert default != ctl.default_ckpt_dir(controller.home, second)
+    # once the first job is over its directory is free again
+    controller.cancel(first)
+    controller.submit(_doc("e", checkpoint={"dir": ck}), {"base": str(tmp_path)})
+
+
+def test_read_log_takes_only_log_labels_and_offsets(controller, tmp_path):
+    jid = controller.submit(_doc("j"), {"base": str(tmp_path)})["id"]
+    controller.store.add_attempt(jid, {"devices": 1, "micro_batch": 8, "grad_accum": 1,
+                                       "slices": []}, "pg")
+    secret = controller.home / "secret.log"
+    secret.write_text("token")
+    for label in ("../../../secret", "../../../../etc/passwd", "rank-0/../../x", "", None):
+        r = controller.read_log(jid, label)
+        assert "error" in r and r["data"] == "", label
+    assert "error" in controller.read_log(jid, "rank-0", -5)
+    adir = ctl.attempt_dir(controller.home, jid, 1)
+    adir.mkdir(parents=True)
+    (adir / "rank-0.log").write_text("hello\n")
+    assert controller.read_log(jid, "rank-0", 2)["data"] == "llo\n"

@@ -263,3 +263,53 @@ def test_set_errors_name_the_set_not_a_file_line():
     # an alias in a value is not expanded: the value is the string as given
     job, _ = S.load_text(text, "q.yaml", ["spec.steps[0].spec.overrides.x=&a [*a]"])
     assert job.spec.steps[0].spec.overrides["x"] == "&a [*a]"
+
+
+# ------------------------------------------------------------------ what a spec may run and touch
+
+def test_data_create_runs_only_registered_dataset_makers():
+    job, _ = S.load_text(GOOD.replace("    dir: data\n",
+                                      "    dir: data\n    create: {module: workloads.volo.digits}\n"))
+    assert job.spec.data.create.module == "workloads.volo.digits"
+    [(loc, msg)] = problems(GOOD.replace("    dir: data\n",
+                                         "    dir: data\n    create: {module: os}\n"))
+    assert loc == "job.yaml:9 spec.data.create.module"
+    assert "not a registered dataset maker" in msg and "workloads.volo.digits" in msg
+
+
+def test_dataset_makers_run_without_the_submitters_secrets():
+    env = S.maker_env({"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "LC_ALL": "C",
+                       "GRAFANA_TOKEN": "secret", "RAY_AUTH_TOKEN": "secret",
+                       "AWS_SECRET_ACCESS_KEY": "secret", "PYTHONPATH": "/elsewhere"}, "/proj")
+    assert env == {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "LC_ALL": "C",
+                   "PYTHONPATH": "/proj"}
+
+
+def test_configured_roots_confine_absolute_and_relative_paths(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "recipe.yaml").write_text("model: volo_tiny\n")
+    (tmp_path / "data").mkdir()
+    f = tmp_path / "job.yaml"
+    f.write_text(GOOD)
+    job, _ = S.load_file(f)
+    assert S.check_paths(job, f)["volo-digits"]["data_dir"] == str(tmp_path / "data")  # no roots
+    monkeypatch.setenv("FLEET_DATA_ROOT", str(tmp_path / "datasets"))
+    with pytest.raises(S.SpecError) as e:
+        S.check_paths(job, f)
+    [(loc, msg)] = e.value.problems
+    assert loc == "spec.data.dir" and f"outside FLEET_DATA_ROOT={tmp_path / 'datasets'}" in msg
+    (tmp_path / "datasets" / "d").mkdir(parents=True)
+    monkeypatch.setenv("FLEET_CHECKPOINT_ROOT", "/mnt/checkpoints")
+    monkeypatch.setenv("FLEET_EXPORT_ROOT", "/mnt/exports")
+    text = GOOD.replace("dir: data", f"dir: {tmp_path / 'datasets' / 'd'}") + \
+        "  checkpoint: {dir: /etc/cron.d}\n"
+    f.write_text(text)
+    job, _ = S.load_file(f)
+    with pytest.raises(S.SpecError) as e:
+        S.check_paths(job, f)
+    assert [loc for loc, _ in e.value.problems] == ["spec.checkpoint.dir"]
+    wf = S.load_text((REPO / "examples" / "quickstart.yaml").read_text(), "q.yaml")[0]
+    with pytest.raises(S.SpecError) as e:
+        S.job_paths(wf, REPO / "examples", REPO, "q.yaml")
+    assert "spec.steps[2].spec.out" in [loc for loc, _ in e.value.problems]
+    assert any("outside FLEET_EXPORT_ROOT=/mnt/exports" in m for _, m in e.value.problems)
