@@ -313,3 +313,29 @@ def test_configured_roots_confine_absolute_and_relative_paths(tmp_path, monkeypa
         S.job_paths(wf, REPO / "examples", REPO, "q.yaml")
     assert "spec.steps[2].spec.out" in [loc for loc, _ in e.value.problems]
     assert any("outside FLEET_EXPORT_ROOT=/mnt/exports" in m for _, m in e.value.problems)
+
+
+def test_a_dry_run_at_the_largest_allowed_job_is_quick():
+    from launcher import cli as C
+    text = GOOD.replace("{min: 8, max: 16}", "{min: 8, max: 32768}").replace(
+        "global: 256", "global: 32768")
+    job, _ = S.load_text(text)
+    ctx = {"workdir": "/w", "steps": {"volo-digits": {"config": "/c", "data_dir": "/d"}}}
+    t = time.process_time()
+    d = C._dry_run(job, ctx, Path("/h"))
+    took = time.process_time() - t
+    assert d["steps"][0]["plan"]["devices"] == 32768 and len(d["steps"][0]["processes"]) == 4096
+    assert took < 3.0, took  # 25 s before: every rank's env deep-copied by asdict
+
+
+def test_the_controller_bounds_a_submitted_document_too():
+    deep: dict = {}
+    node = deep
+    for _ in range(5000):
+        node["a"] = {}
+        node = node["a"]
+    with pytest.raises(S.SpecError, match="nested deeper than"):
+        S.parse_doc({"apiVersion": "fleet/v1", "kind": "TrainJob", "spec": deep}, "<submitted>")
+    with pytest.raises(S.SpecError, match="is not a spec value"):
+        S.parse_doc({"apiVersion": "fleet/v1", "kind": "TrainJob", "spec": {1j: 2}},
+                    "<submitted>")
