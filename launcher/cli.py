@@ -31,7 +31,7 @@ Exit codes: 0 ok, 1 job failed/cancelled, 2 invalid spec or usage,
 \b
 Examples:
   fleet submit examples/quickstart.yaml --wait     # starts a local cluster if needed
-  fleet submit job.yaml --set spec.batch.global=512 --dry-run
+  fleet submit examples/quickstart.yaml --set 'spec.steps[train].spec.batch.global=128' --dry-run
   fleet validate job.yaml
   fleet list
   fleet status volo-digits-3 --output json
@@ -296,10 +296,15 @@ def _complete_job(ctx: click.Context, param: click.Parameter, incomplete: str) -
 
 # ------------------------------------------------------------------ commands
 
+SET_HELP = ("Override a spec field (repeatable). A single job: --set spec.batch.global=128; "
+            "a Workflow step by index or name: --set 'spec.steps[0].spec.batch.global=128' "
+            "or --set 'spec.steps[train].spec.overrides.epoch_size=1'. Values are YAML "
+            "scalars or [lists].")
+
+
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a spec field, e.g. --set spec.batch.global=512 (repeatable).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--wait", is_flag=True, help="Follow progress until the job ends.")
 @click.option("--dry-run", is_flag=True, help="Print the plan, commands and env; submit nothing.")
 @click.option("--output", type=click.Choice(["text", "json"]), default="text")
@@ -331,7 +336,7 @@ def submit(c: Ctx, file: str, sets: tuple[str, ...], wait: bool, dry_run: bool,
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.pass_obj
 def validate(c: Ctx, file: str, sets: tuple[str, ...]) -> None:
     """Check FILE (fields, topology, batch, paths) without submitting."""

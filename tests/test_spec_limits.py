@@ -339,3 +339,29 @@ def test_the_controller_bounds_a_submitted_document_too():
     with pytest.raises(S.SpecError, match="is not a spec value"):
         S.parse_doc({"apiVersion": "fleet/v1", "kind": "TrainJob", "spec": {1j: 2}},
                     "<submitted>")
+
+
+def test_every_set_example_in_the_help_works(tmp_path):
+    import re
+
+    from click.testing import CliRunner
+
+    from launcher import cli as C
+    examples = re.findall(r"--set '?([^ ';]+)'?", C.SET_HELP)
+    assert len(examples) == 3
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "recipe.yaml").write_text("model: volo_tiny\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "job.yaml").write_text(GOOD)
+    for ex in examples:
+        target = QUICKSTART if ex.startswith("spec.steps") else tmp_path / "job.yaml"
+        r = CliRunner().invoke(C.cli, ["--home", str(tmp_path / "home"), "submit", str(target),
+                                       "--dry-run", "--set", ex])
+        assert r.exit_code == 0, (ex, r.output)
+        assert "dry run:" in r.output
+    # the epilog's example too
+    epilog = re.search(r"fleet submit (\S+) --set '([^']+)' --dry-run", C.EPILOG)
+    assert epilog and epilog.group(1) == "examples/quickstart.yaml"
+    r = CliRunner().invoke(C.cli, ["--home", str(tmp_path / "home"), "submit", str(QUICKSTART),
+                                   "--dry-run", "--set", epilog.group(2)])
+    assert r.exit_code == 0, r.output
