@@ -120,8 +120,7 @@ ModelName = Annotated[str, StringConstraints(max_length=128,
 
 class Metadata(_Model):
     name: StepName = Field(description="DNS-1123 job name, e.g. volo-digits")
-    labels: dict[Annotated[str, StringConstraints(max_length=253)],
-                 Annotated[str, StringConstraints(max_length=MAX_TEXT)]] = Field(
+    labels: dict[Annotated[str, StringConstraints(max_length=253)], Text] = Field(
         default_factory=dict, max_length=MAX_LABELS)
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _dns_name(v)))
@@ -886,6 +885,10 @@ _SET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SET_STEP = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
+class _StepSelector(str):
+    """`[name]` in a --set key: the list item whose `name` is this."""
+
+
 def parse_set(item: str) -> tuple[tuple, Any]:
     """`spec.steps[0].spec.batch.global=64` -> (("spec", "steps", 0, "spec", "batch",
     "global"), 64). A list index is `[N]` (or `.N`); `[name]` picks the list item with that
@@ -926,10 +929,6 @@ def parse_set(item: str) -> tuple[tuple, Any]:
         with contextlib.suppress(SpecError):
             value, _ = load_yaml(raw, "--set")
     return tuple(parts), value
-
-
-class _StepSelector(str):
-    """`[name]` in a --set key: the list item whose `name` is this."""
 
 
 def apply_sets(doc: Any, sets: list[str]) -> dict[tuple, str]:
