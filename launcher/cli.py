@@ -34,6 +34,7 @@ Exit codes:
        answer within FLEET_CONNECT_TIMEOUT_S (default 30 s), or the controller
        did not come back from a restart within 120 s
   4    no such job, step, attempt or rank (the error names what exists)
+  5    the job store (fleet.db) is corrupt: the file is named and left as it is
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM): submitted jobs keep running
 \b
 JOB is a job id (smoke-3) or WORKFLOW/STEP (quickstart-1/train); `fleet list
@@ -41,7 +42,7 @@ JOB is a job id (smoke-3) or WORKFLOW/STEP (quickstart-1/train); `fleet list
 \b
 Examples:
   fleet submit examples/quickstart.yaml --wait     # starts a local cluster if needed
-  fleet submit job.yaml --set spec.batch.global=512 --dry-run
+  fleet submit examples/quickstart.yaml --set 'spec.steps[train].spec.batch.global=128' --dry-run
   fleet validate job.yaml
   fleet list --all
   fleet status quickstart-1/train --output json
@@ -184,9 +185,9 @@ def _load(file: str, sets: tuple[str, ...]) -> tuple[Any, dict, dict]:
     except ValueError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_INVALID)
-    for step_paths in paths.values():
-        step_paths[ranks.MINDSPORE_LOG_LEVEL_KEY] = level
-    ctx = {"workdir": str(specmod.project_root(Path(file))), "steps": paths}
+    # base and workdir let the controller resolve the spec's relative paths itself
+    ctx = {"workdir": str(specmod.project_root(Path(file))), "steps": paths,
+           "base": str(Path(file).resolve().parent), ranks.MINDSPORE_LOG_LEVEL_KEY: level}
     return job, doc, ctx
 
 
@@ -201,13 +202,14 @@ def _create_data(job, ctx: dict) -> None:
         click.echo(f"creating data: python -m {data.create.module} --out {d}")
         r = subprocess.run([sys.executable, "-m", data.create.module, "--out", str(d)],  # noqa: S603
                            cwd=ctx["workdir"], check=False,
-                           env=dict(os.environ, PYTHONPATH=ctx["workdir"]))
+                           env=specmod.maker_env(dict(os.environ), ctx["workdir"]))
         if r.returncode != 0 or not d.is_dir():
             click.echo(f"error: creating {d} failed (exit {r.returncode})", err=True)
             sys.exit(EXIT_INVALID)
 
 
 def _dry_run(job, ctx: dict, home: Path) -> dict:
+    from launcher import ranks
     from launcher.planner import FreePool
     from launcher.ranks import build_launch
 
@@ -227,6 +229,8 @@ def _dry_run(job, ctx: dict, home: Path) -> dict:
             plan = Plan(1, 1, 1, (NodeSlice("node-0", (0,)),)) if kind == "ValidateJob" \
                 else Plan(0, 0, 0, (NodeSlice("node-0", ()),))
         paths = dict(ctx["steps"][name], workdir=ctx["workdir"])
+        if ranks.MINDSPORE_LOG_LEVEL_KEY in ctx:
+            paths[ranks.MINDSPORE_LOG_LEVEL_KEY] = ctx[ranks.MINDSPORE_LOG_LEVEL_KEY]
         if kind in ("ValidateJob", "ExportJob") and "ckpt_path" not in paths:
             paths["ckpt_path"] = f"<checkpoint of step {sp.checkpoint.fromStep}>"
         spec_d = sp.model_dump(by_alias=True, mode="json")
@@ -344,10 +348,15 @@ def _complete_job(ctx: click.Context, param: click.Parameter, incomplete: str) -
 
 # ------------------------------------------------------------------ commands
 
+SET_HELP = ("Override a spec field (repeatable). A single job: --set spec.batch.global=128; "
+            "a Workflow step by index or name: --set 'spec.steps[0].spec.batch.global=128' "
+            "or --set 'spec.steps[train].spec.overrides.epoch_size=1'. Values are YAML "
+            "scalars or [lists].")
+
+
 @cli.command(short_help="Validate a spec and submit it.")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a spec field, e.g. --set spec.batch.global=512 (repeatable).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--wait", is_flag=True, help="Follow progress until the job ends.")
 @click.option("--dry-run", is_flag=True, help="Print the plan, commands and env; submit nothing.")
 @click.option("--output", type=click.Choice(["text", "json"]), default="text")
@@ -379,7 +388,7 @@ def submit(c: Ctx, file: str, sets: tuple[str, ...], wait: bool, dry_run: bool,
 
 @cli.command(short_help="Check a spec without submitting it.")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.pass_obj
 def validate(c: Ctx, file: str, sets: tuple[str, ...]) -> None:
     """Check FILE (fields, topology, batch, paths) without submitting."""
@@ -636,10 +645,15 @@ _register_optional()
 
 
 def main() -> None:
+    from launcher.store import EXIT_STORE_CORRUPT, StoreCorrupt
+
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         # Not standalone: click would turn Ctrl-C into "Aborted!" and exit 1.
         rv = cli.main(prog_name="fleet", standalone_mode=False)
+    except StoreCorrupt as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_STORE_CORRUPT)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

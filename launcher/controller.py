@@ -21,19 +21,21 @@ import contextlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher import ranks
 from launcher import spec as specmod
 from launcher.checkpoints import select_checkpoint
 from launcher.lifecycle import HOLDS_DEVICES, TERMINAL, JobState
 from launcher.planner import ASCEND_910, FreePool, Plan, Request, Topology
 from launcher.ranks import NodeLaunch, attempt_dir, build_launch, default_ckpt_dir
 from launcher.scheduler import PriorityFifo, QueuedJob, schedule
-from launcher.store import JobRow, Store
+from launcher.store import STATUS_EVENTS, JobRow, QueueRow, Store
 
 log = logging.getLogger("fleet.controller")
 
@@ -52,6 +54,22 @@ AUTOSCALE_INTERVAL_S = 1.0
 NON_RETRYABLE_EXIT_CODES = frozenset({2, 3})
 
 S = JobState
+
+LOG_LABEL = re.compile(r"(scheduler|rank-\d{1,6})")
+# Where `launcher` and `workloads` are: the ranks' working directory and PYTHONPATH.
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+MAX_PENDING_ENV = "FLEET_MAX_PENDING"
+MAX_PENDING_DEFAULT = 10_000
+
+
+def max_pending(environ: dict[str, str] | None = None) -> int:
+    """Most jobs (workflow steps count) that may wait at once; FLEET_MAX_PENDING sets it."""
+    raw = (os.environ if environ is None else environ).get(MAX_PENDING_ENV, "")
+    try:
+        return max(1, int(raw)) if raw else MAX_PENDING_DEFAULT
+    except ValueError:
+        return MAX_PENDING_DEFAULT
 
 
 def agent_name(placement: str, index: int) -> str:
@@ -132,10 +150,16 @@ def failure_streak(previous: int, progress: dict) -> int:
     return 1 if saved else previous + 1
 
 
+# 2**62 times any base a spec allows is still a finite float: the delay is capped by
+# maxBackoffSeconds long before, and a long crash loop cannot overflow it.
+MAX_BACKOFF_EXPONENT = 62
+
+
 def backoff_seconds(policy: dict, restarts: int) -> float:
     base = float(policy.get("backoffSeconds", 2.0))
     cap = float(policy.get("maxBackoffSeconds", 60.0))
-    delay = min(cap, base * (2 ** max(0, restarts - 1)))
+    exponent = min(max(0, restarts - 1), MAX_BACKOFF_EXPONENT)
+    delay = min(cap, base * float(2 ** exponent))
     # Jitter so that many jobs failing together (a node loss) do not retry in lockstep.
     return delay * (1.0 + 0.25 * random.random())  # noqa: S311 - not crypto
 
@@ -155,7 +179,7 @@ class JobQueries:
         d = job.to_dict()
         d.pop("spec", None)
         d["attempts"] = [a.to_dict() for a in self.store.attempts(job_id)]
-        d["events"] = self.store.events(job_id)[-50:]
+        d["events"] = self.store.events(job_id, limit=STATUS_EVENTS)
         if job.kind == "Workflow":
             d["steps"] = [self.status(c.id) for c in self.store.jobs(parent=job_id)]
         rt = self.runtimes.get(job_id)
@@ -190,6 +214,13 @@ class JobQueries:
                  attempt: int | None = None) -> dict[str, Any]:
         from launcher.agent import read_file_chunk
 
+        # the label becomes a file name: only the names ranks' logs have
+        if not isinstance(label, str) or not LOG_LABEL.fullmatch(label):
+            return {"data": "", "offset": 0, "attempt": None,
+                    "error": f"no log {str(label)[:40]!r}: use 'scheduler' or 'rank-N'"}
+        if not isinstance(offset, int) or offset < 0:
+            return {"data": "", "offset": 0, "attempt": None,
+                    "error": f"offset must be a whole number >= 0, got {offset!r}"}
         atts = self.store.attempts(job_id)
         if not atts:
             return {"data": "", "offset": offset, "missing": True, "attempt": None}
@@ -239,6 +270,7 @@ class Controller(JobQueries):
         self._failure_streaks: dict[str, int] = {}
         self.restart_placement = RestartInPlace()
         self._held: dict[str, HeldPlacement] = {}  # RESTARTING jobs that keep their devices
+        self._plan_inputs: dict[str, tuple[Request | None, Topology]] = {}  # _planning_inputs
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -321,10 +353,24 @@ class Controller(JobQueries):
         return f"http://{host}:{port}/metrics"
 
     def submit(self, doc: dict, paths: dict) -> dict[str, Any]:
-        """Store a validated spec; returns its id (and step ids for a workflow)."""
+        """Store a validated spec; returns its id (and step ids for a workflow).
+
+        `paths` gives only where the spec file was (`base`, its directory, and `workdir`,
+        its project): the controller resolves the spec's paths itself, inside the
+        configured roots, and the ranks run from the launcher's own code directory."""
         job = specmod.parse_doc(doc, "<submitted>")  # never trust the client's validation
         name = job.metadata.name
+        resolved = self._resolve_paths(job, paths)
+        level = paths.get(ranks.MINDSPORE_LOG_LEVEL_KEY) if isinstance(paths, dict) else None
+        if level is not None:
+            # stored with each step, so restarts keep the level the submitting shell asked for
+            level = ranks.mindspore_log_level(str(level))
+            for step_paths in resolved.values():
+                step_paths[ranks.MINDSPORE_LOG_LEVEL_KEY] = level
+        paths = {"workdir": str(CODE_ROOT), "steps": resolved}
         with self.lock:
+            self._check_queue_room(job)
+            self._check_checkpoint_dirs(job, resolved)
             if isinstance(job, specmod.Workflow):
                 parent = self.store.add_job(name, "Workflow", doc, {"workdir":
                                             paths.get("workdir")}, job.spec.priority)
@@ -348,13 +394,82 @@ class Controller(JobQueries):
         self._wake.set()
         return out
 
+    @staticmethod
+    def _resolve_paths(job: specmod.AnyJob, client: dict) -> dict[str, dict[str, str]]:
+        """The steps' paths, decided here. With `base` (the spec file's directory, as
+        `fleet submit` sends) every path is resolved again from the spec; a caller that
+        sends resolved paths instead gets them checked: known keys only, absolute and
+        normalised, inside the configured roots - no more than an absolute path in the
+        spec could ask for."""
+        if not isinstance(client, dict):
+            client = {}
+        base, root = client.get("base"), client.get("workdir")
+        if isinstance(base, str) and Path(base).is_absolute():
+            if not (isinstance(root, str) and Path(root).is_absolute()):
+                root = base
+            return specmod.job_paths(job, Path(base), Path(root), "<submitted>")
+        sent = client.get("steps") if isinstance(client.get("steps"), dict) else {}
+        out: dict[str, dict[str, str]] = {}
+        problems: list[tuple[str, str]] = []
+        for name, _kind, _sp in specmod.steps_of(job):
+            step = sent.get(name) if isinstance(sent.get(name), dict) else {}
+            res: dict[str, str] = {}
+            for key in specmod.STEP_PATH_KEYS:
+                v = step.get(key)
+                if v is None:
+                    continue
+                env = specmod.ROOT_OF.get(key, "")
+                try:
+                    if not isinstance(v, str) or not Path(v).is_absolute():
+                        raise specmod.SpecError("<submitted>", [(f"{name}.{key}", (
+                            f"{str(v)[:80]!r} is not an absolute path"))])
+                    res[key] = str(specmod.resolve_path(v, Path("/"), Path("/"),
+                                                        f"{name}.{key}", "<submitted>",
+                                                        os.environ.get(env) or None, env))
+                except specmod.SpecError as e:
+                    problems += e.problems
+            out[name] = res
+        if problems:
+            raise specmod.SpecError("<submitted>", problems)
+        return out
+
+    def _check_checkpoint_dirs(self, job: specmod.AnyJob,
+                               resolved: dict[str, dict[str, str]]) -> None:
+        """Two live jobs may not share a checkpoint directory (or one inside the other):
+        each prunes its directory to its newest checkpoints, deleting the other's."""
+        mine = [(name, Path(resolved[name]["ckpt_dir"])) for name, kind, _sp in
+                specmod.steps_of(job) if kind == "TrainJob" and "ckpt_dir" in resolved[name]]
+        if not mine:
+            return
+        taken = [(jid, Path(d) if d else default_ckpt_dir(self.home, jid))
+                 for jid, d in self.store.checkpoint_dirs(set(S) - set(TERMINAL))]
+        taken += mine
+        problems = []
+        for i, (name, d) in enumerate(mine):
+            for other, od in taken[:len(taken) - len(mine) + i]:
+                if d == od or d.is_relative_to(od) or od.is_relative_to(d):
+                    problems.append((name, f"checkpoint.dir {d} is in use by {other} "
+                                           f"({od}); give each job its own directory"))
+        if problems:
+            raise specmod.SpecError("<submitted>", problems)
+
+    def _check_queue_room(self, job: specmod.AnyJob) -> None:
+        """A queue limit: every waiting job costs the scheduler a little on every tick."""
+        limit = max_pending()
+        waiting = self.store.count({S.PENDING, S.RESTARTING})
+        adding = len(job.spec.steps) + 1 if isinstance(job, specmod.Workflow) else 1
+        if waiting + adding > limit:
+            raise specmod.SpecError("<submitted>", [("(queue)", (
+                f"the queue is full: {waiting} jobs wait and at most {limit} may "
+                f"({MAX_PENDING_ENV}); wait for some to start or cancel some"))])
+
     def cluster(self) -> dict[str, Any]:
         nodes = self._cluster_nodes()
         pool = self._pool(nodes)
         total = sum(len(c) for c in nodes.values())
         out = {"nodes": len(nodes), "devices": total, "free": pool.total_free(),
                "whole_free_nodes": pool.whole_nodes(),
-               "queued": len([j for j in self.store.jobs({S.PENDING, S.RESTARTING})])}
+               "queued": self.store.count({S.PENDING, S.RESTARTING})}
         if self.k8s is not None:
             try:
                 out["kubernetes"] = self.k8s.status()
@@ -383,6 +498,44 @@ class Controller(JobQueries):
 
     def shutdown(self) -> None:
         self._stop.set()
+
+    # ================================================================ decisions
+    @contextlib.contextmanager
+    def _deciding(self, job_id: str, what: str):
+        """Run one job's decision; if it raises, the job ends FAILED with the reason
+        recorded rather than being left half-changed (a RUNNING job with no runtime was
+        never looked at again). Other jobs' decisions go on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - any bug in a decision must not strand a job
+            log.exception("job %s: controller error while %s", job_id, what)
+            self._fail_after_error(job_id, f"controller error while {what}: "
+                                           f"{type(e).__name__}: {e}")
+
+    def _fail_after_error(self, job_id: str, reason: str) -> None:
+        with self.lock:
+            try:
+                rt = self.runtimes.pop(job_id, None)
+                self._failure_streaks.pop(job_id, None)
+                with contextlib.suppress(Exception):
+                    self._release_held(job_id)
+                if rt is not None:
+                    with contextlib.suppress(Exception):
+                        self._teardown(rt, failed=True)
+                att = self.store.open_attempt(job_id)
+                if att is not None:
+                    self.store.end_attempt(job_id, att.n, "error", reason)
+                job = self.store.get_job(job_id)
+                if job is not None and job.kind == "Workflow":
+                    for c in self.store.jobs(parent=job_id):
+                        if c.state not in TERMINAL:
+                            self._cancel_one(c.id, f"workflow failed: {reason}")
+                if job is not None and job.state not in TERMINAL:
+                    self.store.set_state(job_id, S.FAILED, reason)
+                self.store.add_event(job_id, "controller_error", {"error": reason})
+            except Exception:  # noqa: BLE001 - the store itself failing: the tick reports it
+                log.exception("job %s: could not record the controller error", job_id)
+                raise
 
     # ================================================================ loop
     def _loop(self) -> None:
@@ -453,19 +606,38 @@ class Controller(JobQueries):
     def _queued(self) -> list[QueuedJob]:
         out = []
         done_steps: dict[str, dict[str, JobState]] = {}
-        for j in self.store.jobs({S.PENDING, S.RESTARTING, S.RESIZING}):
-            if j.kind == "Workflow" or j.id in self.runtimes or j.id in self._held:
+        rows = self.store.queue_rows({S.PENDING, S.RESTARTING, S.RESIZING})
+        waiting = {j.id for j in rows}
+        for gone in [k for k in self._plan_inputs if k not in waiting]:
+            del self._plan_inputs[gone]
+        for j in rows:
+            if j.id in self.runtimes or j.id in self._held:
                 continue
             if j.parent:
                 sib = done_steps.get(j.parent)
                 if sib is None:
                     sib = {c.step: c.state for c in self.store.jobs(parent=j.parent)}
                     done_steps[j.parent] = sib
-                if any(sib.get(n) != S.SUCCEEDED for n in j.paths.get("needs", [])):
+                if any(sib.get(n) != S.SUCCEEDED for n in j.needs):
                     continue  # waits for the steps it needs
-            out.append(QueuedJob(j.id, j.priority, j.seq, self._request(j),
-                                 self._job_topology(j), j.not_before))
+            try:
+                request, topology = self._planning_inputs(j)
+            except Exception as e:  # noqa: BLE001 - a stored spec this code cannot read
+                self._fail_after_error(j.id, f"controller error while reading the stored "
+                                             f"spec: {type(e).__name__}: {e}")
+                continue
+            out.append(QueuedJob(j.id, j.priority, j.seq, request, topology, j.not_before))
         return out
+
+    def _planning_inputs(self, j: QueueRow) -> tuple[Request | None, Topology]:
+        """A job's request and topology, read from its spec once: a spec does not change
+        after submit, and validating it again on every tick cost more than the tick."""
+        got = self._plan_inputs.get(j.id)
+        if got is None:
+            row = self.store.get_job(j.id)
+            got = (self._request(row), self._job_topology(row))
+            self._plan_inputs[j.id] = got
+        return got
 
     @staticmethod
     def _request(j: JobRow) -> Request | None:
@@ -519,7 +691,8 @@ class Controller(JobQueries):
                     self._release_held(job_id)
                     continue
                 del self._held[job_id]
-                self._begin_attempt(job_id, held.plan, held)
+                with self._deciding(job_id, "restarting in place"):
+                    self._begin_attempt(job_id, held.plan, held)
 
     def _release_held(self, job_id: str) -> None:
         held = self._held.pop(job_id, None)
@@ -539,7 +712,8 @@ class Controller(JobQueries):
             free, total = pool.total_free(), sum(len(c) for c in nodes.values())
             decisions = schedule(queue, pool, now, self.policy)
             for qj, plan in decisions:
-                self._begin_attempt(qj.id, plan)
+                with self._deciding(qj.id, "starting an attempt"):
+                    self._begin_attempt(qj.id, plan)
             placed = {qj.id for qj, _ in decisions}
             for qj in queue:
                 if qj.id not in placed and qj.not_before <= now:
@@ -725,7 +899,7 @@ class Controller(JobQueries):
                     self._teardown(rt)
         except Exception as e:
             log.warning("job %s attempt %s failed to start: %s", job.id, rt.attempt, e)
-            with self.lock:
+            with self.lock, self._deciding(job.id, "handling a failed start"):
                 if self.runtimes.get(job.id) is rt:
                     self._attempt_failed(job.id, rt, f"start failed: {type(e).__name__}: {e}")
                 else:
@@ -754,34 +928,39 @@ class Controller(JobQueries):
                         self.suspect_nodes[node] = time.time() + SUSPECT_NODE_S
                         lost += f" on node {node[:12]}" + self._node_failure_reason(node)
                     break
-            with self.lock:
-                if self.runtimes.get(job_id) is not rt:
-                    continue
-                job = self.store.get_job(job_id)
-                if job is None or job.state not in (S.RUNNING, S.RESIZING):
-                    continue
-                if lost:
-                    self._attempt_failed(job_id, rt, lost)
-                    continue
-                for r in results:
-                    if r:
-                        self._absorb(rt, r)
-                self._flush_progress(rt)
-                statuses = [r["status"] for r in results if r]
-                if any(s == "failed" for s in statuses):
-                    self._note_last_words(job_id, rt, results)
-                    bad = next(r for r in results if r and r["status"] == "failed")
-                    self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
-                        "exit_code") not in NON_RETRYABLE_EXIT_CODES, in_place=True)
-                elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
-                    result = next((r["result"] for r in results if r and r.get("result")), None)
-                    self._attempt_succeeded(job_id, rt, result)
-                elif rt.checkpoint_ready:
-                    self._resize(job_id, rt)
-                else:
-                    hung = self._hung(job, rt) if job.kind == "TrainJob" else None
-                    if hung:
-                        self._attempt_failed(job_id, rt, hung, in_place=True)
+            with self.lock, self._deciding(job_id, "acting on its ranks' state"):
+                self._decide_running(job_id, rt, results, lost)
+
+    def _decide_running(self, job_id: str, rt: Runtime, results: list[dict | None],
+                        lost: str | None) -> None:
+        """One running job's outcome from its agents' polls (under the lock)."""
+        if self.runtimes.get(job_id) is not rt:
+            return
+        job = self.store.get_job(job_id)
+        if job is None or job.state not in (S.RUNNING, S.RESIZING):
+            return
+        if lost:
+            self._attempt_failed(job_id, rt, lost)
+            return
+        for r in results:
+            if r:
+                self._absorb(rt, r)
+        self._flush_progress(rt)
+        statuses = [r["status"] for r in results if r]
+        if any(s == "failed" for s in statuses):
+            self._note_last_words(job_id, rt, results)
+            bad = next(r for r in results if r and r["status"] == "failed")
+            self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
+                "exit_code") not in NON_RETRYABLE_EXIT_CODES, in_place=True)
+        elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
+            result = next((r["result"] for r in results if r and r.get("result")), None)
+            self._attempt_succeeded(job_id, rt, result)
+        elif rt.checkpoint_ready:
+            self._resize(job_id, rt)
+        else:
+            hung = self._hung(job, rt) if job.kind == "TrainJob" else None
+            if hung:
+                self._attempt_failed(job_id, rt, hung, in_place=True)
 
     @staticmethod
     def _hung(job: Any, rt: Runtime) -> str | None:
@@ -1057,25 +1236,29 @@ class Controller(JobQueries):
             for wf in self.store.jobs({S.PENDING, S.SCHEDULING, S.RUNNING}):
                 if wf.kind != "Workflow":
                     continue
-                kids = self.store.jobs(parent=wf.id)
-                states = {k.step: k.state for k in kids}
-                if kids and all(s == S.SUCCEEDED for s in states.values()):
-                    summary = {k.step: k.result for k in kids if k.result}
-                    if wf.state == S.PENDING:
-                        self.store.set_state(wf.id, S.SCHEDULING)
-                    if self.store.get_job(wf.id).state == S.SCHEDULING:
-                        self.store.set_state(wf.id, S.RUNNING)
-                    self.store.set_state(wf.id, S.SUCCEEDED, "all steps succeeded",
-                                         result=summary)
-                    continue
-                bad = [k for k in kids if k.state in (S.FAILED, S.CANCELLED)]
-                if bad:
-                    for k in kids:
-                        if k.state not in TERMINAL:
-                            self._cancel_one(k.id, f"step {bad[0].step} {bad[0].state}")
-                    self.store.set_state(
-                        wf.id, S.FAILED,
-                        f"step {bad[0].step} {bad[0].state}: {bad[0].message}")
+                with self._deciding(wf.id, "advancing the workflow"):
+                    self._advance_workflow(wf)
+
+    def _advance_workflow(self, wf: JobRow) -> None:
+        kids = self.store.jobs(parent=wf.id)
+        states = {k.step: k.state for k in kids}
+        if kids and all(s == S.SUCCEEDED for s in states.values()):
+            summary = {k.step: k.result for k in kids if k.result}
+            if wf.state == S.PENDING:
+                self.store.set_state(wf.id, S.SCHEDULING)
+            if self.store.get_job(wf.id).state == S.SCHEDULING:
+                self.store.set_state(wf.id, S.RUNNING)
+            self.store.set_state(wf.id, S.SUCCEEDED, "all steps succeeded",
+                                 result=summary)
+            return
+        bad = [k for k in kids if k.state in (S.FAILED, S.CANCELLED)]
+        if bad:
+            for k in kids:
+                if k.state not in TERMINAL:
+                    self._cancel_one(k.id, f"step {bad[0].step} {bad[0].state}")
+            self.store.set_state(
+                wf.id, S.FAILED,
+                f"step {bad[0].step} {bad[0].state}: {bad[0].message}")
 
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:

@@ -11,7 +11,7 @@ job of more than one server takes whole servers. The valid device counts are
 therefore {1, 2, 4} and multiples of 8 - which is why a heuristic that ignores
 granularity (DeepSpeed's elastic batch picking G=1920, only divisible on 10, 12,
 15, 20 or 30 devices) is wrong for this hardware; every count this module
-returns comes from `valid_device_counts`.
+returns is one `Topology.is_valid_count` accepts.
 
 The free-chip index (`FreePool`) is incremental so that a scheduler can take
 thousands of decisions per second on thousands of nodes (bench/scheduler_sim.py).
@@ -19,8 +19,9 @@ thousands of decisions per second on thousands of nodes (bench/scheduler_sim.py)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,56 @@ class Topology:
 
 
 ASCEND_910 = Topology(8, 4)
+MESSAGE_COUNTS = 12  # device counts an error message lists before '...'
+
+
+def iter_valid_device_counts(min_devices: int, max_devices: int,
+                             topo: Topology = ASCEND_910) -> Iterator[int]:
+    """Topology-valid device counts in [min_devices, max_devices], ascending, lazily: a
+    caller that needs a few (a message) or one (a check) does work for those only."""
+    partial = [d for d in topo.partial_sizes() if min_devices <= d <= max_devices]
+    n = topo.devices_per_node
+    first = max(1, -(-min_devices // n))  # the first whole-server count in range
+    if partial and partial[-1] == n:
+        partial.pop()  # a ring that is the whole server: counted with the multiples
+    yield from partial
+    k = first
+    while k * n <= max_devices:
+        yield k * n
+        k += 1
 
 
 def valid_device_counts(min_devices: int, max_devices: int, topo: Topology = ASCEND_910,
                         max_total: int | None = None) -> list[int]:
     """All topology-valid device counts in [min_devices, max_devices], ascending."""
     hi = max_devices if max_total is None else min(max_devices, max_total)
-    out = [d for d in topo.partial_sizes() if min_devices <= d <= hi]
-    if topo.devices_per_node not in out and min_devices <= topo.devices_per_node <= hi:
-        out.append(topo.devices_per_node)
-    k = 2 * topo.devices_per_node
-    while k <= hi:
-        if k >= min_devices:
-            out.append(k)
-        k += topo.devices_per_node
-    return sorted(set(out))
+    return list(iter_valid_device_counts(min_devices, hi, topo))
+
+
+def any_valid_device_count(min_devices: int, max_devices: int,
+                           topo: Topology = ASCEND_910) -> bool:
+    return next(iter(iter_valid_device_counts(min_devices, max_devices, topo)), None) is not None
+
+
+def divisors(n: int) -> list[int]:
+    """Divisors of n >= 1, ascending, from its prime factorisation (trial division up to
+    sqrt(n)): a prime near 1e9 costs ~31k divisions, not 1e9."""
+    factors: list[tuple[int, int]] = []
+    rest, p = n, 2
+    while p * p <= rest:
+        if rest % p == 0:
+            e = 0
+            while rest % p == 0:
+                rest //= p
+                e += 1
+            factors.append((p, e))
+        p += 1 if p == 2 else 2
+    if rest > 1:
+        factors.append((rest, 1))
+    out = [1]
+    for prime, e in factors:
+        out = [d * prime**k for d in out for k in range(e + 1)]
+    return sorted(out)
 
 
 def batch_split(global_batch: int, devices: int, micro_batch_cap: int) -> tuple[int, int] | None:
@@ -93,18 +129,23 @@ def batch_split(global_batch: int, devices: int, micro_batch_cap: int) -> tuple[
     if global_batch % devices:
         return None
     per_device = global_batch // devices
+    if per_device <= micro_batch_cap:
+        return per_device, 1
     # Largest divisor of per_device not above the cap = least accumulation.
-    for m in range(min(micro_batch_cap, per_device), 0, -1):
-        if per_device % m == 0:
-            return m, per_device // m
-    return None  # unreachable: m = 1 always divides
+    m = max(d for d in divisors(per_device) if d <= micro_batch_cap)
+    return m, per_device // m
 
 
 def feasible_device_counts(global_batch: int, micro_batch_cap: int, min_devices: int,
                            max_devices: int, topo: Topology = ASCEND_910) -> list[int]:
-    """Valid device counts in range that also split G exactly (ascending)."""
-    return [d for d in valid_device_counts(min_devices, max_devices, topo)
-            if batch_split(global_batch, d, micro_batch_cap) is not None]
+    """Valid device counts in range that also split G exactly (ascending).
+
+    A count splits G exactly iff it divides G (micro-batch 1 always fits the cap), so the
+    candidates are G's divisors, however wide the device range."""
+    if global_batch <= 0 or micro_batch_cap <= 0:
+        return []
+    return [d for d in divisors(global_batch)
+            if min_devices <= d <= max_devices and topo.is_valid_count(d)]
 
 
 @dataclass(frozen=True)
@@ -329,14 +370,16 @@ def plan(free: Mapping[str, Iterable[int]], req: Request,
 
 def explain_infeasible(req: Request, topo: Topology = ASCEND_910) -> str | None:
     """A human sentence when no device count can ever satisfy `req`, else None."""
-    counts = valid_device_counts(req.min_devices, req.max_devices, topo)
-    if not counts:
+    if not any_valid_device_count(req.min_devices, req.max_devices, topo):
         return (f"no valid device count in [{req.min_devices}, {req.max_devices}]: "
                 f"allowed are {', '.join(map(str, topo.partial_sizes()))} inside one ring "
                 f"or multiples of {topo.devices_per_node} (whole servers)")
     if not feasible_device_counts(req.global_batch, req.micro_batch_cap, req.min_devices,
                                   req.max_devices, topo):
+        shown = list(islice(iter_valid_device_counts(req.min_devices, req.max_devices, topo),
+                            MESSAGE_COUNTS + 1))
+        counts = ", ".join(map(str, shown[:MESSAGE_COUNTS])) + \
+            (", ..." if len(shown) > MESSAGE_COUNTS else "")
         return (f"global batch {req.global_batch} is not divisible by any allowed device "
-                f"count ({', '.join(map(str, counts))}); pick a global batch divisible by "
-                f"one of them")
+                f"count ({counts}); pick a global batch divisible by one of them")
     return None

@@ -61,7 +61,51 @@ CREATE TABLE IF NOT EXISTS events (
     data  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job);
+CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent);
 """
+
+# Events kept per job (the newest): a job in a long crash loop, or the controller's own
+# "controller" stream, would otherwise grow the table without bound.
+MAX_EVENTS_PER_JOB = 1000
+# `fleet status` shows this many of a job's newest events.
+STATUS_EVENTS = 50
+# Exit code of the CLI when the job store cannot be read (also in `fleet --help`).
+EXIT_STORE_CORRUPT = 5
+
+
+class StoreCorrupt(Exception):
+    """The SQLite file is not a readable job store. It is left as it is, for inspection."""
+
+    def __init__(self, path: Path, error: Exception):
+        self.path = path
+        super().__init__(
+            f"the job store {path} is corrupt or not a fleet database ({error}). It was not "
+            f"changed; keep it for inspection and move it away (with its -wal and -shm "
+            f"files) to start with an empty store")
+
+    def __reduce__(self):  # picklable across Ray
+        return (_store_corrupt, (str(self.path), str(self.args[0])))
+
+
+def _store_corrupt(path: str, message: str) -> StoreCorrupt:
+    e = StoreCorrupt.__new__(StoreCorrupt)
+    Exception.__init__(e, message)
+    e.path = Path(path)
+    return e
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """What the scheduler needs of a waiting job, without parsing its whole row."""
+
+    id: str
+    kind: str
+    parent: str | None
+    step: str | None
+    priority: int
+    seq: int
+    not_before: float
+    needs: tuple[str, ...]
 
 
 @dataclass
@@ -133,10 +177,18 @@ class Store:
                                    isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(SCHEMA)
+                # a damaged page inside an otherwise valid header shows up here, not above
+                r = self._db.execute("PRAGMA quick_check(1)").fetchone()
+                if r is None or r[0] != "ok":
+                    raise sqlite3.DatabaseError(f"quick_check: {r[0] if r else 'no answer'}")
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise StoreCorrupt(self.path, e) from None
 
     def close(self) -> None:
         with self._lock:
@@ -192,6 +244,31 @@ class Store:
         q += " ORDER BY seq"
         with self._lock:
             return [_job(r) for r in self._db.execute(q, args).fetchall()]
+
+    def queue_rows(self, states: set[JobState]) -> list[QueueRow]:
+        """Jobs (not workflows) in `states`, in submit order, from the indexed columns and
+        one JSON field: 10k waiting jobs in milliseconds, where full rows took 0.45 s."""
+        q = (f"SELECT id, kind, parent, step, priority, seq, not_before, "  # noqa: S608
+             f"json_extract(paths, '$.needs') AS needs FROM jobs WHERE state IN "
+             f"({','.join('?' * len(states))}) AND kind != 'Workflow' ORDER BY seq")
+        with self._lock:
+            rows = self._db.execute(q, [str(x) for x in states]).fetchall()
+        return [QueueRow(r["id"], r["kind"], r["parent"], r["step"], r["priority"], r["seq"],
+                         r["not_before"], tuple(json.loads(r["needs"]) if r["needs"] else ()))
+                for r in rows]
+
+    def checkpoint_dirs(self, states: set[JobState]) -> list[tuple[str, str | None]]:
+        """(job id, its checkpoint.dir or None for the default) of TrainJobs in `states`."""
+        q = (f"SELECT id, json_extract(paths, '$.ckpt_dir') AS d FROM jobs WHERE "  # noqa: S608
+             f"kind = 'TrainJob' AND state IN ({','.join('?' * len(states))}) ORDER BY seq")
+        with self._lock:
+            return [(r["id"], r["d"]) for r in
+                    self._db.execute(q, [str(x) for x in states]).fetchall()]
+
+    def count(self, states: set[JobState]) -> int:
+        q = f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})"  # noqa: S608
+        with self._lock:
+            return self._db.execute(q, [str(x) for x in states]).fetchone()[0]
 
     def active_jobs(self) -> list[JobRow]:
         return self.jobs({s for s in JobState if s not in TERMINAL})
@@ -274,13 +351,19 @@ class Store:
     def _event(db: sqlite3.Connection, job_id: str, kind: str, data: dict) -> None:
         db.execute("INSERT INTO events (job, ts, kind, data) VALUES (?,?,?,?)",
                    (job_id, time.time(), kind, json.dumps(data)))
+        # keeps each job at its newest MAX_EVENTS_PER_JOB (an index walk of that many rows;
+        # with fewer events the subquery is NULL and nothing is deleted)
+        db.execute("DELETE FROM events WHERE job=? AND id < (SELECT id FROM events WHERE job=? "
+                   "ORDER BY id DESC LIMIT 1 OFFSET ?)", (job_id, job_id, MAX_EVENTS_PER_JOB - 1))
 
     def add_event(self, job_id: str, kind: str, data: dict) -> None:
         with self.tx() as db:
             self._event(db, job_id, kind, data)
 
-    def events(self, job_id: str) -> list[dict]:
+    def events(self, job_id: str, limit: int | None = None) -> list[dict]:
+        """A job's events, oldest first; with `limit`, only the newest `limit`."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM events WHERE job=? ORDER BY id",
-                                    (job_id,)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM (SELECT * FROM events WHERE job=? ORDER BY id DESC LIMIT ?) "
+                "ORDER BY id", (job_id, -1 if limit is None else limit)).fetchall()
         return [{"ts": r["ts"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]

@@ -161,3 +161,32 @@ def test_property_no_invalid_counts_for_any_batch():
         req = Request(1, 64, G, 32)
         for d in req.candidates(ASCEND_910):
             assert ASCEND_910.is_valid_count(d)
+
+
+def _enumerated_counts(lo, hi, topo):
+    """The definition the arithmetic must match: every count in range the topology takes."""
+    return [d for d in range(max(lo, 1), hi + 1) if topo.is_valid_count(d)]
+
+
+def _enumerated_split(G, d, cap):
+    if G % d:
+        return None
+    per = G // d
+    m = max(m for m in range(1, min(cap, per) + 1) if per % m == 0)
+    return m, per // m
+
+
+@pytest.mark.parametrize("topo", [ASCEND_910, Topology(2, 2), Topology(16, 4), Topology(3, 3),
+                                  Topology(1, 1)])
+def test_arithmetic_counts_and_splits_match_enumeration(topo):
+    rng = random.Random(7)
+    for _ in range(300):
+        lo = rng.randint(1, 70)
+        hi = rng.randint(lo, 140)
+        assert valid_device_counts(lo, hi, topo) == _enumerated_counts(lo, hi, topo)
+        G, cap = rng.randint(1, 5000), rng.randint(1, 300)
+        feasible = [d for d in _enumerated_counts(lo, hi, topo)
+                    if _enumerated_split(G, d, cap) is not None]
+        assert Request(lo, hi, G, cap).candidates(topo) == feasible[::-1]
+        for d in feasible[:3] + [rng.randint(1, 64)]:
+            assert batch_split(G, d, cap) == _enumerated_split(G, d, cap)
