@@ -1,24 +1,23 @@
-"""Reproduce the wrong CPU micro-step under CPU contention, and check the step guard
+"""Reproduce the wrong CPU micro-step under CPU contention, and compare conditions
 (docs/known-issues.md; workloads/volo/step_guard.py).
 
-    .venv/bin/python bench/cpu_step_race.py [--runs 6] [--load 3] [--pin] [--env K=V] [--json F]
+    .venv/bin/python bench/cpu_step_race.py [--runs 6] [--load 3] [--steps 60]
+        [--micro-batch 4] [--pin] [--env K=V] [--arm NAME[:ITEM,...]]... [--json F]
 
 Runs the fault suite's job by hand, without Ray: a MindSpore scheduler and 2 CPU worker
-ranks of workloads/volo/train.py (VOLO-tiny, 80 digits images, global batch 8, 60 steps,
+ranks of workloads/volo/train.py (VOLO-tiny, digits images, global batch 2 x micro-batch,
 a checkpoint every 2 steps), with the environment the fleet agent gives its ranks.
 First one reference run per distinct set of train flags, without the burners, then `--runs`
-runs of each `--arm` beside `--load` bursty CPU burners, the arms taking turns. The
-arithmetic is deterministic for a fixed thread layout, so every step's loss must equal the
-reference's. A run whose loss differs at some step (beyond the fault suite's tolerance)
-applied a wrong step. Each run also lists the micro-steps the step guard computed again
-(rank, step, wrong loss, recomputed loss). `--pin` gives each worker its own core
-(sched_setaffinity); `--env` adds environment to the loaded runs (to try MindSpore settings).
-
-Measured on the shared 2-core machine, before the guard: wrong steps in 1 of 8 runs beside
-two burners of rare C-level bursts, 1 of 4 beside four of the short bursts below, and 1 of 5
-in a probe build beside three (that build logged each rank's own loss: 0.04-0.31 where 0.50
-is the least possible, and the same micro-batch computed again right after gave ~2.3).
-With the guard: see the closing notes and docs/known-issues.md.
+runs of each `--arm` beside `--load` bursty CPU burners, the arms taking turns so that they
+share the same load. The arithmetic is deterministic for a fixed thread layout (the
+reference is pinned as the runs are), so every step's loss must equal the reference's. A
+run whose loss differs at some step (beyond the fault suite's tolerance) applied a wrong
+step; each run also lists the micro-steps the step guard computed again (rank, step, wrong
+loss, recomputed loss). An arm is ``NAME:ITEM,ITEM`` with ``KEY=VALUE`` (environment),
+``-KEY`` (unset) or ``--flag=value`` (a train.py flag), e.g.
+``--arm base --arm nopipe:MS_DEV_RUNTIME_CONF=graph_pipeline:False``.
+The table printed last gives, per arm, the runs, the runs with a wrong or recomputed step,
+and the recomputed micro-steps.
 """
 
 from __future__ import annotations
