@@ -7,7 +7,7 @@ kubernetes-validate package: unknown fields are errors), custom resources
 against the CRD schemas vendored in k8s/schemas/, and every pod template
 against the pod policy below.
 
-    python k8s/validate.py [overlay ...]      # default: every overlay
+    python k8s/validate.py [name ...]   # default: every overlay and optional part
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "k8s"
 OVERLAYS = ("ascend-910", "cpu-dev")
+# Extra kustomizations under k8s/optional/, applied on their own (cluster-scoped).
+OPTIONAL = ("raycluster-patch-guard",)
 # The oldest Kubernetes minor the manifests promise to work on.
 KUBERNETES_VERSION = "1.32.0"
 CRD_SCHEMAS = {
@@ -347,15 +349,29 @@ def check_overlay(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return objects, problems
 
 
+def kustomization_dir(name: str) -> Path | None:
+    """k8s/overlays/NAME or k8s/optional/NAME (a plain name, not a path)."""
+    if "/" in name or name.startswith("."):
+        return None
+    for parent in ("overlays", "optional"):
+        path = K8S_DIR / parent / name
+        if (path / "kustomization.yaml").is_file():
+            return path
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overlays", nargs="*", default=list(OVERLAYS))
+    parser.add_argument("overlays", nargs="*", default=[*OVERLAYS, *OPTIONAL],
+                        help=f"overlays ({', '.join(OVERLAYS)}) or optional parts "
+                             f"({', '.join(OPTIONAL)})")
     args = parser.parse_args(argv)
     failed = False
     for overlay in args.overlays:
-        path = K8S_DIR / "overlays" / overlay
-        if not path.is_dir():
-            print(f"error: no overlay {overlay!r} under {K8S_DIR / 'overlays'}", file=sys.stderr)
+        path = kustomization_dir(overlay)
+        if path is None:
+            print(f"error: no overlay or optional part {overlay!r} under "
+                  f"{K8S_DIR / 'overlays'} or {K8S_DIR / 'optional'}", file=sys.stderr)
             return 2
         try:
             objects, problems = check_overlay(path)

@@ -184,24 +184,42 @@ def test_policy_catches_each_violation(rendered, breakage, rule):
 def test_role_grants_exactly_what_launcher_k8s_uses(rendered):
     for objects in rendered.values():
         role = one(objects, "Role", "fleet-controller")
-        granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+        rc = one(objects, "RayCluster")
+        head_env = {e["name"]: e.get("value") for e in
+                    rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        # (group, resource, verb, the only object names it applies to; () = any)
+        granted = {(g, r, v, tuple(rule.get("resourceNames", ())))
+                   for rule in role["rules"] for g in rule["apiGroups"]
                    for r in rule["resources"] for v in rule["verbs"]}
-        needed = {(r.group, r.resource, v) for r in kmod.REQUIRED_RBAC for v in r.verbs}
+        needed = {(r.group, r.resource, v,
+                   (head_env["FLEET_K8S_RAYCLUSTER"],) if r.own_object else ())
+                  for r in kmod.REQUIRED_RBAC for v in r.verbs}
         assert granted == needed
+        # the controller may get and patch its own RayCluster and no other
+        assert ("ray.io", "rayclusters", "patch", (rc["metadata"]["name"],)) in granted
         binding = one(objects, "RoleBinding", "fleet-controller")
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fleet-controller",
                                         "namespace": "ascend-fleet"}]
 
 
-def test_only_the_controller_pods_get_an_api_token(rendered):
+def test_only_the_head_pod_gets_an_api_token(rendered):
     objects = rendered["ascend-910"]
     rc = one(objects, "RayCluster")
     head = rc["spec"]["headGroupSpec"]["template"]["spec"]
     worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert head["serviceAccountName"] == "fleet-controller"
+    assert head["automountServiceAccountToken"] is True
     assert worker["serviceAccountName"] == "fleet-worker"
     assert worker["automountServiceAccountToken"] is False
     assert one(objects, "ServiceAccount", "fleet-worker")["automountServiceAccountToken"] is False
+    # The keeper only runs `fleet --address ray://... up` (launcher.k8s keep_controller):
+    # no API client, no token. Without FLEET_K8S_RAYCLUSTER nothing in it builds one.
+    keeper = one(objects, "Deployment", "fleet-controller")["spec"]["template"]["spec"]
+    assert keeper["automountServiceAccountToken"] is False
+    (container,) = keeper["containers"]
+    assert container["command"] == ["python", "-m", "launcher.k8s", "keep-controller"]
+    assert not any(e["name"].startswith("FLEET_K8S_") for e in container["env"])
+    assert not any("serviceAccountToken" in json.dumps(v) for v in keeper.get("volumes", []))
 
 
 def test_services_and_monitors_point_at_real_ports(rendered):
@@ -364,3 +382,142 @@ def test_kubectl_is_the_project_installed_one(monkeypatch, tmp_path):
     assert json.loads(out)["clientVersion"]["gitVersion"] == "v" + pin.split("==")[1]
     assert validate.kustomize_version(out) >= validate.MIN_KUSTOMIZE
     assert validate.render(ROOT / "k8s" / "overlays" / "cpu-dev")
+
+
+# ---------------------------------------------------------------- the optional patch guard
+
+
+def _merge_patch(target, patch):
+    """RFC 7386 JSON merge patch, as the API server applies the controller's PATCH."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+class _OneRayCluster:
+    """The KubeClient calls launcher.k8s's scaling functions make, on one stored object."""
+
+    def __init__(self, obj, pods):
+        self.obj = copy.deepcopy(obj)
+        self.obj["metadata"]["resourceVersion"] = "1"
+        self.pods = pods
+        self.updates: list[tuple[dict, dict]] = []  # (old, new) as admission sees them
+
+    def get_raycluster(self, name):
+        assert name == self.obj["metadata"]["name"]
+        return copy.deepcopy(self.obj)
+
+    def list_cluster_pods(self, cluster, group=None):
+        return [{"metadata": {"name": n}} for n in self.pods]
+
+    def patch_raycluster(self, name, merge_patch):
+        new = _merge_patch(self.obj, merge_patch)
+        new["metadata"]["resourceVersion"] = str(int(self.obj["metadata"]["resourceVersion"]) + 1)
+        self.updates.append((self.obj, new))
+        self.obj = new
+        return new
+
+
+@pytest.fixture(scope="module")
+def patch_guard():
+    objects = validate.render(ROOT / "k8s" / "optional" / "raycluster-patch-guard")
+    return (one(objects, "ValidatingAdmissionPolicy"),
+            one(objects, "ValidatingAdmissionPolicyBinding"))
+
+
+def _denials(policy, username, old, new) -> list[str]:
+    """The messages of the policy's failed validations for this UPDATE ([] = admitted).
+    An expression that errors counts as failed (failurePolicy: Fail)."""
+    import celpy
+
+    env = celpy.Environment()
+    activation = {"object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old),
+                  "request": celpy.json_to_cel({"operation": "UPDATE",
+                                                "userInfo": {"username": username}})}
+
+    def holds(expression: str) -> bool:
+        try:
+            result = env.program(env.compile(expression)).evaluate(activation)
+        except celpy.CELEvalError:
+            return False
+        return isinstance(result, celpy.celtypes.BoolType) and bool(result)
+
+    spec = policy["spec"]
+    if not all(holds(mc["expression"]) for mc in spec["matchConditions"]):
+        return []
+    return [v["message"] for v in spec["validations"] if not holds(v["expression"])]
+
+
+def test_patch_guard_is_bound_to_the_controller_account_in_the_fleet_namespace(
+        rendered, patch_guard):
+    policy, binding = patch_guard
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    namespace = one(rendered["ascend-910"], "Namespace")["metadata"]["name"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": namespace}}
+    (subject,) = one(rendered["ascend-910"], "RoleBinding", "fleet-controller")["subjects"]
+    (condition,) = policy["spec"]["matchConditions"]
+    assert f"'system:serviceaccount:{subject['namespace']}:{subject['name']}'" in \
+        condition["expression"]
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert (rule["apiGroups"], rule["resources"], rule["operations"]) == (
+        ["ray.io"], ["rayclusters"], ["UPDATE"])
+    broken = copy.deepcopy(policy)
+    broken["spec"]["validation"] = broken["spec"].pop("validations")
+    assert any("'validation' was unexpected" in e for e in validate.schema_errors(broken))
+
+
+def test_patch_guard_admits_every_patch_the_controller_makes(rendered, patch_guard):
+    policy, _ = patch_guard
+    sa = "system:serviceaccount:ascend-fleet:fleet-controller"
+    for objects in rendered.values():
+        rc = one(objects, "RayCluster")
+        name, group = rc["metadata"]["name"], rc["spec"]["workerGroupSpecs"][0]["groupName"]
+        kube = _OneRayCluster(rc, ["fleet-ray-npu-worker-a", "fleet-ray-npu-worker-b"])
+        kmod.request_workers(kube, name, group, 1)
+        kmod.scale_worker_group(kube, name, group, 1)
+        kmod.scale_worker_group(kube, name, group, 2)
+        kmod.release_idle_workers(kube, name, group, ["fleet-ray-npu-worker-b"])
+        assert len(kube.updates) == 4
+        for old, new in kube.updates:
+            assert _denials(policy, sa, old, new) == []
+
+
+@pytest.mark.parametrize(("change", "denied"), [
+    (lambda rc: rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+        image="evil:1"), "only spec.workerGroupSpecs"),
+    (lambda rc: rc["spec"].update(authOptions={"mode": "disabled"}), "only spec.workerGroupSpecs"),
+    (lambda rc: rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["volumes"].append(
+        {"name": "host", "hostPath": {"path": "/"}}), "only replicas"),
+    (lambda rc: rc["spec"]["workerGroupSpecs"][0]["rayStartParams"].update(
+        {"dashboard-host": "0.0.0.0"}), "only replicas"),
+    (lambda rc: rc["spec"]["workerGroupSpecs"][0].update(maxReplicas=1000), "only replicas"),
+    (lambda rc: rc["spec"]["workerGroupSpecs"][0].update(
+        scaleStrategy={"workersToDelete": [], "other": 1}), "only replicas"),
+    (lambda rc: rc["spec"]["workerGroupSpecs"].append(
+        copy.deepcopy(rc["spec"]["workerGroupSpecs"][0]) | {"groupName": "extra"}),
+     "add, remove or rename"),
+    (lambda rc: rc["spec"]["workerGroupSpecs"][0].update(groupName="renamed"),
+     "add, remove or rename"),
+    (lambda rc: rc["metadata"].setdefault("annotations", {}).update(
+        {"ray.io/overwrite-container-cmd": "true"}), "labels or annotations"),
+])
+def test_patch_guard_denies_anything_else_from_the_controller(rendered, patch_guard, change,
+                                                              denied):
+    policy, _ = patch_guard
+    old = one(rendered["ascend-910"], "RayCluster")
+    new = copy.deepcopy(old)
+    change(new)
+    sa = "system:serviceaccount:ascend-fleet:fleet-controller"
+    messages = _denials(policy, sa, old, new)
+    assert any(denied in m for m in messages), messages
+    # An operator's own kubectl apply is not the controller's: the policy leaves it alone.
+    assert _denials(policy, "kubernetes-admin", old, new) == []
