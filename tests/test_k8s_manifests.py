@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import sys
 import sysconfig
@@ -286,11 +287,138 @@ def test_every_claim_exists_and_the_job_store_is_on_a_volume(rendered):
 
 def test_network_policy_denies_by_default_and_allows_the_fleet(rendered):
     objects = rendered["ascend-910"]
-    deny = one(objects, "NetworkPolicy", "default-deny-ingress")
-    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    deny = one(objects, "NetworkPolicy", "default-deny")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     scrape = one(objects, "NetworkPolicy", "allow-prometheus-scrape")
     ports = {p["port"] for rule in scrape["spec"]["ingress"] for p in rule["ports"]}
     assert ports == {8080, 9464}
+    for objects in rendered.values():
+        assert validate.network_rules(objects) == []
+
+
+def _endpoints(objects):
+    rc = one(objects, "RayCluster")
+    head = validate._ray_pod(rc, "head", rc["spec"]["headGroupSpec"], "headgroup")
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    worker = validate._ray_pod(rc, "worker", group, group["groupName"])
+    keeper_labels = one(objects, "Deployment", "fleet-controller")["spec"]["template"][
+        "metadata"]["labels"]
+    keeper = validate._pod("keeper", "ascend-fleet", keeper_labels)
+    stranger = validate._pod("stranger", "ascend-fleet", {"app": "anything"})
+    return head, worker, keeper, stranger
+
+
+@pytest.mark.parametrize("overlay", validate.OVERLAYS)
+def test_only_fleet_client_pods_reach_the_heads_client_ports(rendered, overlay):
+    objects = rendered[overlay]
+    allowed = validate.netpol.allowed
+    head, worker, keeper, stranger = _endpoints(objects)
+    for port in (10001, 8265):  # Ray client (code submission), dashboard (Jobs API)
+        assert allowed(objects, keeper, head, port)
+        assert not allowed(objects, worker, head, port)  # training code runs there
+        assert not allowed(objects, stranger, head, port)
+    # What a worker, a Ray node, needs of the head, and nothing for anyone else.
+    for port in (6379, 6380, 6381, 10002, 19999):
+        assert allowed(objects, worker, head, port)
+        assert not allowed(objects, stranger, head, port)
+        assert not allowed(objects, keeper, head, port)
+    assert not allowed(objects, worker, head, 52365)  # the head's dashboard agent
+    # The head drives the workers; workers' ranks talk among themselves.
+    assert allowed(objects, head, worker, 52365)
+    assert allowed(objects, worker, worker, 45000)
+    assert not allowed(objects, stranger, worker, 45000)
+    # Egress is closed too: the keeper reaches the head's client port and DNS only.
+    other = validate._pod("a pod elsewhere", "default", {})
+    assert not allowed(objects, keeper, other, 443)
+    assert not allowed(objects, worker, other, 443)
+    dns = validate._pod("dns", "kube-system", {"k8s-app": "kube-dns"})
+    assert allowed(objects, keeper, dns, 53, "UDP")
+
+
+def test_network_rules_catch_an_open_head(rendered):
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    # The policy this replaced: every pod of the namespace reaches every port.
+    opened = objects + [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                         "metadata": {"name": "allow-same-namespace",
+                                      "namespace": "ascend-fleet"},
+                         "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                                  "ingress": [{"from": [{"podSelector": {}}]}],
+                                  "egress": [{"to": [{"podSelector": {}}]}]}}]
+    problems = [str(v) for v in validate.network_rules(opened)]
+    assert "NetworkPolicy worker npu -> head:10001/TCP: must be denied" in problems
+    assert any("unlabelled pod of the namespace -> head:6379" in p for p in problems)
+    # A worker labelled as a Ray client would reach the client port.
+    relabelled = copy.deepcopy(objects)
+    rc = one(relabelled, "RayCluster")
+    key, value = validate.RAY_CLIENT_LABEL
+    rc["spec"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"][key] = value
+    assert "NetworkPolicy worker npu -> head:10001/TCP: must be denied" in \
+        [str(v) for v in validate.network_rules(relabelled)]
+    # A Ray port left to chance cannot be named by a policy.
+    unpinned = copy.deepcopy(objects)
+    del one(unpinned, "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"][
+        "node-manager-port"]
+    assert any("head: rayStartParams.node-manager-port must be fixed" in str(v)
+               for v in validate.network_rules(unpinned))
+    # A worker port the head's policy does not open breaks the cluster: caught too.
+    moved = copy.deepcopy(objects)
+    one(moved, "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]["port"] = "6390"
+    assert "NetworkPolicy worker npu -> head:6390/TCP: must be allowed" in \
+        [str(v) for v in validate.network_rules(moved)]
+
+
+@pytest.mark.parametrize("overlay", validate.OVERLAYS)
+def test_the_head_requires_the_ray_token(rendered, overlay):
+    objects = rendered[overlay]
+    rc = one(objects, "RayCluster")
+    assert rc["spec"]["authOptions"] == {"mode": "token", "secretName": "fleet-ray-auth"}
+    secret_ref = {"secretKeyRef": {"name": "fleet-ray-auth", "key": "auth_token"}}
+    keeper = one(objects, "Deployment", "fleet-controller")["spec"]["template"]["spec"]
+    containers = [rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0],
+                  rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0],
+                  keeper["containers"][0]]
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == secret_ref, c["name"]
+    assert validate.ray_auth_rules(objects) == []
+
+
+def test_ray_260_reads_the_manifests_auth_settings(rendered):
+    """The env the manifests set is what Ray itself reads as token mode with that token."""
+    import subprocess
+
+    rc = one(rendered["cpu-dev"], "RayCluster")
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    mode = next(e["value"] for e in head["env"] if e["name"] == "RAY_AUTH_MODE")
+    probe = ("from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, "
+             "get_authentication_mode\n"
+             "assert get_authentication_mode() == AuthenticationMode.TOKEN\n"
+             "print(AuthenticationTokenLoader.instance().has_token())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_AUTH_MODE=mode, RAY_AUTH_TOKEN="t" * 64)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_auth_rules_catch_an_open_or_tokenless_pod(rendered):
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    rc = one(objects, "RayCluster")
+    rc["spec"]["authOptions"] = {"mode": "disabled"}
+    assert any("authOptions must be" in str(v) for v in validate.ray_auth_rules(objects))
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    keeper = one(objects, "Deployment", "fleet-controller")["spec"]["template"]["spec"]
+    keeper["containers"][0]["env"] = [e for e in keeper["containers"][0]["env"]
+                                      if e["name"] != "RAY_AUTH_TOKEN"]
+    worker = one(objects, "RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    next(e for e in worker["containers"][0]["env"] if e["name"] == "RAY_AUTH_MODE")[
+        "value"] = "disabled"
+    problems = [str(v) for v in validate.ray_auth_rules(objects)]
+    assert any("keeper: env RAY_AUTH_TOKEN must come from Secret fleet-ray-auth" in p
+               for p in problems), problems
+    assert any("workerGroup npu container ray-worker: env RAY_AUTH_MODE must be token" in p
+               for p in problems), problems
 
 
 def test_dashboards_configmap_is_labelled_for_the_grafana_sidecar(rendered):
