@@ -5,7 +5,10 @@ accepted: each rendered object is validated against the official OpenAPI
 schema of a pinned Kubernetes version (the strict schemas shipped by the
 kubernetes-validate package: unknown fields are errors), custom resources
 against the CRD schemas vendored in k8s/schemas/, and every pod template
-against the pod policy below.
+against the pod policy below. On top: the Ray head requires Ray's token and
+every Ray container and client takes it from the Secret (ray_auth_rules), and
+the NetworkPolicies admit exactly the fleet's flows (network_rules, evaluated
+with k8s/netpol.py).
 
     python k8s/validate.py [name ...]   # default: every overlay and optional part
 """
@@ -445,7 +448,6 @@ def network_rules(objects: list[dict[str, Any]]) -> list[PolicyViolation]:
     client and dashboard ports for the pods labelled as Ray clients."""
     out: list[PolicyViolation] = []
     policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
-    namespaces = {o["metadata"]["name"] for o in objects if o.get("kind") == "Namespace"}
 
     def expect(src: Any, dst: Any, port: int, want: bool, protocol: str = "TCP") -> None:
         try:
@@ -460,8 +462,6 @@ def network_rules(objects: list[dict[str, Any]]) -> list[PolicyViolation]:
 
     for rc in (o for o in objects if o.get("kind") == "RayCluster"):
         ns = rc["metadata"].get("namespace", "")
-        if ns not in namespaces:
-            continue
         head_group = rc["spec"]["headGroupSpec"]
         head = _ray_pod(rc, "head", head_group, "headgroup")
         head_ports = _ray_ports(f"{name_of(rc)} head", head_group, True, out)
