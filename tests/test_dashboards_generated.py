@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from metrics_prometheus import PROMTOOL
+from required_tools import tools_required
 
 ROOT = Path(__file__).resolve().parents[1]
 # dashboards/ is repo tooling, not part of the installed package.
@@ -23,7 +23,7 @@ from dashboards.validate import validate_dashboard  # noqa: E402
 
 DASH = ROOT / "dashboards"
 needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None and not os.environ.get("CI"), reason="promtool not installed"
+    PROMTOOL is None and not tools_required(), reason="promtool not installed"
 )
 
 

@@ -308,6 +308,12 @@ def test_every_request_is_covered_by_the_role(fake, kube, watcher):
         used.add((group, resource, verb))
     assert used <= granted, used - granted
     assert used == granted  # and the Role grants nothing this module never uses
+    # The Role pins these to the fleet's RayCluster by resourceNames, which only holds
+    # for requests that name it: never a list or watch of the collection.
+    own = {(r.group, r.resource) for r in k8s.REQUIRED_RBAC if r.own_object}
+    named = [req.path for req in fake.requests if any(
+        req.path.startswith(f"/apis/{g}/") and f"/{res}" in req.path for g, res in own)]
+    assert named and all(p.rstrip("/").endswith(f"/rayclusters/{o.CLUSTER}") for p in named)
 
 
 # ---------------------------------------------------------------- configuration

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import urllib.request
@@ -16,6 +15,7 @@ from metrics_prometheus import PROMTOOL
 from metrics_tiny_trainer import run_ranks
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from required_tools import tools_required
 
 from launcher.metrics import MetricsExporter, serve_command
 from launcher.metrics_history import HeartbeatError, HeartbeatTail, JobProgress, parse_event
@@ -182,7 +182,7 @@ def run_tiny(tmp: Path, attempt: int, steps: int, world: int = 1, accum: int = 2
               heartbeat=lambda r: tmp / "hb" / f"attempt-{attempt}-rank-{r}.jsonl", every=3)
 
 
-@pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"), reason="promtool not installed")
+@pytest.mark.skipif(PROMTOOL is None and not tools_required(), reason="promtool not installed")
 def test_promtool_check_metrics_passes_on_a_real_run(tmp_path):
     (tmp_path / "hb").mkdir()
     run_tiny(tmp_path, attempt=0, steps=6, world=2, accum=1)

@@ -34,6 +34,7 @@ import pytest
 from metrics_prometheus import PROMETHEUS, Prometheus
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from required_tools import tools_required
 
 from launcher.metrics import FleetSnapshot, MetricsExporter
 
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from dashboards import alerts  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None and not os.environ.get("CI"), reason="prometheus not installed"
+    PROMETHEUS is None and not tools_required(), reason="prometheus not installed"
 )
 
 TRAINER = ROOT / "tests" / "metrics_tiny_trainer.py"

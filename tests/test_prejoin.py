@@ -183,7 +183,8 @@ class _FakeAgent:
 
     def __init__(self, holds: bool, ports=(5001, 5002)):
         self.asked: list[list[dict]] = []
-        self.free_ports = _Call(lambda n: list(ports)[:n])
+        self.port_hosts: list[str] = []
+        self.free_ports = _Call(lambda n, host: self.port_hosts.append(host) or list(ports)[:n])
         self.prejoined_for = _Call(lambda ranks: self.asked.append(ranks) or holds)
 
 
@@ -240,6 +241,16 @@ def test_one_agent_without_its_held_processes_sends_all_to_a_cold_start(monkeypa
     launches, nexts = ctl._launches(job, rt, infos)
     assert _port_and_attempt(launches) == {("5001", "4")}  # none on the held group's port
     assert _port_and_attempt(nexts) == {("5002", "5")}
+
+
+def test_the_port_is_chosen_on_the_node_address_the_scheduler_binds(monkeypatch, tmp_path):
+    ctl, job, rt, infos = _launch_setup(monkeypatch, tmp_path, [True, True])
+    infos = [{"ip": "10.1.2.3"}, {"ip": "10.1.2.4"}]
+    launches, _ = ctl._launches(job, rt, infos)
+    sched = [r for nl in launches for r in nl.ranks if r.env.get("MS_ROLE") == "MS_SCHED"]
+    assert [r.env["MS_SCHED_HOST"] for r in sched] == ["10.1.2.3"]
+    assert rt.agents[0].port_hosts == ["10.1.2.3"]
+    assert rt.agents[1].port_hosts == []
 
 
 @pytest.mark.parametrize("kw", [{"workload": "smoke"}, {"device": "NPU"}])
