@@ -584,6 +584,14 @@ def resolve_path(raw: str, base: Path, root: Path, field: str, file: str) -> Pat
     return full
 
 
+def _recipe_problems(cfg: Path, overrides: dict[str, Any], field: str) -> list[tuple[str, str]]:
+    """The recipe's values as the train loop checks them before any rank starts."""
+    from workloads.volo.config import recipe_file_problems
+
+    return [(field, f"recipe {cfg}: key {key!r}: {why}" if key != "config" else why)
+            for key, why in recipe_file_problems(cfg, overrides)]
+
+
 def steps_of(job) -> list[tuple[str, str, Any]]:
     """[(step name, kind, spec)] - a single job is a one-step list."""
     if isinstance(job, Workflow):
@@ -619,6 +627,9 @@ def check_paths(job, spec_file: str | Path, root: Path | None = None,
                 cfg = resolve_path(spec.config, base, root, f"{prefix}.config", str(f))
                 if not cfg.is_file():
                     problems.append((f"{prefix}.config", f"recipe file {cfg} does not exist"))
+                elif getattr(spec, "workload", "volo") == "volo":
+                    problems += _recipe_problems(cfg, getattr(spec, "overrides", {}),
+                                                 f"{prefix}.config")
                 res["config"] = str(cfg)
             if hasattr(spec, "data"):
                 d = resolve_path(spec.data.dir, base, root, f"{prefix}.data.dir", str(f))

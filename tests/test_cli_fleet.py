@@ -188,3 +188,13 @@ def test_status_names_the_rank_that_saved_the_last_step(tmp_path):
     first, second = [ln for ln in out.splitlines() if ln.strip().startswith("attempt")]
     assert "signal 9 (last step saved by rank-0)" in first, out
     assert "saved" not in second
+
+
+def test_dry_run_shows_the_recipes_precision(tmp_path):
+    """The seed's recipe: AMP O3, dynamic loss scale from 1024, EMA 0.9995 in the plan."""
+    r = run(["submit", str(REPO / "examples" / "volo_d1_imagenet.yaml"), "--dry-run",
+             "--set", f"spec.data.dir={tmp_path}"], tmp_path / "home")
+    assert r.exit_code == 0, r.output
+    assert "amp_level: O3" in r.output and "val_amp_level: O3" in r.output
+    assert "loss_scale: dynamic from 1024" in r.output
+    assert "ema: decay 0.9995" in r.output

@@ -31,7 +31,9 @@ __all__ = [
     "check_recipe_values",
     "parse_args",
     "recipe_dict",
+    "recipe_args",
     "recipe_file_problems",
+    "recipe_precision",
     "recipe_value_problems",
     "recipe_hash",
     "str2bool",
@@ -336,23 +338,42 @@ def check_recipe_values(args: argparse.Namespace) -> None:
         raise ConfigError("; ".join(f"{where}: key {k!r} {why}" for k, why in problems))
 
 
+def recipe_args(path: str | Path, overrides: Mapping[str, Any] | None = None) -> argparse.Namespace:
+    """The recipe file with the launcher's overrides applied, as the train loop parses it
+    (without the command line the launcher adds); :class:`ConfigError` names a bad key."""
+    _, parser = create_parser()
+    values = load_yaml(str(path), parser)
+    actions = _actions_by_dest(parser)
+    for key, value in (overrides or {}).items():
+        if key not in actions or key == "config":
+            raise ConfigError(f"override {key!r} is not a MindCV/fleet config flag")
+        values[key] = _coerce(actions[key], key, value, f"{path} (overrides)")
+    defaults = {a.dest: a.default for a in actions.values()}
+    return argparse.Namespace(**{**defaults, **values, "config": str(path)})
+
+
 def recipe_file_problems(path: str | Path,
                          overrides: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
     """(key, what is wrong) for a recipe file with the launcher's overrides applied, without
     starting anything: for ``fleet validate`` and ``fleet submit --dry-run``."""
-    _, parser = create_parser()
     try:
-        values = load_yaml(str(path), parser)
-        actions = _actions_by_dest(parser)
-        for key, value in (overrides or {}).items():
-            if key not in actions or key == "config":
-                return [(key, f"override {key!r} is not a MindCV/fleet config flag")]
-            values[key] = _coerce(actions[key], key, value, f"{path} (overrides)")
+        args = recipe_args(path, overrides)
     except ConfigError as e:
-        return [("config", str(e))]
-    defaults = {a.dest: a.default for a in actions.values()}
-    args = argparse.Namespace(**{**defaults, **values, "config": str(path)})
+        bad = next((k for k in (overrides or {}) if f"override {k!r}" in str(e)), "config")
+        return [(bad, str(e))]
     return recipe_value_problems(args)
+
+
+def recipe_precision(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """What the recipe trains with, for the dry-run plan: amp levels, loss scale, EMA, clip."""
+    from workloads.volo.loss_scale import LossScaleConfig
+
+    args = recipe_args(path, overrides)
+    return {"amp_level": args.amp_level, "val_amp_level": args.val_amp_level,
+            "loss_scale": LossScaleConfig.from_args(args).describe(),
+            "ema": (f"decay {args.ema_decay:g} (warm-up {args.ema_decay:g} x (1 - exp(-n/2000))), "
+                    "validated with EMA weights") if args.ema else "off",
+            "clip_grad": f"global norm {args.clip_value:g}" if args.clip_grad else "off"}
 
 
 def recipe_dict(args: argparse.Namespace, global_batch: int) -> dict[str, Any]:
