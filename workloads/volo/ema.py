@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["EMA_PREFIX", "WARMUP_UPDATES", "decay_at", "ema_parameters", "raw_name"]
+__all__ = ["EMA_PREFIX", "WARMUP_UPDATES", "decay_at", "ema_parameters", "raw_name",
+           "select_weights"]
 
 EMA_PREFIX = "ema."
 WARMUP_UPDATES = 2000.0  # MindCV's temperature T in (1 - exp(-t/T))
@@ -55,3 +56,13 @@ def ema_update_fn() -> Any:
         return ops.assign(ema, ema * d + w * (1.0 - d))
 
     return op
+
+
+def select_weights(params: dict[str, Any], raw: bool = False) -> tuple[dict[str, Any], str]:
+    """The network weights a checkpoint's ``params`` hold for inference: its EMA (as MindCV
+    validates) when it has one and ``raw`` is not asked for, else the trained weights; and
+    which ("ema" or "raw")."""
+    ema = {raw_name(k): v for k, v in params.items() if k.startswith(EMA_PREFIX)}
+    if ema and not raw:
+        return ema, "ema"
+    return {k: v for k, v in params.items() if not k.startswith(EMA_PREFIX)}, "raw"

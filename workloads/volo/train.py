@@ -377,6 +377,18 @@ class Trainer:
         on the last-words thread)."""
         return {**self.scaler.state(), "ema_updates": self.ema_updates}
 
+    def state_digest(self) -> str:
+        """sha256 of every state tensor (weights, optimizer, EMA, loss scale): equal on every
+        rank of a job whose ranks agree, once the BatchNorm statistics are averaged."""
+        import hashlib
+
+        self.ms.runtime.synchronize()
+        h = hashlib.sha256()
+        for p in sorted(self.state_params(), key=lambda p: p.name):
+            h.update(p.name.encode())
+            h.update(np.ascontiguousarray(p.asnumpy()).tobytes())
+        return h.hexdigest()
+
     def step_fields(self) -> dict[str, Any]:
         """Heartbeat fields of the last step: the scale it ran with, whether some rank's
         gradients overflowed, whether the update was dropped, and the job's totals."""
@@ -846,7 +858,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             f"train {t_train:.2f}s")
     hb.emit("done", step=step, status="ok", train_seconds=round(t_train, 3),
             ckpt_blocking_seconds=round(ckpt.total_blocking_seconds, 4),
-            ckpt_save_seconds=round(ckpt.total_save_seconds, 4), **(
+            ckpt_save_seconds=round(ckpt.total_save_seconds, 4),
+            state_sha256=trainer.state_digest(), **(
                 {f"val_{k}": v for k, v in last_val.items()}))
     return 0
 
