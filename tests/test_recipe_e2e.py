@@ -160,3 +160,23 @@ def test_exact_resume_after_sigkill_restores_scale_and_ema(digits, runs, tmp_pat
     print(f"O3 + dynamic + EMA resume after SIGKILL: max |state difference| at step 8 = "
           f"{worst:.3g}")
     assert worst <= RESUME_ATOL
+
+
+def test_validate_scores_the_ema_unless_raw_weights(digits, runs):
+    import json
+
+    ckpt = runs / "one" / "ckpt" / "step-00000008"
+    out = {}
+    for raw in ("False", "True"):
+        r = subprocess.run([sys.executable, "-m", "workloads.volo.validate", *BASE, *RECIPE,
+                            "--data_dir", str(digits), "--ckpt_path", str(ckpt),
+                            "--raw_weights", raw, "--batch_size", "64"],
+                           cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[raw] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["False"]["weights"] == "ema" and out["True"]["weights"] == "raw"
+    assert "(raw weights, O3)" in r.stderr
+    # after 3 applied steps the EMA (decay ~0.0015 in its warm-up) is a step behind the
+    # trained weights: two different models
+    assert out["False"]["loss"] != out["True"]["loss"]

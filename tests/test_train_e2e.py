@@ -267,7 +267,8 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
                        cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(result) == {"top1", "top5", "loss", "images"}
+    assert set(result) == {"top1", "top5", "loss", "images", "weights"}
+    assert result["weights"] == "raw"  # the recipe has no EMA
     assert result["images"] == 359 and 0 <= result["top1"] <= result["top5"] <= 100
 
     out = tmp_path / "volo_tiny.mindir"
@@ -278,7 +279,7 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["out"] == str(out) and out.stat().st_size > 100_000
-    assert (info["num_classes"], info["image_size"]) == (10, 32)
+    assert (info["num_classes"], info["image_size"], info["weights"]) == (10, 32, "raw")
 
     # the exported graph computes what the checkpointed model computes
     import mindspore as ms

@@ -7,7 +7,8 @@ Standalone, under ``msrun --worker_num N`` or under the fleet agent (MS_* + FLEE
 Each optimizer step consumes one global batch G = devices x micro-batch x accumulation of a
 sample order fixed by (seed, epoch) (see sampling.py); gradients are averaged over
 accumulation micro-steps and ranks, then AdamW steps with the LR of that optimizer step
-(MindCV's warmup + cosine). Rank 0 checkpoints every ``ckpt_save_steps`` steps, at the
+(MindCV's warmup + cosine). MindCV's amp_level, loss scaling, EMA and gradient clipping keys
+are honoured as docs/recipe.md describes. Rank 0 checkpoints every ``ckpt_save_steps`` steps, at the
 epoch cadence and at the end; every start resumes from the newest checkpoint that verifies.
 
 Exit status: 0 done, 2 bad configuration or data, 3 checkpoint refused (recipe changed),
@@ -70,11 +71,11 @@ from workloads.volo.step_guard import Recompute, StepCorrupted, guarded_micro_st
 __all__ = ["evaluate_model", "lr_at", "main"]
 
 EXIT_CONFIG = 2
+EXIT_RECIPE = 3
 # model.ckpt entry with the loss scaler's state and the EMA update count (float64 values)
 AMP_STATE = "amp_state"
 AMP_STATE_KEYS = ("loss_scale", "loss_scale_good_steps", "overflow_steps", "skipped_steps",
                   "ema_updates")
-EXIT_RECIPE = 3
 _MIX_TAG = 0x6D6978  # separates the mixup random stream from the per-sample one
 # What a standby rank process imports before it knows its rank (launcher/standby.py): the
 # modules main() imports lazily, so that a restart in place skips them.
@@ -356,7 +357,8 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------
     def state_params(self) -> list:
         """Model parameters (their own names, so validate/export load them directly) plus the
-        optimizer's state (moments, step counter, LR); BN running stats included."""
+        optimizer's state (moments, step counter, LR), the EMA (``ema.*``) and ``amp_state``;
+        BN running stats included."""
         seen, out = set(), []
         for p in (list(self.net.get_parameters()) + list(self.opt.get_parameters())
                   + list(self.ema or ()) + [self.amp_state]):
@@ -471,8 +473,10 @@ class Trainer:
     def step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr: float,
              reducing: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> float:
         """Average the micro-batches' gradients over accumulation and ranks, apply them with
-        learning rate ``lr``; returns the global batch's mean loss. ``reducing()`` is entered
-        for the all-reduce and its wait; the update is launched after it exits."""
+        learning rate ``lr`` unless some rank's overflowed and the recipe drops such steps
+        (``last_skipped``), then update the EMA; returns the global batch's mean (unscaled)
+        loss. ``reducing()`` is entered for the all-reduce and its wait; the update is
+        launched after it exits."""
         ms = self.ms
         acc = None
         loss_sum = 0.0
