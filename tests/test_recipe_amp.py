@@ -261,6 +261,13 @@ def test_overflow_skips_and_ema_follows_mindcvs_formula(digits):
                      tr.amp_state.asnumpy().tolist(), strict=True))
     assert state == {"loss_scale": tr.scaler.scale, "good": tr.scaler.good_steps,
                      "overflow": skipped, "skipped": skipped, "ema": n}
+    # last words copy the EMA and the scaler state through host views like the weights
+    from workloads.volo.last_words import host_views
+
+    views = host_views(tr.state_params())
+    assert views is not None
+    names = {name for name, _, _ in views}
+    assert "amp_state" in names and {"ema." + k for k in raw} <= names
 
 
 def test_clip_grad_bounds_the_global_norm_of_the_update(digits):
