@@ -287,3 +287,21 @@ def test_clip_grad_bounds_the_global_norm_of_the_update(digits):
     clipped = update_norm("--clip_grad", "True", "--clip_value", str(clip))
     assert free > 10 * clip
     assert clipped == pytest.approx(clip, rel=1e-3)
+
+
+def test_bad_value_exits_2_before_the_scheduler_starts(tmp_path):
+    """As the agent starts the scheduler process: it must fail on the recipe, not serve a
+    cluster whose workers will never come."""
+    import subprocess
+    import sys
+
+    from train_env import train_env
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text() + "\nloss_scale_type: dynamic\nloss_scale: 1024\n")
+    env = train_env(MS_ROLE="MS_SCHED", MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT="1",
+                    MS_WORKER_NUM="2")
+    r = subprocess.run([sys.executable, "-m", "workloads.volo.train", "-c", str(bad)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "'drop_overflow_update'" in r.stderr and str(bad) in r.stderr
