@@ -39,6 +39,7 @@ def build() -> Dashboard:
         .expr(f"changes(fleet_job_attempt{{{SEL}}}[1m]) > 0")
     )
     loss_lr_ref, loss_lr_props = right_axis("B", "none")
+    overflow_ref, overflow_props = right_axis("B", "none")
     return (
         Dashboard("Fleet / Training")
         .uid(UID)
@@ -87,6 +88,20 @@ def build() -> Dashboard:
             graph("Validation top-1 / top-5", "Accuracy (%) at each validation.", "percent")
             .with_target(query(f"fleet_val_top1{{{SEL}}}", "top-1", "A"))
             .with_target(query(f"fleet_val_top5{{{SEL}}}", "top-5", "B"))
+        )
+        .with_panel(
+            graph(
+                "Loss scale and overflowed steps",
+                "The loss scale of the last step (1 without loss scaling; a dynamic scale halves "
+                "at each overflow and doubles after 2000 clean steps), and the optimizer steps "
+                "whose gradients overflowed (dropped where the recipe drops them) on the right.",
+                "none",
+            )
+            .with_target(query(f"fleet_train_loss_scale{{{SEL}}}", "loss scale", "A"))
+            .with_target(
+                query(f"fleet_train_overflow_steps_total{{{SEL}}}", "overflowed steps", "B")
+            )
+            .override_by_query(overflow_ref, overflow_props)
         )
         .with_row(Row("Throughput"))
         .with_panel(

@@ -224,6 +224,10 @@ def _dry_run(job, ctx: dict, home: Path) -> dict:
                                        for i in range(nodes)}, topo)
             plan = pool.plan(req)
             step["feasible_device_counts"] = sp.feasible_counts()
+            if sp.workload == "volo":
+                from workloads.volo.config import recipe_precision
+
+                step["precision"] = recipe_precision(ctx["steps"][name]["config"], sp.overrides)
         else:
             from launcher.planner import NodeSlice, Plan
             plan = Plan(1, 1, 1, (NodeSlice("node-0", (0,)),)) if kind == "ValidateJob" \
@@ -257,6 +261,8 @@ def _print_dry_run(d: dict) -> None:
             click.echo(f"\n[{st['step']}] {st['kind']}: no devices (one CPU process)")
         if "feasible_device_counts" in st:
             click.echo(f"  feasible device counts: {st['feasible_device_counts']}")
+        for k, v in (st.get("precision") or {}).items():
+            click.echo(f"  {k}: {v}")
         for nl in st["processes"]:
             click.echo(f"  node {nl['node']} chips {nl['chips']}:")
             ranks = nl["ranks"]

@@ -242,6 +242,14 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
     bad = CounterMetricFamily(
         "fleet_heartbeat_bad_lines", "Heartbeat lines skipped as malformed.", labels=j
     )
+    loss_scale = _gauge("fleet_train_loss_scale",
+                        "Loss scale of the last optimizer step (1 without loss scaling).", j)
+    overflows = CounterMetricFamily(
+        "fleet_train_overflow_steps",
+        "Optimizer steps whose gradients overflowed on some rank (dropped where the recipe "
+        "drops them; counted once when a restart redoes a step).",
+        labels=j,
+    )
     recomputed = CounterMetricFamily(
         "fleet_train_recomputed_micro_steps",
         "Micro-steps a CPU rank computed again because their loss was impossible.",
@@ -272,6 +280,9 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
             step.add_metric([name], lead.step)
             epoch.add_metric([name], lead.epoch)
             samples.add_metric([name], lead.samples_seen)
+            if lead.loss_scale is not None:
+                loss_scale.add_metric([name], lead.loss_scale)
+        overflows.add_metric([name], len(p.overflow_steps))
         if p.last_val is not None:
             top1.add_metric([name], p.last_val.top1)
             top5.add_metric([name], p.last_val.top5)
@@ -328,7 +339,8 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
     if snap.devices_total is not None:
         devices_f.add_metric(["free"], max(snap.devices_total - used_devices, 0))
 
-    yield from (loss, ips, step_s, hb, lr, step, epoch, samples, top1, top5, val_loss)
+    yield from (loss, ips, step_s, hb, lr, step, epoch, samples, loss_scale, overflows, top1,
+                top5, val_loss)
     yield from (devices, gbatch, mbatch, accum, attempt, state, restarts)
     yield from (ckpt_s, ckpt_step, ckpt_ts, ckpt_fail, recovery, goodput, queue_wait, bad,
                 recomputed)

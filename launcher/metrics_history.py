@@ -57,6 +57,8 @@ class StepEvent(Event):
     step_seconds: float
     samples_seen: int
     recomputed: int = 0  # micro-steps this rank computed again (workloads/volo/step_guard.py)
+    loss_scale: float | None = None  # the scale the step ran with (workloads/volo/loss_scale.py)
+    overflow: bool = False  # some rank's gradients overflowed at this step
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ def parse_event(obj: Any, where: str = "heartbeat") -> Event | None:
             step_seconds=_num(obj, "step_seconds", float, where),
             samples_seen=_num(obj, "samples_seen", int, where) if "samples_seen" in obj else 0,
             recomputed=len(obj["recomputed"]) if isinstance(obj.get("recomputed"), list) else 0,
+            loss_scale=_num(obj, "loss_scale", float, where) if "loss_scale" in obj else None,
+            overflow=obj.get("overflow") is True,
         )
     if kind == "checkpoint":
         ok = obj.get("ok")
@@ -275,6 +279,8 @@ class JobProgress:
     # Seconds per optimizer step, one entry per step number: a step redone after
     # a restart replaces the lost one, so the sum is the work that was kept.
     step_seconds_by_step: dict[int, float] = field(default_factory=dict)
+    # Step numbers whose gradients overflowed, by the same rule: a redone step counts once.
+    overflow_steps: set[int] = field(default_factory=set)
     _step_attempt: dict[int, int] = field(default_factory=dict)
     first_ts: float | None = None
     last_ts: float | None = None
@@ -308,6 +314,10 @@ class JobProgress:
             ):
                 self.step_seconds_by_step[event.step] = event.step_seconds
                 self._step_attempt[event.step] = event.attempt
+                if event.overflow:
+                    self.overflow_steps.add(event.step)
+                else:
+                    self.overflow_steps.discard(event.step)
         elif isinstance(event, CheckpointEvent):
             if event.ok:
                 if self._newer(event, self.last_checkpoint_ok):

@@ -1047,6 +1047,14 @@ def resolve_path(raw: str, base: Path, root: Path, field: str, file: str,
     return full
 
 
+def _recipe_problems(cfg: Path, overrides: dict[str, Any], field: str) -> list[tuple[str, str]]:
+    """The recipe's values as the train loop checks them before any rank starts."""
+    from workloads.volo.config import recipe_file_problems
+
+    return [(field, f"recipe {cfg}: key {key!r}: {why}" if key != "config" else why)
+            for key, why in recipe_file_problems(cfg, overrides)]
+
+
 def steps_of(job) -> list[tuple[str, str, Any]]:
     """[(step name, kind, spec)] - a single job is a one-step list."""
     if isinstance(job, Workflow):
@@ -1111,6 +1119,9 @@ def check_paths(job, spec_file: str | Path, root: Path | None = None,
         res = out[name]
         if "config" in res and not Path(res["config"]).is_file():
             problems.append((f"{prefix}.config", f"recipe file {res['config']} does not exist"))
+        elif "config" in res and getattr(spec, "workload", "volo") == "volo":
+            problems += _recipe_problems(Path(res["config"]), getattr(spec, "overrides", {}),
+                                         f"{prefix}.config")
         if "data_dir" in res:
             d = Path(res["data_dir"])
             if not d.is_dir() and d not in created:

@@ -490,3 +490,13 @@ def test_a_call_waits_out_a_controller_restart(monkeypatch, capsys, tmp_path):
         c.call("status", "smoke-1")
     assert e.value.code == C.EXIT_NO_CLUSTER
     assert "did not come back within" in capsys.readouterr().err
+
+
+def test_dry_run_shows_the_recipes_precision(tmp_path):
+    """The seed's recipe: AMP O3, dynamic loss scale from 1024, EMA 0.9995 in the plan."""
+    r = run(["submit", str(REPO / "examples" / "volo_d1_imagenet.yaml"), "--dry-run",
+             "--set", f"spec.data.dir={tmp_path}"], tmp_path / "home")
+    assert r.exit_code == 0, r.output
+    assert "amp_level: O3" in r.output and "val_amp_level: O3" in r.output
+    assert "loss_scale: dynamic from 1024" in r.output
+    assert "ema: decay 0.9995" in r.output

@@ -105,7 +105,7 @@ def test_dashboard_queries_use_only_exported_or_npu_metrics():
 
     exported = set(re.findall(r'"(fleet_[a-z0-9_]+)"', Path(metrics.__file__).read_text()))
     counters = {"fleet_job_restarts", "fleet_checkpoint_failures", "fleet_heartbeat_bad_lines",
-                "fleet_train_recomputed_micro_steps"}
+                "fleet_train_recomputed_micro_steps", "fleet_train_overflow_steps"}
     exported |= {c + "_total" for c in counters}
     for name in ("training.json", "fleet.json"):
         for title, t in targets(load(name)):
@@ -134,3 +134,9 @@ def test_promtool_unit_tests_of_the_alerts():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
+
+
+def test_training_dashboard_shows_loss_scale_and_overflows():
+    exprs = {t["expr"] for _, t in targets(load("training.json"))}
+    assert any("fleet_train_loss_scale" in e for e in exprs)
+    assert any("fleet_train_overflow_steps_total" in e for e in exprs)

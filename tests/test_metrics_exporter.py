@@ -280,3 +280,27 @@ def test_metrics_serve_cli_serves_a_watched_job(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_loss_scale_and_overflow_steps(tmp_path):
+    """fleet_train_loss_scale follows the lead rank's last step; fleet_train_overflow_steps
+    counts overflowed step numbers once, also when a restart redoes one."""
+    hb = tmp_path / "hb"
+    hb.mkdir()
+    amp = lambda scale, over: {"loss_scale": scale, "overflow": over}  # noqa: E731
+    write_lines(hb / "a0-r0.jsonl", [start(100.0), {**step(101.0, 1), **amp(1024.0, True)},
+                                     {**step(102.0, 2), **amp(512.0, False)},
+                                     {**step(103.0, 3), **amp(512.0, True)}])
+    exp = MetricsExporter()
+    exp.watch("demo-job", hb)
+    j = (("job_name", "demo-job"),)
+    got = samples(generate_latest(exp.registry).decode())
+    assert got[("fleet_train_loss_scale", j)] == 512.0
+    assert got[("fleet_train_overflow_steps_total", j)] == 2
+    # attempt 1 resumes from step 1's checkpoint and redoes steps 2 and 3
+    write_lines(hb / "a1-r0.jsonl", [start(110.0, attempt=1),
+                                     {**step(111.0, 2, attempt=1), **amp(512.0, False)},
+                                     {**step(112.0, 3, attempt=1), **amp(512.0, True)}])
+    got = samples(generate_latest(exp.registry).decode())
+    assert got[("fleet_train_overflow_steps_total", j)] == 2
+    assert got[("fleet_train_loss_scale", j)] == 512.0

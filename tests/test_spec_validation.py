@@ -257,3 +257,22 @@ def test_nodes_range_means_whole_servers():
 def test_min_above_max_is_rejected():
     p = problems(GOOD.replace("{min: 8, max: 16}", "{min: 16, max: 8}"))
     assert "min (16) must not exceed max (8)" in p[0][1]
+
+
+@pytest.mark.parametrize("recipe,key", [
+    ("model: volo_tiny\nloss_scale: 0\n", "loss_scale"),
+    ("model: volo_tiny\namp_level: O4\n", "amp_level"),
+    ("model: volo_tiny\nema_decay: 1.5\n", "ema_decay"),
+])
+def test_bad_recipe_value_is_a_spec_problem(proj, recipe, key):
+    """fleet validate / submit --dry-run refuse what the train loop would, before any rank."""
+    (proj / "recipe.yaml").write_text(recipe)
+    p = problems(GOOD, proj, paths=True)
+    assert [loc for loc, _ in p] == ["spec.config"]
+    assert key in p[0][1] and str(proj / "recipe.yaml") in p[0][1]
+
+
+def test_bad_override_value_is_a_spec_problem(proj):
+    text = GOOD + "  overrides: {clip_value: -1}\n"
+    p = problems(text, proj, paths=True)
+    assert [loc for loc, _ in p] == ["spec.config"] and "clip_value" in p[0][1]

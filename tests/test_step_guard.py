@@ -108,7 +108,8 @@ def test_a_correct_loss_runs_once_and_a_persistent_one_fails_the_rank():
 def test_trainer_recomputes_an_impossible_micro_step(tmp_path):
     """Through the real Trainer and MindSpore: the wrong result is dropped, the BatchNorm
     running statistics end as after one correct forward, and the step's loss is the correct
-    one; a micro-step that stays wrong fails the step before the update."""
+    one; a micro-step that stays wrong fails the step before the update. With a loss scale
+    of 1024 the floor still applies to the unscaled loss, which the step returns."""
     import mindspore as ms
 
     from workloads.volo.config import parse_args
@@ -117,7 +118,8 @@ def test_trainer_recomputes_an_impossible_micro_step(tmp_path):
 
     write_digits(tmp_path / "d")
     args = parse_args(["-c", "workloads/volo/configs/volo_tiny_digits.yaml", "--data_dir",
-                       str(tmp_path / "d"), "--val_while_train", "False"])
+                       str(tmp_path / "d"), "--val_while_train", "False",
+                       "--loss_scale", "1024"])
     _configure_mindspore(args)
     tr = Trainer(make_plan(args, 1), 1)
     assert tr.guard and tr._running_stats  # volo's stem has BatchNorm
@@ -135,16 +137,19 @@ def test_trainer_recomputes_an_impossible_micro_step(tmp_path):
 
     real = tr._micro
     start = stats()
-    correct = float(real(ms.Tensor(x), ms.Tensor(t))[0].asnumpy())
+    scale = tr._scale_t[1]
+    assert float(scale.asnumpy()) == 1024.0
+    correct = float(real(ms.Tensor(x), ms.Tensor(t), scale)[0].asnumpy())
+    assert correct < 3.0  # the unscaled loss (ln 10 ~ 2.3 for a fresh model)
     after_one = stats()
     for p, s in zip(tr._running_stats, start, strict=True):
         tr._restore(p, s)
 
     calls = []
 
-    def flaky(xt, tt):
+    def flaky(xt, tt, sc):
         calls.append(1)
-        loss, grads = real(xt, tt)
+        loss, grads = real(xt, tt, sc)
         return (ms.Tensor(np.float32(0.05)) if len(calls) == 1 else loss), grads
 
     tr._micro = flaky
@@ -156,7 +161,7 @@ def test_trainer_recomputes_an_impossible_micro_step(tmp_path):
         np.testing.assert_array_equal(got, want)
 
     w = weights()
-    tr._micro = lambda xt, tt: (ms.Tensor(np.float32(0.05)), real(xt, tt)[1])
+    tr._micro = lambda xt, tt, sc: (ms.Tensor(np.float32(0.05)), real(xt, tt, sc)[1])
     with pytest.raises(StepCorrupted):
         tr.step([(x, t)], lr=1e-2)
     np.testing.assert_array_equal(weights(), w)  # not applied

@@ -289,7 +289,8 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
                        cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(result) == {"top1", "top5", "loss", "images"}
+    assert set(result) == {"top1", "top5", "loss", "images", "weights"}
+    assert result["weights"] == "raw"  # the recipe has no EMA
     # the same checkpoint scored without validate.py's pipeline: PIL + numpy preprocessing
     # (the 32 px images need no resize or crop), numpy top-k
     independent = _score_independently(reference / "ckpt" / "step-00000006", digits / "val")
@@ -308,7 +309,7 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["out"] == str(out) and out.stat().st_size > 100_000
     assert out.stat().st_mode & 0o777 == 0o644  # MindSpore alone leaves it 0400
-    assert (info["num_classes"], info["image_size"]) == (10, 32)
+    assert (info["num_classes"], info["image_size"], info["weights"]) == (10, 32, "raw")
 
     # the exported graph computes what the checkpointed model computes
     import mindspore as ms

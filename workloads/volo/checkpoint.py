@@ -78,6 +78,8 @@ class CheckpointState:
     top1: float | None = None
     top5: float | None = None
     val_loss: float | None = None
+    # loss scale, its counters and EMA updates (workloads/volo/train.py); also in model.ckpt
+    amp: dict[str, Any] = field(default_factory=dict)
     saved_at: float = 0.0
     format_version: int = FORMAT_VERSION
 

@@ -28,8 +28,13 @@ __all__ = [
     "ConfigError",
     "RECIPE_EXCLUDED_KEYS",
     "create_parser",
+    "check_recipe_values",
     "parse_args",
     "recipe_dict",
+    "recipe_args",
+    "recipe_file_problems",
+    "recipe_precision",
+    "recipe_value_problems",
     "recipe_hash",
     "str2bool",
 ]
@@ -228,6 +233,9 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="CPU threads for this rank (env FLEET_NUM_THREADS)")
     g.add_argument("--deterministic", type=b, nargs="?", const=True, default=True,
                    help="Ask MindSpore for deterministic kernels")
+    g.add_argument("--raw_weights", type=b, nargs="?", const=True, default=False,
+                   help="With ema: validate (in training and validate.py) the trained weights, "
+                        "not their moving average")
     return parser_config, parser
 # fmt: on
 
@@ -301,8 +309,71 @@ RECIPE_EXCLUDED_KEYS = frozenset({
     "ckpt_path", "resume_opt", "keep_checkpoint_max", "ckpt_save_dir", "ckpt_save_interval",
     "ckpt_save_policy", "dataset_sink_mode", "gradient_accumulation_steps", "amp_cast_list",
     "val_amp_level", "eval_shuffle", "ckpt_save_steps", "max_steps", "resume", "force",
-    "num_threads", "global_batch",
+    "num_threads", "global_batch", "raw_weights",
 })
+
+
+def recipe_value_problems(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(key, what is wrong) for each mixed-precision, loss-scale, EMA or clipping value that
+    MindCV would refuse or that cannot mean anything (choices are checked by the parser)."""
+    out: list[tuple[str, str]] = []
+    if not args.loss_scale >= 1.0:  # also NaN
+        out.append(("loss_scale", f"must be >= 1 (MindCV's minimum), got {args.loss_scale!r}"))
+    if not 0.0 < args.ema_decay < 1.0:
+        out.append(("ema_decay", f"must be in (0, 1), got {args.ema_decay!r}"))
+    if not args.clip_value > 0.0:
+        out.append(("clip_value", f"must be > 0 (a global gradient norm), got {args.clip_value!r}"))
+    if args.loss_scale_type == "dynamic" and not args.drop_overflow_update:
+        out.append(("drop_overflow_update", "must be True with loss_scale_type 'dynamic': a "
+                                            "dynamic loss scale always drops an overflowed "
+                                            "update (as MindCV requires)"))
+    return out
+
+
+def check_recipe_values(args: argparse.Namespace) -> None:
+    """Raise :class:`ConfigError` naming the key and the recipe file for the first bad value."""
+    problems = recipe_value_problems(args)
+    if problems:
+        where = args.config or "command line"
+        raise ConfigError("; ".join(f"{where}: key {k!r} {why}" for k, why in problems))
+
+
+def recipe_args(path: str | Path, overrides: Mapping[str, Any] | None = None) -> argparse.Namespace:
+    """The recipe file with the launcher's overrides applied, as the train loop parses it
+    (without the command line the launcher adds); :class:`ConfigError` names a bad key."""
+    _, parser = create_parser()
+    values = load_yaml(str(path), parser)
+    actions = _actions_by_dest(parser)
+    for key, value in (overrides or {}).items():
+        if key not in actions or key == "config":
+            raise ConfigError(f"override {key!r} is not a MindCV/fleet config flag")
+        values[key] = _coerce(actions[key], key, value, f"{path} (overrides)")
+    defaults = {a.dest: a.default for a in actions.values()}
+    return argparse.Namespace(**{**defaults, **values, "config": str(path)})
+
+
+def recipe_file_problems(path: str | Path,
+                         overrides: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(key, what is wrong) for a recipe file with the launcher's overrides applied, without
+    starting anything: for ``fleet validate`` and ``fleet submit --dry-run``."""
+    try:
+        args = recipe_args(path, overrides)
+    except ConfigError as e:
+        bad = next((k for k in (overrides or {}) if f"override {k!r}" in str(e)), "config")
+        return [(bad, str(e))]
+    return recipe_value_problems(args)
+
+
+def recipe_precision(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """What the recipe trains with, for the dry-run plan: amp levels, loss scale, EMA, clip."""
+    from workloads.volo.loss_scale import LossScaleConfig
+
+    args = recipe_args(path, overrides)
+    return {"amp_level": args.amp_level, "val_amp_level": args.val_amp_level,
+            "loss_scale": LossScaleConfig.from_args(args).describe(),
+            "ema": (f"decay {args.ema_decay:g} (warm-up {args.ema_decay:g} x (1 - exp(-n/2000))), "
+                    "validated with EMA weights") if args.ema else "off",
+            "clip_grad": f"global norm {args.clip_value:g}" if args.clip_grad else "off"}
 
 
 def recipe_dict(args: argparse.Namespace, global_batch: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from workloads.volo.checkpoint import STATE_FILE, read_state
-from workloads.volo.config import ConfigError
+from workloads.volo.config import ConfigError, str2bool
 from workloads.volo.report import log
 from workloads.volo.validate import resolve_checkpoint
 
@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--image_size", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1, help="batch dimension of the exported input")
     ap.add_argument("--device_target", default="CPU")
+    ap.add_argument("--raw_weights", type=str2bool, nargs="?", const=True, default=False,
+                    help="export the trained weights, not the EMA a checkpoint trained with ema "
+                         "holds (exported by default, as MindCV validates it)")
     return ap
 
 
@@ -57,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ms.set_context(mode=ms.GRAPH_MODE)
         ms.set_device(a.device_target)
-        params = ms.load_checkpoint(str(model_file))
+        from workloads.volo.ema import select_weights
+
+        params, which = select_weights(ms.load_checkpoint(str(model_file)), a.raw_weights)
         num_classes = a.num_classes
         if num_classes is None:
             if "head.weight" not in params:
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {e}")
         return 2
     print(json.dumps({"out": str(written), "format": a.format, "model": a.model,
-                      "num_classes": num_classes, "image_size": image_size,
+                      "num_classes": num_classes, "image_size": image_size, "weights": which,
                       "bytes": written.stat().st_size}), flush=True)
     return 0
 

@@ -7,7 +7,8 @@ Standalone, under ``msrun --worker_num N`` or under the fleet agent (MS_* + FLEE
 Each optimizer step consumes one global batch G = devices x micro-batch x accumulation of a
 sample order fixed by (seed, epoch) (see sampling.py); gradients are averaged over
 accumulation micro-steps and ranks, then AdamW steps with the LR of that optimizer step
-(MindCV's warmup + cosine). Rank 0 checkpoints every ``ckpt_save_steps`` steps, at the
+(MindCV's warmup + cosine). MindCV's amp_level, loss scaling, EMA and gradient clipping keys
+are honoured as docs/recipe.md describes. Rank 0 checkpoints every ``ckpt_save_steps`` steps, at the
 epoch cadence and at the end; every start resumes from the newest checkpoint that verifies.
 
 Exit status: 0 done, 2 bad configuration or data, 3 checkpoint refused (recipe changed),
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from workloads.volo import ckpt_payload, last_words
+from workloads.volo.amp import apply_amp
 from workloads.volo.bn_stats import StepRunningStats, running_stat_params
 from workloads.volo.checkpoint import (
     CheckpointError,
@@ -43,7 +45,14 @@ from workloads.volo.checkpoint import (
     read_state,
     step_dir_name,
 )
-from workloads.volo.config import ConfigError, env_override, parse_args, recipe_dict, recipe_hash
+from workloads.volo.config import (
+    ConfigError,
+    check_recipe_values,
+    env_override,
+    parse_args,
+    recipe_dict,
+    recipe_hash,
+)
 from workloads.volo.data import (
     DataError,
     TrainAugment,
@@ -53,6 +62,8 @@ from workloads.volo.data import (
     train_dataset,
 )
 from workloads.volo.distributed import CollectiveCorrupted
+from workloads.volo.ema import EMA_PREFIX, decay_at, ema_parameters, raw_name
+from workloads.volo.loss_scale import LossScaleConfig, LossScaler
 from workloads.volo.report import Heartbeat, log
 from workloads.volo.runtime_env import host_blocking_on_cpu, host_pipeline, synchronize
 from workloads.volo.sampling import (
@@ -68,6 +79,10 @@ __all__ = ["evaluate_model", "lr_at", "main"]
 
 EXIT_CONFIG = 2
 EXIT_RECIPE = 3
+# model.ckpt entry with the loss scaler's state and the EMA update count (float64 values)
+AMP_STATE = "amp_state"
+AMP_STATE_KEYS = ("loss_scale", "loss_scale_good_steps", "overflow_steps", "skipped_steps",
+                  "ema_updates")
 _MIX_TAG = 0x6D6978  # separates the mixup random stream from the per-sample one
 # What a standby rank process imports before it knows its rank (launcher/standby.py): the
 # modules main() imports lazily, so that a restart in place skips them.
@@ -143,18 +158,14 @@ def _check_supported(args: argparse.Namespace) -> list[str]:
         raise ConfigError("epoch_size must be >= 1 and warmup_epochs >= 0")
     if args.scheduler != "constant" and args.decay_epochs < 1:
         raise ConfigError("decay_epochs must be >= 1 for cosine_decay")
+    check_recipe_values(args)
     warnings = []
-    if args.ema:
-        warnings.append("ema=True is not implemented by this workload; training without EMA")
     if args.aug_repeats > 1:
         warnings.append("aug_repeats is not implemented; ignored")
-    if args.clip_grad:
-        warnings.append("clip_grad is not implemented; ignored")
     if args.layer_decay:
         warnings.append("layer_decay is not implemented; ignored")
-    if args.amp_level != "O0" or args.loss_scale_type != "fixed" or args.loss_scale != 1.0:
-        warnings.append(f"amp_level={args.amp_level} / loss scale ({args.loss_scale_type}, "
-                        f"{args.loss_scale}) are not implemented: training runs in float32")
+    if args.amp_cast_list:
+        warnings.append("amp_cast_list is not implemented; the amp_level's own lists are used")
     return warnings
 
 
@@ -215,31 +226,60 @@ def _configure_mindspore(args: argparse.Namespace) -> None:
     ms.set_seed(args.seed)
 
 
-def _make_step_cell(net: Any, opt: Any) -> Any:
+def _make_step_cell(net: Any, opt: Any, ema: Any = None, clip_value: float | None = None) -> Any:
     # defined here: train.py does not import MindSpore before the configuration is checked
+    import mindspore as ms
     from mindspore import nn, ops
 
+    from workloads.volo.ema import ema_update_fn
+
     class StepCell(nn.Cell):
-        """Owns the model and optimizer so their parameters are this Cell's parameters."""
+        """Owns the model, optimizer and EMA so their parameters are this Cell's parameters."""
 
         def __init__(self, net: Any, opt: Any):
             super().__init__(auto_prefix=False)  # keep the parameter names checkpoints use
             self.net, self.opt = net, opt
-            self.grad_fn = ops.value_and_grad(self.loss, None, opt.parameters)
+            # grads of the scaled loss, and the unscaled loss as the value
+            self.grad_fn = ops.value_and_grad(self.scaled_loss, None, opt.parameters,
+                                              has_aux=True)
+            self.clip = clip_value is not None
+            self.clip_value = clip_value if clip_value is not None else 0.0
+            self.hyper_map = ops.HyperMap()
+            if ema is not None:
+                self.ema = ema
+                self.weights_all = ms.ParameterTuple(list(net.get_parameters()))
+                self.ema_op = ema_update_fn()
 
         def loss(self, x: Any, t: Any) -> Any:
+            # the network's output is float32 at every amp level (amp.py): a float32 loss
             logp = ops.log_softmax(self.net(x), -1)
             return -(logp * t).sum(-1).mean()
 
-        def micro(self, x: Any, t: Any) -> Any:
-            return self.grad_fn(x, t)
+        def scaled_loss(self, x: Any, t: Any, scale: Any) -> Any:
+            loss = self.loss(x, t)
+            return loss * scale, loss
+
+        def micro(self, x: Any, t: Any, scale: Any) -> Any:
+            (_, loss), grads = self.grad_fn(x, t, scale)
+            return loss, grads
+
+        def unscale(self, grads: Any, denom: Any) -> Any:
+            """Gradients / (accumulation x scale) and 1.0 where any is not finite."""
+            out = tuple(g / denom for g in grads)
+            finite = ops.stack([ops.isfinite(g).all() for g in out]).all()
+            return out, ops.logical_not(finite).astype(ms.float32).reshape((1,))
 
         def update(self, grads: Any, lr: Any) -> Any:
             # The LR goes in as an input: a compiled graph keeps the value the optimizer's
             # learning_rate Parameter had at compile time, whatever set_data does later
             # (measured: a warmup starting at 0 never trained).
             ops.assign(self.opt.learning_rate, lr)
+            if self.clip:
+                grads = ops.clip_by_global_norm(grads, self.clip_value)
             return self.opt(grads)
+
+        def ema_update(self, decay: Any) -> Any:
+            return self.hyper_map(ops.partial(self.ema_op, decay), self.ema, self.weights_all)
 
     return StepCell(net, opt)
 
@@ -262,10 +302,13 @@ class Trainer:
         if args.drop_path_rate is not None:
             overrides["drop_path_rate"] = args.drop_path_rate
         try:
-            self.net = create_model(args.model, num_classes=plan.num_classes,
-                                    checkpoint_path=args.ckpt_path or None, **overrides)
+            net = create_model(args.model, num_classes=plan.num_classes,
+                               checkpoint_path=args.ckpt_path or None, **overrides)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"model {args.model!r}: {e}") from e
+        self._model_kw = dict(num_classes=plan.num_classes, **overrides)
+        self.args = args
+        self.net = apply_amp(net, args.amp_level)
         self.net.set_train(True)
         from workloads.volo.optim import AdamW, decay_filter
 
@@ -299,20 +342,36 @@ class Trainer:
         self._running_stats = running_stat_params(self.net.get_parameters())
         self.step_stats = StepRunningStats(self._running_stats, self._restore)
         self.warmed_up = False
-        steps = _make_step_cell(self.net, self.opt)
+        self.scaler = LossScaler(LossScaleConfig.from_args(args))
+        self.ema = ema_parameters(list(self.net.get_parameters())) if args.ema else None
+        self.ema_updates = 0
+        # host-side state (loss scale, its counters, EMA updates) as a Parameter, so that it
+        # goes into model.ckpt and last words' host views with the weights
+        self.amp_state = ms.Parameter(ms.Tensor(self._amp_values()), name=AMP_STATE,
+                                      requires_grad=False)
+        self.last_overflow = self.last_skipped = False
+        self._eval_net: Any = None
+        self._scale_t = (self.scaler.scale, ms.Tensor(self.scaler.scale, ms.float32))
+        steps = _make_step_cell(self.net, self.opt, self.ema,
+                                args.clip_value if args.clip_grad else None)
         compiled = args.mode == 0
         # Methods of a Cell, not closures: a graph loaded from MindSpore's compile cache gets
         # its weights bound by name from the owning Cell's parameters_dict(); a jit-compiled
         # closure has no owner and the cached graph ran on unbound memory (measured: loss nan).
-        self._micro = ms.jit(steps.micro) if compiled else steps.micro
-        self._update = ms.jit(steps.update) if compiled else steps.update
+        jit = ms.jit if compiled else (lambda f: f)
+        self._micro = jit(steps.micro)
+        self._unscale = jit(steps.unscale)
+        self._update = jit(steps.update)
+        self._ema_update = jit(steps.ema_update) if self.ema is not None else None
 
     # -- state -----------------------------------------------------------------------------
     def state_params(self) -> list:
         """Model parameters (their own names, so validate/export load them directly) plus the
-        optimizer's state (moments, step counter, LR); BN running stats included."""
+        optimizer's state (moments, step counter, LR), the EMA (``ema.*``) and ``amp_state``;
+        BN running stats included."""
         seen, out = set(), []
-        for p in list(self.net.get_parameters()) + list(self.opt.get_parameters()):
+        for p in (list(self.net.get_parameters()) + list(self.opt.get_parameters())
+                  + list(self.ema or ()) + [self.amp_state]):
             if p.name not in seen:
                 seen.add(p.name)
                 out.append(p)
@@ -322,10 +381,49 @@ class Trainer:
         self.ops.assign(param, value if isinstance(value, self.ms.Tensor) else
                         self.ms.Tensor(value))
 
+    def _amp_values(self) -> np.ndarray:
+        st = self.scaler.state()
+        return np.array([st[k] for k in AMP_STATE_KEYS[:-1]] + [self.ema_updates], np.float64)
+
+    def amp_state_dict(self) -> dict[str, float | int]:
+        """The loss scale, its counters and the EMA update count (host values: safe to read
+        on the last-words thread)."""
+        return {**self.scaler.state(), "ema_updates": self.ema_updates}
+
+    def state_digest(self) -> str:
+        """sha256 of every state tensor (weights, optimizer, EMA, loss scale): equal on every
+        rank of a job whose ranks agree (BatchNorm statistics included: bn_stats.py)."""
+        import hashlib
+
+        synchronize()
+        h = hashlib.sha256()
+        for p in sorted(self.state_params(), key=lambda p: p.name):
+            h.update(p.name.encode())
+            h.update(np.ascontiguousarray(p.asnumpy()).tobytes())
+        return h.hexdigest()
+
+    def step_fields(self) -> dict[str, Any]:
+        """Heartbeat fields of the last step: the scale it ran with, whether some rank's
+        gradients overflowed, whether the update was dropped, and the job's totals."""
+        return {"loss_scale": self._scale_t[0], "overflow": self.last_overflow,
+                "skipped": self.last_skipped, "overflow_steps": self.scaler.overflow_steps,
+                "skipped_steps": self.scaler.skipped_steps}
+
+
     def load(self, model_ckpt: Path) -> None:
         ms = self.ms
         data = ms.load_checkpoint(str(model_ckpt))
         missing = [p.name for p in self.state_params() if p.name not in data]
+        if AMP_STATE in missing:
+            # made without loss-scale state: it starts from the recipe's initial scale
+            missing.remove(AMP_STATE)
+            data[AMP_STATE] = ms.Tensor(self._amp_values())
+        if missing and all(n.startswith(EMA_PREFIX) for n in missing):
+            # made without EMA (a --force resume): the average starts from these weights
+            log(f"{model_ckpt} has no EMA weights; the EMA starts from its weights")
+            for n in missing:
+                data[n] = data[raw_name(n)]
+            missing = []
         if missing:
             raise CheckpointError(f"{model_ckpt} lacks {len(missing)} parameters "
                                   f"(e.g. {', '.join(missing[:3])}); it was made by another model")
@@ -336,6 +434,9 @@ class Trainer:
                 self.ops.assign(p, data[p.name])
             else:
                 p.set_data(data[p.name])
+        values = data[AMP_STATE].asnumpy().astype(np.float64)
+        self.scaler.restore(dict(zip(AMP_STATE_KEYS[:-1], values[:-1].tolist(), strict=True)))
+        self.ema_updates = int(values[-1])
 
     def warm_up(self, micro_batch: int, image_size: int, num_classes: int) -> None:
         """Run the compiled functions once on zeros (compiling them, or loading them from the
@@ -346,9 +447,12 @@ class Trainer:
         saved = [(p, p.asnumpy().copy()) for p in self.state_params()]
         x = np.zeros((micro_batch, 3, image_size, image_size), np.float32)
         t = np.full((micro_batch, num_classes), 1.0 / num_classes, np.float32)
-        loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
-        reduced = self.reducer(list(grads) + [ms.Tensor(np.zeros(1, np.float32))])
-        self._update(ms.mutable(tuple(reduced[:-1])), ms.Tensor(0.0, ms.float32))
+        loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t), self._scale_t[1])
+        grads, flag = self._unscale(ms.mutable(tuple(grads)), ms.Tensor(1.0, ms.float32))
+        reduced = self.reducer(list(grads) + [ms.Tensor(np.zeros(1, np.float32)), flag])
+        self._update(ms.mutable(tuple(reduced[:-2])), ms.Tensor(0.0, ms.float32))
+        if self._ema_update is not None:
+            self._ema_update(ms.Tensor(0.0, ms.float32))
         synchronize()
         for p, copy in saved:
             self._restore(p, copy)
@@ -360,46 +464,66 @@ class Trainer:
              reducing: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
              carry: np.ndarray | None = None) -> float:
         """Average the micro-batches' gradients over accumulation and ranks, apply them with
-        learning rate ``lr``, and advance the BatchNorm running statistics by the whole
-        global batch (bn_stats.py); returns the global batch's mean loss. ``reducing()`` is
-        entered for the all-reduce and its wait; the update is launched after it exits.
-        ``carry``: float32 values averaged over ranks in the same all-reduce (the delivered
-        sample indices), left in ``self.carried``."""
+        learning rate ``lr`` unless some rank's overflowed and the recipe drops such steps
+        (``last_skipped``), then update the EMA; the BatchNorm running statistics advance by
+        the whole global batch (bn_stats.py). Returns the global batch's mean (unscaled)
+        loss. ``reducing()`` is entered for the all-reduce and its wait; the update is
+        launched after it exits. ``carry``: float32 values averaged over ranks in the same
+        all-reduce (the delivered sample indices), left in ``self.carried``."""
         ms = self.ms
         stats = self.step_stats
         acc = None
         loss_sum = 0.0
         t0 = time.perf_counter()
         self.last_recomputes = []
+        if self._scale_t[0] != self.scaler.scale:
+            self._scale_t = (self.scaler.scale, ms.Tensor(self.scaler.scale, ms.float32))
+        scale = self._scale_t[1]
         if stats:
             stats.begin()
         for x, t in micro_batches:
+            # losses are the unscaled ones: the step guard's floor holds for them
             if self.guard:
                 loss, grads, value, redone = guarded_micro_step(
-                    lambda x=x, t=t: self._micro(ms.Tensor(x), ms.Tensor(t)), t,
+                    lambda x=x, t=t: self._micro(ms.Tensor(x), ms.Tensor(t), scale), t,
                     stats.reset if stats else None)
                 self.last_recomputes += redone
             else:
-                loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t))
+                loss, grads = self._micro(ms.Tensor(x), ms.Tensor(t), scale)
                 value = float(loss.asnumpy())
             if stats:
                 stats.collect()
             loss_sum += value
             acc = list(grads) if acc is None else [a + g for a, g in zip(acc, grads, strict=True)]
         a = len(micro_batches)
+        # the scaled sum over the accumulated step, unscaled once: one overflow decision
+        grads, overflow = self._unscale(ms.mutable(tuple(acc)),
+                                        ms.Tensor(a * self._scale_t[0], ms.float32))
         mean_loss = ms.Tensor(np.array([loss_sum / a], np.float32))
         local_stats = [ms.Tensor(m) for m in stats.local_mean()] if stats else []
         carried = [] if carry is None else [ms.Tensor(np.asarray(carry, np.float32))]
         t1 = time.perf_counter()
         with reducing():
-            reduced = self.reducer([g / a for g in acc] + local_stats + carried + [mean_loss])
-            loss = float(reduced[-1].asnumpy()[0])  # waits for the all-reduce
+            # every rank's overflow flag rides in the gradients' all-reduce: all ranks see
+            # the same total and drop (or apply) the same step
+            reduced = self.reducer(list(grads) + local_stats + carried + [mean_loss, overflow])
+            tail = self.ops.cat(reduced[-2:]).asnumpy()  # waits for the all-reduce
+        loss, self.last_overflow = float(tail[0]), bool(tail[1] > 0)
         t2 = time.perf_counter()
         n, s = len(acc), len(local_stats)
-        self._update(ms.mutable(tuple(reduced[:n])), ms.Tensor(lr, ms.float32))  # mutable: compile once
         if stats:
+            # before the EMA update, so that the average takes this step's statistics
             stats.apply(reduced[n:n + s])
         self.carried = reduced[n + s].asnumpy() if carried else None
+        apply = self.scaler.after_step(self.last_overflow)
+        self.last_skipped = not apply
+        if apply:
+            self._update(ms.mutable(tuple(reduced[:n])), ms.Tensor(lr, ms.float32))  # mutable: compile once
+            if self._ema_update is not None:
+                self.ema_updates += 1
+                self._ema_update(ms.Tensor(decay_at(self.args.ema_decay, self.ema_updates),
+                                           ms.float32))
+        self.ops.assign(self.amp_state, ms.Tensor(self._amp_values()))
         # where a slow step's time went: own compute, waiting for the slowest peer, the update
         # (on an NPU the update is only launched here)
         self.last_split = {"grad": round(t1 - t0, 4), "reduce": round(t2 - t1, 4),
@@ -407,7 +531,30 @@ class Trainer:
         return loss
 
     def evaluate(self, dataset: Any, source: Any) -> tuple[float, float, float, int]:
-        return evaluate_model(self.net, dataset, source, self.reducer)
+        """Validation as validate.py scores the checkpoint: the EMA weights when ema is on
+        (unless raw_weights), at val_amp_level."""
+        return evaluate_model(self.eval_net(), dataset, source, self.reducer)
+
+    def eval_net(self) -> Any:
+        args = self.args
+        use_ema = self.ema is not None and not args.raw_weights
+        if not use_ema and args.val_amp_level == args.amp_level:
+            return self.net
+        ms = self.ms
+        if self._eval_net is None:
+            from mindspore.nn.utils import no_init_parameters
+
+            from workloads.volo import create_model
+
+            with no_init_parameters():  # every value is copied in below
+                net = create_model(args.model, **self._model_kw)
+            self._eval_net = apply_amp(net, args.val_amp_level)
+        source = {p.name: p for p in self.net.get_parameters()}
+        if use_ema:
+            source.update({raw_name(p.name): p for p in self.ema})
+        for p in self._eval_net.get_parameters():
+            p.set_data(ms.Tensor(source[p.name].asnumpy().copy()))
+        return self._eval_net
 
 
 def evaluate_model(net: Any, dataset: Any, source: Any,
@@ -587,7 +734,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                  "mix": f"numpy default_rng([seed, {_MIX_TAG}, step, chunk])",
                  "order": "numpy default_rng([seed, epoch]).permutation"},
             recipe=plan.recipe, top1=last_val.get("top1"), top5=last_val.get("top5"),
-            val_loss=last_val.get("loss"))
+            val_loss=last_val.get("loss"), amp=trainer.amp_state_dict())
 
     def save(step: int, block: bool = False) -> None:
         if rank != 0:
@@ -680,12 +827,12 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                         step_seconds=round(dt, 4), samples_seen=samples_seen,
                         sample_hash=sampler.sample_hash(delivered),
                         split={"data": round(t_data, 4), **trainer.last_split},
-                        **_recompute_fields(trainer.last_recomputes))
+                        **trainer.step_fields(), **_recompute_fields(trainer.last_recomputes))
                 for r in trainer.last_recomputes:
                     log(f"warning: rank {rank} step {step}: a micro-step's loss {r.wrong_loss:.6g} "
                         f"was below {r.floor:.6g}, the least its targets allow (a wrongly "
                         f"computed step); computed again: {r.loss:.6g}")
-                if not math.isfinite(loss):
+                if not math.isfinite(loss) and not trainer.last_skipped:
                     raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr")
                 epoch_end = step % plan.steps_per_epoch == 0
                 ep_done = step // plan.steps_per_epoch
@@ -718,7 +865,8 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             f"train {t_train:.2f}s")
     hb.emit("done", step=step, status="ok", train_seconds=round(t_train, 3),
             ckpt_blocking_seconds=round(ckpt.total_blocking_seconds, 4),
-            ckpt_save_seconds=round(ckpt.total_save_seconds, 4), **(
+            ckpt_save_seconds=round(ckpt.total_save_seconds, 4),
+            state_sha256=trainer.state_digest(), **(
                 {f"val_{k}": v for k, v in last_val.items()}))
     return 0
 

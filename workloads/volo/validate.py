@@ -4,7 +4,9 @@
 
 ``P`` may be a checkpoint directory (``step-00000012``), a checkpoint root (the newest
 valid one is used), or a ``.ckpt`` file. Progress goes to stderr; stdout ends with one JSON
-line ``{"top1": .., "top5": .., "loss": .., "images": ..}`` (percentages, mean CE loss).
+line ``{"top1": .., "top5": .., "loss": .., "images": .., "weights": ..}`` (percentages, mean
+CE loss). A checkpoint trained with ``ema`` is scored with its EMA weights, as MindCV does,
+unless ``--raw_weights``; the network runs at ``val_amp_level``.
 Exit status 2 for bad configuration, data or checkpoint paths.
 """
 
@@ -58,27 +60,37 @@ def main(argv: list[str] | None = None) -> int:
         num_classes = args.num_classes or len(index.classes)
 
         import mindspore as ms
+        from mindspore.nn.utils import no_init_parameters
 
         from workloads.volo import create_model
+        from workloads.volo.amp import apply_amp
+        from workloads.volo.ema import select_weights
         from workloads.volo.train import evaluate_model
 
         ms.set_context(mode=ms.PYNATIVE_MODE)
         ms.set_device(args.device_target)
+        weights, which = select_weights(ms.load_checkpoint(str(model_file)), args.raw_weights)
         try:
-            net = create_model(args.model, num_classes=num_classes,
-                               checkpoint_path=str(model_file))
-        except (ValueError, KeyError) as e:
+            with no_init_parameters():  # every value comes from the checkpoint
+                net = create_model(args.model, num_classes=num_classes)
+            missing, _ = ms.load_param_into_net(net, weights, strict_load=True)
+        except (ValueError, KeyError, RuntimeError) as e:
             raise ConfigError(f"cannot load {model_file} into {args.model!r}: {e}") from e
+        if missing:
+            raise ConfigError(f"cannot load {model_file} into {args.model!r}: missing "
+                              f"{', '.join(missing[:3])}")
+        net = apply_amp(net, args.val_amp_level)
         ds, src = eval_dataset(index, image_size=args.image_resize, crop_pct=args.crop_pct,
                                interpolation=args.interpolation, mean=args.mean, std=args.std,
                                batch_size=args.batch_size, num_workers=args.num_parallel_workers)
-        log(f"validating {model_file} on {index.root} ({len(index)} images)")
+        log(f"validating {model_file} ({which} weights, {args.val_amp_level}) on {index.root} "
+            f"({len(index)} images)")
         top1, top5, loss, n = evaluate_model(net, ds, src)
     except (ConfigError, DataError) as e:
         log(f"error: {e}")
         return 2
     print(json.dumps({"top1": round(top1, 4), "top5": round(top5, 4), "loss": round(loss, 6),
-                      "images": n}), flush=True)
+                      "images": n, "weights": which}), flush=True)
     return 0
 
 
