@@ -94,8 +94,11 @@ def problem(doc: Path, target: str) -> str | None:
 
 
 def quoted_paths(text: str) -> list[str]:
-    """Code spans that name a repository path: `launcher/spec.py`, `../x`, `docs/`."""
-    top = {p.name for p in ROOT.iterdir()} - {".git"}
+    """Code spans that name a repository path: `launcher/spec.py`, `../x`, `docs/`. Only the
+    repository's own top-level entries count, not outputs a run left beside them (`out/`)."""
+    files = tracked()
+    top = ({f.split("/", 1)[0] for f in files} if files is not None else
+           {p.name for p in ROOT.iterdir()} - {".git"})
     out = []
     for _, span in CODE.findall(prose(text)):
         span = re.sub(r":\d+$", "", span.strip())
