@@ -8,28 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from test_spec_validation import GOOD
 
 from launcher import spec as S
 from launcher.planner import Request, Topology, batch_split, explain_infeasible
 from launcher.ranks import build_launch, override_flags
 
 REPO = Path(__file__).resolve().parents[1]
-
-GOOD = """\
-apiVersion: fleet/v1
-kind: TrainJob
-metadata:
-  name: volo-digits
-spec:
-  config: recipe.yaml
-  data:
-    dir: data
-  resources:
-    devices: {min: 8, max: 16}
-  batch:
-    global: 256
-    microBatchMax: 32
-"""
 
 
 def problems(text: str, sets: list[str] | None = None) -> list[tuple[str, str]]:
@@ -320,7 +305,8 @@ def test_a_dry_run_at_the_largest_allowed_job_is_quick():
     text = GOOD.replace("{min: 8, max: 16}", "{min: 8, max: 32768}").replace(
         "global: 256", "global: 32768")
     job, _ = S.load_text(text)
-    ctx = {"workdir": "/w", "steps": {"volo-digits": {"config": "/c", "data_dir": "/d"}}}
+    recipe = str(REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml")
+    ctx = {"workdir": "/w", "steps": {"volo-digits": {"config": recipe, "data_dir": "/d"}}}
     t = time.process_time()
     d = C._dry_run(job, ctx, Path("/h"))
     took = time.process_time() - t
