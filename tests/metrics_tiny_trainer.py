@@ -118,6 +118,8 @@ def main() -> None:
             step_seconds=dt,
             samples_seen=step * global_batch,
             sample_hash=hashlib.sha256(np.sort(idx).tobytes()).hexdigest(),
+            # a float32 recipe's loss scale, as the train loop reports it
+            loss_scale=1.0, overflow=False, skipped=False, overflow_steps=0, skipped_steps=0,
         )
         if args.rank == 0 and step % args.ckpt_every == 0:
             t1 = time.time()

@@ -319,6 +319,9 @@ CHECKS: dict[tuple[str, str, str], Check] = {
     ("training", "Checkpoint age and save time", "A"): between(-0.5, SANE_SECONDS),
     ("training", "Checkpoint age and save time", "B"): between(0.0, 5.0),
     ("training", "Heartbeat age", "A"): between(-0.5, SANE_SECONDS),
+    # Both drivers train in float32 with a fixed scale of 1: no step overflows.
+    ("training", "Loss scale and overflowed steps", "A"): all_of(between(1.0, 1.0), last(1.0)),
+    ("training", "Loss scale and overflowed steps", "B"): between(0, 0),
     ("fleet", "Jobs by state", "A"): all_of(between(0, 1), labelled("state")),
     ("fleet", "Devices used / free", "A"): all_of(between(0, DEVICES_TOTAL), labelled("state")),
     ("fleet", "NPU utilisation", "A"): all_of(between(0, 100), labelled("instance", "id")),
@@ -418,6 +421,7 @@ TRUTH_CHECKS: dict[tuple[str, str, str], TruthCheck] = {
     ("training", "Validation top-1 / top-5", "B"): equals_heartbeats("val", "top5"),
     ("training", "Throughput", "B"): equals_heartbeats("step", "images_per_second"),
     ("training", "Step time", "A"): equals_heartbeats("step", "step_seconds"),
+    ("training", "Loss scale and overflowed steps", "A"): equals_heartbeats("step", "loss_scale"),
 
     ("training", "Throughput", "A"): equals_job_progress(lambda p: p.job_images_per_second()),
     ("training", "Goodput", "A"): equals_job_progress(lambda p: p.goodput_ratio()),
