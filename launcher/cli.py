@@ -113,7 +113,19 @@ class Ctx:
                 click.echo(f"error: controller did not answer {method} within {timeout:.0f}s",
                            err=True)
                 sys.exit(EXIT_NO_CLUSTER)
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayTaskError as e:
+                # the controller refused the request itself (a full queue, a checkpoint
+                # directory in use, a path outside the configured roots)
+                if isinstance(e.cause, specmod.SpecError):
+                    click.echo(e.cause.render(), err=True)
+                    sys.exit(EXIT_INVALID)
+                raise
+            except ray.exceptions.RayActorError as e:
+                if getattr(e, "actor_init_failed", False):
+                    # its constructor raised: Ray does not restart it, so waiting is no use
+                    code, why = _controller_start_failure(str(getattr(e, "error_msg", e)))
+                    click.echo(f"error: {why}", err=True)
+                    sys.exit(code)
                 # Ray restarts the detached controller (max_restarts=-1) and its __init__
                 # reattaches to running jobs; a query only has to wait for it.
                 if method in NOT_REPEATABLE:
@@ -140,6 +152,18 @@ class Ctx:
     def status(self, ref: str) -> dict[str, Any]:
         """The status of the job `ref` names (an id or WORKFLOW/STEP), or exit 4."""
         return jobref.resolve(ref, lambda j: self.call("status", j))
+
+
+def _controller_start_failure(error_msg: str) -> tuple[int, str]:
+    """(exit code, one line) for a controller whose constructor raised, from Ray's report
+    of it (the traceback's last line names the exception)."""
+    from launcher.store import EXIT_STORE_CORRUPT, StoreCorrupt
+
+    last = next((ln.strip() for ln in reversed(error_msg.splitlines()) if ln.strip()), "")
+    marker = f"{StoreCorrupt.__name__}: "
+    if marker in last:
+        return EXIT_STORE_CORRUPT, last.split(marker, 1)[1]
+    return EXIT_NO_CLUSTER, f"the controller failed to start: {last[:500]}"
 
 
 def _exit_now(code: int) -> None:

@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.store import EXIT_STORE_CORRUPT
+
 log = logging.getLogger(__name__)
 
 RAY_GROUP = "ray.io"
@@ -1019,15 +1021,21 @@ def keep_controller(ray_address: str, interval_s: float, alive_file: Path,
         try:
             proc = subprocess.run(argv, capture_output=True, text=True,  # noqa: S603
                                   timeout=max(interval_s * 8, 120), check=False)
-            ok = proc.returncode == 0
+            proc_code = proc.returncode
+            ok = proc_code == 0
             detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
         except (OSError, subprocess.TimeoutExpired) as exc:
-            ok, detail = False, [str(exc)]
+            ok, detail, proc_code = False, [str(exc)], None
         failures = 0 if ok else failures + 1
         if not ok:
             log.warning("%s failed (%d in a row): %s", " ".join(argv), failures, detail[0])
         alive_file.parent.mkdir(parents=True, exist_ok=True)
         alive_file.write_text(json.dumps({"ts": time.time(), "ok": ok, "failures": failures}))
+        if not ok and proc_code == EXIT_STORE_CORRUPT:
+            # no retry can read a corrupt store: stop, so that the pod's restarts and this
+            # exit code show it, with the file kept for inspection
+            log.error("the job store under %s is corrupt; the keeper stops: %s", home, detail[0])
+            return EXIT_STORE_CORRUPT
         if max_loops is None or loops < max_loops:
             stop.wait(interval_s)
     return 0 if failures == 0 else 1

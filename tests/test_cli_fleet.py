@@ -500,3 +500,55 @@ def test_dry_run_shows_the_recipes_precision(tmp_path):
     assert "amp_level: O3" in r.output and "val_amp_level: O3" in r.output
     assert "loss_scale: dynamic from 1024" in r.output
     assert "ema: decay 0.9995" in r.output
+
+
+def test_a_controller_that_cannot_start_is_not_waited_for(monkeypatch, capsys, tmp_path):
+    """A controller whose constructor raised (a corrupt store) is dead, not restarting:
+    the call ends at once with the store's exit code and its one-line reason."""
+    import ray
+
+    died = ray.exceptions.ActorDiedError()
+    died._actor_init_failed = True
+    died.error_msg = ("The actor died because of an error raised in its creation task\n"
+                      "  File \"launcher/controller.py\", line 250, in __init__\n"
+                      "launcher.store.StoreCorrupt: the job store /h/fleet.db is corrupt or "
+                      "not a fleet database (file is not a database). It was not changed\n")
+
+    def get(ref, timeout=None):
+        raise died
+
+    monkeypatch.setattr(ray, "get", get)
+    c = C.Ctx(None, tmp_path)
+    c._ctl = _Restarting(fails=0)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        c.call("status", "smoke-1")
+    assert time.monotonic() - t0 < 1.0
+    assert e.value.code == 5
+    err = capsys.readouterr().err
+    assert err.startswith("error: the job store /h/fleet.db is corrupt") and "restarting" not in err
+    died.error_msg = "creation task\nZeroDivisionError: division by zero\n"
+    with pytest.raises(SystemExit) as e:
+        c.call("status", "smoke-1")
+    assert e.value.code == C.EXIT_NO_CLUSTER
+    assert "the controller failed to start: ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_a_request_the_controller_refuses_is_a_spec_error_not_a_traceback(monkeypatch, capsys,
+                                                                          tmp_path):
+    import ray
+
+    refused = S.SpecError("<submitted>", [("(queue)", "the queue is full: 10000 jobs wait "
+                                                      "and at most 10000 may")])
+
+    def get(ref, timeout=None):
+        raise ray.exceptions.RayTaskError("submit", "Traceback ...", refused)
+
+    monkeypatch.setattr(ray, "get", get)
+    c = C.Ctx(None, tmp_path)
+    c._ctl = _Restarting(fails=0)
+    with pytest.raises(SystemExit) as e:
+        c.call("submit", {}, {})
+    assert e.value.code == C.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "the queue is full" in err and "Traceback" not in err

@@ -137,6 +137,17 @@ def test_keeper_reports_a_failing_ensure_command(tmp_path):
     assert k8s.probe(alive, max_age_s=60) == 0
 
 
+def test_keeper_stops_on_a_corrupt_store(tmp_path):
+    """No retry can read a corrupt fleet.db: the keeper stops with the store's exit code
+    instead of looping, so the pod's restarts show it."""
+    alive = tmp_path / "alive"
+    marker = tmp_path / "runs"
+    argv = [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x'); raise SystemExit(5)"]
+    rc = k8s.keep_controller("x", 0.01, alive, max_loops=5, ensure_argv=argv)
+    assert rc == 5 and marker.read_text() == "x"
+    assert '"ok": false' in alive.read_text()
+
+
 def test_every_call_path_is_checked_against_required_rbac(monkeypatch):
     kube = k8s.KubeClient.for_url("http://127.0.0.1:9", "ns")
     with pytest.raises(AssertionError, match="delete pods is not in"):
