@@ -60,6 +60,16 @@ def test_shipped_recipes_parse():
     assert d1.color_jitter == [0.4, 0.4, 0.4] and d1.loss_scale_type == "dynamic"
     tiny = parse_args(["-c", str(CONFIGS / "volo_tiny_digits.yaml")])
     assert tiny.model == "volo_tiny" and tiny.image_resize == 32 and tiny.device_target == "CPU"
+    # the same recipe at the seed's precision, for the fault suite (FLEET_FAULTS_RECIPE):
+    # every other key is the quickstart's
+    o3 = parse_args(["-c", str(CONFIGS / "volo_tiny_digits_o3.yaml")])
+    assert (o3.amp_level, o3.val_amp_level, o3.loss_scale_type, o3.loss_scale,
+            o3.drop_overflow_update, o3.ema, o3.ema_decay) == (d1.amp_level, d1.val_amp_level,
+                                                               "dynamic", 1024.0, True, True,
+                                                               d1.ema_decay)
+    differ = {k for k, v in vars(o3).items() if getattr(tiny, k) != v} - {"config"}
+    assert differ == {"amp_level", "val_amp_level", "loss_scale_type", "loss_scale",
+                      "drop_overflow_update", "ema", "ema_decay"}, differ
 
 
 def test_fleet_env_overrides(tmp_path):

@@ -29,7 +29,10 @@ os.environ.setdefault("GLOG_v", "3")
 os.environ.setdefault("FLEET_METRICS", "0")
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_RECIPE = REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
+# FLEET_FAULTS_RECIPE runs the VOLO faults with another recipe of the same model and data,
+# e.g. volo_tiny_digits_o3.yaml (mixed precision, dynamic loss scale, EMA).
+TINY_RECIPE = Path(os.environ.get("FLEET_FAULTS_RECIPE") or
+                   REPO / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml")
 # Loss equality across attempts: resumed parameters are bit-identical, but a resize
 # changes the accumulation order of the gradient sum (float32), so allow rounding.
 LOSS_RTOL = 2e-4
