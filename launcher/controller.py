@@ -9,7 +9,7 @@ restarted controller finds again by name. The loop is
 and every decision is written to the store before it is acted on, so a crash
 between the two is repaired on restart rather than lost.
 
-Elasticity (issue 6) slots in here: a failed attempt already re-plans on the
+Elasticity: a failed attempt re-plans on the
 devices free *now* (shrink, same global batch); growing back is a RUNNING ->
 RESIZING -> SCHEDULING transition decided in `_tick` when the planner finds a
 better plan for a running job.
