@@ -50,9 +50,9 @@ BURNER = ("import random, sys, time\n"
           "    time.sleep(random.uniform(0.0005, 0.003))\n")
 
 
-def rank_env(out: Path, node: str, port: int) -> dict[str, str]:
+def rank_env(out: Path, node: str, port: int, code: Path = REPO) -> dict[str, str]:
     """What launcher/ranks.py sets for a 2-rank CPU job with cpusPerDevice 0.5."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", GLOG_v="2",
+    env = dict(os.environ, PYTHONPATH=str(code), PYTHONUNBUFFERED="1", GLOG_v="2",
                OMP_NUM_THREADS="1", FLEET_NUM_THREADS="1", MS_RETRY_INTERVAL_LOWER="1",
                MS_RETRY_INTERVAL_UPPER="1", MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=str(port),
                MS_WORKER_NUM="2", FLEET_CHECKPOINT_DIR=str(out / "ckpt"),
@@ -68,7 +68,8 @@ def rank_env(out: Path, node: str, port: int) -> dict[str, str]:
 
 def one_run(out: Path, data: Path, pin: bool, timeout: float,
             extra_env: dict[str, str] | None = None, micro_batch: int = 4,
-            extra_args: list[str] | None = None, steps: int = STEPS) -> list[list[dict]]:
+            extra_args: list[str] | None = None, steps: int = STEPS,
+            code: Path = REPO) -> list[list[dict]]:
     """The two ranks' heartbeat events of one run. ``extra_env`` values of None unset."""
     from faults_harness import TINY_RECIPE, read_events
     from metrics_prometheus import free_port
@@ -87,9 +88,9 @@ def one_run(out: Path, data: Path, pin: bool, timeout: float,
         def affinity(c: int = core) -> None:
             os.sched_setaffinity(0, {c % (os.cpu_count() or 1)})
 
-        env = {**rank_env(out, node, port), **(extra_env or {})}
+        env = {**rank_env(out, node, port, code), **(extra_env or {})}
         with open(out / f"{node}.log", "wb") as log:
-            procs.append(subprocess.Popen(argv, cwd=REPO,
+            procs.append(subprocess.Popen(argv, cwd=code,
                                           stdout=log, stderr=subprocess.STDOUT,
                                           env={k: v for k, v in env.items() if v is not None},
                                           preexec_fn=affinity if pin else None))
@@ -134,18 +135,25 @@ class Arm:
     name: str
     env: dict[str, str | None] = field(default_factory=dict)
     args: tuple[str, ...] = ()
+    code: Path = REPO  # the checkout whose train.py the ranks run
 
 
 def arm_spec(text: str) -> Arm:
     """``NAME`` or ``NAME:ITEM,ITEM``; an ITEM is ``KEY=VALUE`` (environment), ``-KEY``
-    (environment variable removed) or ``--flag=value`` (train.py flag)."""
+    (environment variable removed), ``--flag=value`` (train.py flag) or ``@DIR`` (run the
+    train loop of another checkout, e.g. a ``git worktree`` of an older commit)."""
     name, _, rest = text.partition(":")
     if not name:
         raise argparse.ArgumentTypeError(f"--arm {text!r}: expected NAME[:ITEM,...]")
     env: dict[str, str | None] = {}
     args: list[str] = []
+    code = REPO
     for item in filter(None, rest.split(",")):
-        if item.startswith("--"):
+        if item.startswith("@"):
+            code = Path(item[1:]).resolve()
+            if not (code / "workloads" / "volo" / "train.py").is_file():
+                raise argparse.ArgumentTypeError(f"--arm {text!r}: {code} has no train loop")
+        elif item.startswith("--"):
             flag, sep, value = item.partition("=")
             if not sep:
                 raise argparse.ArgumentTypeError(f"--arm {text!r}: {item!r} needs =value")
@@ -155,7 +163,7 @@ def arm_spec(text: str) -> Arm:
         else:
             key, value = env_pair(item)
             env[key] = value
-    return Arm(name, env, tuple(args))
+    return Arm(name, env, tuple(args), code)
 
 
 def wrong_steps(run: dict[int, float], ref: dict[int, float]) -> list[tuple[int, float, float]]:
@@ -190,17 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fleet-cpu-step-race-") as d:
         data = tiny_digits(Path(d) / "digits", per_class=max(8, 2 * args.micro_batch))
-        refs: dict[tuple[str, ...], dict[int, float]] = {}
+        refs: dict[tuple, dict[int, float]] = {}
         for arm in arms:
-            if arm.args not in refs:
+            if (arm.args, arm.code) not in refs:
                 # pinned as the loaded runs are: at larger micro-batches MindSpore's CPU
                 # kernels split their work by the cores a process may use, and the split
                 # changes the float32 sums (a pinned reference differed from unpinned runs
                 # by 3e-4 in loss by step 23 at micro-batch 32)
-                refs[arm.args] = losses(one_run(Path(d) / f"reference-{len(refs)}", data,
-                                                pin=args.pin, timeout=args.timeout,
-                                                micro_batch=args.micro_batch,
-                                                extra_args=list(arm.args), steps=args.steps))
+                refs[arm.args, arm.code] = losses(one_run(
+                    Path(d) / f"reference-{len(refs)}", data, pin=args.pin,
+                    timeout=args.timeout, micro_batch=args.micro_batch,
+                    extra_args=list(arm.args), steps=args.steps, code=arm.code))
         burners = [subprocess.Popen([sys.executable, "-c", BURNER,
                                      str(args.timeout * (args.runs * len(arms) + 1))])
                    for _ in range(args.load)]
@@ -211,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                     events = one_run(Path(d) / f"{arm.name}-run{n}", data, pin=args.pin,
                                      timeout=args.timeout, extra_env={**common_env, **arm.env},
                                      micro_batch=args.micro_batch, extra_args=list(arm.args),
-                                     steps=args.steps)
+                                     steps=args.steps, code=arm.code)
                     run = losses(events)
-                    bad = wrong_steps(run, refs[arm.args])
+                    ref = refs[arm.args, arm.code]
+                    bad = wrong_steps(run, ref)
                     redone = recomputed(events)
-                    ref = refs[arm.args]
                     differ = [st for st in sorted(ref) if st in run and run[st] != ref[st]]
                     rows.append({"arm": arm.name, "run": n, "steps": len(run),
                                  "wrong_steps": len(bad), "first_wrong": bad[:3],
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                                         (r["wrong_steps"] or r["recomputed"])),
                       "micro_steps_recomputed": sum(len(r["recomputed"]) for r in rows
                                                     if r["arm"] == a.name),
-                      "env": a.env, "args": list(a.args)} for a in arms}
+                      "env": a.env, "args": list(a.args), "code": str(a.code)} for a in arms}
     res = {"arms": table, "runs": rows, "pin": args.pin, "load": args.load,
            "micro_batch": args.micro_batch, "env": common_env, "cpus": os.cpu_count()}
     print(json.dumps(table))
