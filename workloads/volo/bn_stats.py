@@ -59,7 +59,9 @@ class StepRunningStats:
             self._assign(p, start)
 
     def collect(self) -> None:
-        """Add the statistics the last micro-step left, then reset for the next one."""
+        """Add the statistics the last micro-step left, then reset: for the next micro-step,
+        and after the last one too, so that a rank waiting in the step's all-reduce holds the
+        last completed step's statistics (what its last words save) until :meth:`apply`."""
         after = [np.array(p.asnumpy(), copy=True) for p in self.params]
         self._sum = after if not self._sum else [s + a for s, a in
                                                   zip(self._sum, after, strict=True)]
