@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import math
 import os
 import sys
@@ -982,4 +983,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # a rank that dies by a signal inside MindSpore leaves every Python thread's stack in its
+    # log, which is all there is to tell where (and whether at exit) it crashed
+    faulthandler.enable()
     sys.exit(main())
