@@ -1,4 +1,4 @@
-"""A small fake of the Kubernetes API server on 127.0.0.1, for launcher/k8s.py tests.
+"""A small fake of the Kubernetes API server on 127.0.0.1, for launcher/k8s/ tests.
 
 It serves the real JSON shapes the client parses: PodList/EventList with
 metadata.resourceVersion, watch streams of {"type", "object"} lines sent with
