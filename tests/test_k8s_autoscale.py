@@ -16,7 +16,7 @@ from launcher.k8s.fleet import FleetK8s
 from launcher.k8s.pod_watcher import PodWatcher
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05,
-                             request_timeout=(1.0, 0.5))
+                         request_timeout=(1.0, 0.5))
 SETTINGS = ScalerSettings(idle_release_s=60, request_timeout_s=300, retry_after_s=30,
                           recheck_s=5)
 

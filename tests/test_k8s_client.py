@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from k8s_fake import objects as o
+from k8s_fake import tls
 from k8s_fake.server import Fault, forbidden, serving, status_body, write_kubeconfig
+from required_tools import missing_tool
 
 from launcher.k8s import cli as k8s_cli
 from launcher.k8s.client import KubeClient, RetryPolicy
@@ -21,7 +24,7 @@ from launcher.k8s.scaling import release_idle_workers, request_workers, scale_wo
 from launcher.k8s.watch import ResourceWatch
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05,
-                             request_timeout=(1.0, 0.5))
+                         request_timeout=(1.0, 0.5))
 
 
 @pytest.fixture
@@ -136,7 +139,7 @@ def test_watch_resumes_from_last_resource_version_after_dropped_connection(fake,
 def test_bookmarks_advance_the_resume_point(fake, kube):
     fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
     watch = ResourceWatch(kube, "pods", kube.core.list_namespaced_pod,
-                              label_selector="ray.io/cluster=fleet-ray", watch_seconds=1)
+                          label_selector="ray.io/cluster=fleet-ray", watch_seconds=1)
     stop = threading.Event()
     listed_rv = None
     for ev in watch.events(stop, deadline=time.monotonic() + 0.5):
@@ -282,8 +285,8 @@ def test_release_idle_workers_names_the_pods_to_delete(fake, kube, watcher):
     for x in "abc":
         fake.put("pods", o.pod(f"fleet-ray-npu-worker-{x}"))
     result = release_idle_workers(kube, o.CLUSTER, "npu",
-                                      ["fleet-ray-npu-worker-c", "fleet-ray-npu-worker-a"],
-                                      watcher=watcher)
+                                  ["fleet-ray-npu-worker-c", "fleet-ray-npu-worker-a"],
+                                  watcher=watcher)
     assert (result.replicas_before, result.replicas) == (3, 1)
     group = fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"][0]
     assert group["scaleStrategy"]["workersToDelete"] == [
@@ -370,6 +373,85 @@ def test_in_cluster_config_uses_the_service_account(tmp_path, monkeypatch):
     assert kube.namespace == "team-a" and cfg.retries is False
 
 
+def test_every_call_carries_the_kubeconfig_token(fake, tmp_path, monkeypatch):
+    fake.token = "not-a-secret"  # the token write_kubeconfig puts in the user entry
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = write_kubeconfig(tmp_path / "config", fake.url, o.NAMESPACE)
+    fake.put("rayclusters", o.raycluster(replicas=1))
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
+    kube = KubeClient.from_environment(kubeconfig=str(cfg), retry=FAST_RETRY)
+    kube.list_cluster_pods(o.CLUSTER)
+    request_workers(kube, o.CLUSTER, "npu", 1)  # get + patch
+    watch = ResourceWatch(kube, "pods", kube.core.list_namespaced_pod, watch_seconds=1)
+    stop = threading.Event()
+    for ev in watch.events(stop, deadline=time.monotonic() + 5):
+        if ev.type == "SYNCED":  # listed: what changes now comes through the watch
+            fake.put("pods", o.pod("fleet-ray-npu-worker-a", phase="Failed"))
+        elif ev.type == "MODIFIED":
+            break
+    assert {(r.method, r.query.get("watch") == "true") for r in fake.requests} == {
+        ("GET", False), ("PATCH", False), ("GET", True)}
+    assert all(r.authorization.lower() == "bearer not-a-secret" and r.status != 401
+               for r in fake.requests), [(r.path, r.authorization, r.status) for r in fake.requests]
+
+
+def test_a_rejected_token_is_an_error_not_a_retry(fake, tmp_path, monkeypatch):
+    fake.token = "rotated-since"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = write_kubeconfig(tmp_path / "config", fake.url, o.NAMESPACE)
+    kube = KubeClient.from_environment(kubeconfig=str(cfg), retry=FAST_RETRY)
+    with pytest.raises(KubeError, match="list pods: HTTP 401: Unauthorized") as err:
+        kube.list_cluster_pods(o.CLUSTER)
+    assert err.value.status == 401 and not isinstance(err.value, RBACError)
+    assert [r.status for r in fake.requests] == [401]
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    if tls.openssl() is None:
+        missing_tool("openssl is not on PATH: it makes the fake API server's TLS certificate")
+    return tls.make_certificate(tmp_path / "tls"), tls.make_certificate(tmp_path / "other", "other")
+
+
+def in_cluster(monkeypatch, tmp_path, url: str, ca: Path, token: str = "sa-token") -> None:
+    """The environment and service-account files a pod has, pointing at the fake."""
+    from kubernetes.config import incluster_config
+
+    (tmp_path / "token").write_text(token)
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(tmp_path / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", url.rsplit(":", 1)[1])
+    monkeypatch.setenv("FLEET_K8S_NAMESPACE", o.NAMESPACE)
+
+
+def test_in_cluster_calls_go_over_tls_with_the_service_account_token(certificates, tmp_path,
+                                                                     monkeypatch):
+    cert, _ = certificates
+    with serving(token="sa-token", tls=cert.server_context()) as api:
+        api.put("pods", o.pod("fleet-ray-npu-worker-a"))
+        in_cluster(monkeypatch, tmp_path, api.url, cert.ca)
+        kube = KubeClient.from_environment(retry=FAST_RETRY)
+        assert [p["metadata"]["name"] for p in kube.list_cluster_pods(o.CLUSTER)] == [
+            "fleet-ray-npu-worker-a"]
+        assert api.url.startswith("https://")
+        assert [(r.status, r.authorization.lower()) for r in api.requests] == [
+            (200, "bearer sa-token")]
+
+
+def test_an_api_server_certificate_from_another_ca_is_refused_not_retried(
+        certificates, tmp_path, monkeypatch):
+    cert, other = certificates
+    with serving(token="sa-token", tls=cert.server_context()) as api:
+        in_cluster(monkeypatch, tmp_path, api.url, other.ca)
+        kube = KubeClient.from_environment(retry=FAST_RETRY)
+        sleeps: list[float] = []
+        kube.sleep = sleeps.append
+        with pytest.raises(KubeError, match="CERTIFICATE_VERIFY_FAILED"):
+            kube.list_cluster_pods(o.CLUSTER)
+        assert sleeps == [] and api.requests == []  # no request got past the handshake
+
+
 def test_watch_command_prints_failures_as_json_lines(fake, tmp_path, monkeypatch, capsys):
     import json
 
@@ -384,7 +466,7 @@ current-context: fake
 """)
     fake.put("pods", o.evicted("fleet-ray-npu-worker-a"))
     rc = k8s_cli.main(["watch", "--kubeconfig", str(cfg), "--raycluster", o.CLUSTER,
-                   "--seconds", "0.5"])
+                       "--seconds", "0.5"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert rc == 0
     assert [(x["pod"], x["reason"]) for x in lines] == [("fleet-ray-npu-worker-a", "Evicted")]
@@ -440,7 +522,7 @@ def test_facade_traces_a_dead_ray_node_to_its_pod_and_reason(fake, kube):
     fake.put("pods", o.pod("fleet-ray-npu-worker-a", ip="10.42.0.11"))
     fake.put("pods", o.pod("fleet-ray-npu-worker-b", ip="10.42.0.12"))
     fleet = FleetK8s(kube, o.CLUSTER, watcher=PodWatcher(kube, o.CLUSTER,
-                                                                 watch_seconds=2))
+                                                         watch_seconds=2))
     fleet.watcher.start()
     try:
         mapping = fleet.remember_nodes([_ray_node("n-a", "10.42.0.11", "x"),

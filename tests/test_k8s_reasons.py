@@ -122,7 +122,7 @@ def test_keeper_runs_the_ensure_command_and_touches_its_alive_file(tmp_path):
     argv = [sys.executable, "-c",
             f"open({str(marker)!r}, 'a').write('x')"]
     assert k8s_cli.keep_controller("ray://unused:10001", 0.01, alive, max_loops=2,
-                               ensure_argv=argv) == 0
+                                   ensure_argv=argv) == 0
     assert marker.read_text() == "xx"
     assert k8s_cli.probe(alive, max_age_s=60) == 0
     old = time.time() - 600
@@ -134,7 +134,7 @@ def test_keeper_runs_the_ensure_command_and_touches_its_alive_file(tmp_path):
 def test_keeper_reports_a_failing_ensure_command(tmp_path):
     alive = tmp_path / "alive"
     rc = k8s_cli.keep_controller("x", 0.01, alive, max_loops=1,
-                             ensure_argv=[sys.executable, "-c", "raise SystemExit(3)"])
+                                 ensure_argv=[sys.executable, "-c", "raise SystemExit(3)"])
     assert rc == 1 and '"failures": 1' in alive.read_text()
     # The loop is alive even while the head is not reachable: the probe passes.
     assert k8s_cli.probe(alive, max_age_s=60) == 0
@@ -170,7 +170,7 @@ def test_keeper_command_is_one_the_fleet_cli_accepts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(k8s_cli.subprocess, "run", fake_run)
     k8s_cli.main(["keep-controller", "--ray-address=ray://fleet-ray-head-svc:10001",
-              "--home=/var/lib/fleet", f"--alive-file={tmp_path / 'alive'}", "--max-loops=1"])
+                  "--home=/var/lib/fleet", f"--alive-file={tmp_path / 'alive'}", "--max-loops=1"])
     (argv,) = seen
     assert argv == ["fleet", "--address", "ray://fleet-ray-head-svc:10001",
                     "--home", "/var/lib/fleet", "up"]
