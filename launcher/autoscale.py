@@ -3,7 +3,7 @@
 The controller (launcher/controller.py) calls `WorkerGroupScaler.step` once per
 tick, after scheduling, with what it knows: the live NPU nodes, which of them
 hold chips, how many devices waiting and growing jobs want and how many are
-free. The scaler decides; `FleetK8s` (launcher/k8s.py) makes the API calls.
+free. The scaler decides; `FleetK8s` (launcher/k8s/fleet.py) makes the API calls.
 
 * Grow: devices wanted beyond the free ones, rounded up to whole servers, minus
   servers already on their way (the group's replicas as asked of KubeRay, less
@@ -37,7 +37,7 @@ log = logging.getLogger("fleet.autoscale")
 
 
 class WorkerGroup(Protocol):
-    """What the scaler needs of launcher.k8s.FleetK8s."""
+    """What the scaler needs of launcher.k8s.fleet.FleetK8s."""
 
     cluster: str
     group: str

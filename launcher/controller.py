@@ -303,9 +303,9 @@ class Controller(JobQueries):
             return None
 
     def _start_k8s(self):
-        """FleetK8s (launcher/k8s.py) when running in a KubeRay cluster, else None."""
+        """FleetK8s (launcher/k8s/fleet.py) when running in a KubeRay cluster, else None."""
         try:
-            from launcher.k8s import FleetK8s
+            from launcher.k8s.fleet import FleetK8s
             return FleetK8s.from_env()
         except Exception as e:  # noqa: BLE001 - Kubernetes is an aid, not a prerequisite
             log.warning("kubernetes integration off: %s", e)

@@ -9,12 +9,14 @@ import pytest
 from k8s_fake import objects as o
 from k8s_fake.server import Fault, forbidden, serving
 
-from launcher import k8s
 from launcher.autoscale import ScalerSettings, WorkerGroupScaler
 from launcher.cli import kubernetes_lines
+from launcher.k8s.client import KubeClient, RetryPolicy
+from launcher.k8s.fleet import FleetK8s
+from launcher.k8s.pod_watcher import PodWatcher
 
-FAST_RETRY = k8s.RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05,
-                             request_timeout=(1.0, 0.5))
+FAST_RETRY = RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05,
+                         request_timeout=(1.0, 0.5))
 SETTINGS = ScalerSettings(idle_release_s=60, request_timeout_s=300, retry_after_s=30,
                           recheck_s=5)
 
@@ -35,9 +37,9 @@ def fake():
 
 @pytest.fixture
 def fleet(fake):
-    kube = k8s.KubeClient.for_url(fake.url, o.NAMESPACE, FAST_RETRY)
+    kube = KubeClient.for_url(fake.url, o.NAMESPACE, FAST_RETRY)
     # The watcher is not started: only the deletions it is told to expect matter here.
-    return k8s.FleetK8s(kube, o.CLUSTER, watcher=k8s.PodWatcher(kube, o.CLUSTER))
+    return FleetK8s(kube, o.CLUSTER, watcher=PodWatcher(kube, o.CLUSTER))
 
 
 def worker_pods(fake, n: int, *, replicas: int | None = None, min_replicas: int = 0,

@@ -1,19 +1,30 @@
-"""launcher/k8s.py against the fake API server on 127.0.0.1 (tests/k8s_fake)."""
+"""launcher/k8s/ against the fake API server on 127.0.0.1 (tests/k8s_fake)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from k8s_fake import objects as o
+from k8s_fake import tls
 from k8s_fake.server import Fault, forbidden, serving, status_body, write_kubeconfig
+from required_tools import missing_tool
 
-from launcher import k8s
-from launcher.k8s import FailureReason as R
+from launcher.k8s import cli as k8s_cli
+from launcher.k8s.client import KubeClient, RetryPolicy
+from launcher.k8s.errors import Conflict, KubeError, KubeUnavailable, RBACError
+from launcher.k8s.fleet import FleetK8s
+from launcher.k8s.pod_watcher import PodWatcher
+from launcher.k8s.rbac import REQUIRED_RBAC
+from launcher.k8s.reasons import FailureReason as R
+from launcher.k8s.reasons import WorkerFailure
+from launcher.k8s.scaling import release_idle_workers, request_workers, scale_worker_group
+from launcher.k8s.watch import ResourceWatch
 
-FAST_RETRY = k8s.RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05,
-                             request_timeout=(1.0, 0.5))
+FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05,
+                         request_timeout=(1.0, 0.5))
 
 
 @pytest.fixture
@@ -24,18 +35,18 @@ def fake():
 
 @pytest.fixture
 def kube(fake):
-    return k8s.KubeClient.for_url(fake.url, o.NAMESPACE, FAST_RETRY)
+    return KubeClient.for_url(fake.url, o.NAMESPACE, FAST_RETRY)
 
 
 @pytest.fixture
 def watcher(kube):
-    w = k8s.PodWatcher(kube, o.CLUSTER, watch_seconds=2)
+    w = PodWatcher(kube, o.CLUSTER, watch_seconds=2)
     yield w
     w.stop()
 
 
-def collect(w: k8s.PodWatcher, count: int, timeout: float = 5.0) -> list[k8s.WorkerFailure]:
-    got: list[k8s.WorkerFailure] = []
+def collect(w: PodWatcher, count: int, timeout: float = 5.0) -> list[WorkerFailure]:
+    got: list[WorkerFailure] = []
     end = time.monotonic() + timeout
     while len(got) < count and time.monotonic() < end:
         got += list(w.failures(timeout=0.05))
@@ -127,8 +138,8 @@ def test_watch_resumes_from_last_resource_version_after_dropped_connection(fake,
 
 def test_bookmarks_advance_the_resume_point(fake, kube):
     fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
-    watch = k8s.ResourceWatch(kube, "pods", kube.core.list_namespaced_pod,
-                              label_selector="ray.io/cluster=fleet-ray", watch_seconds=1)
+    watch = ResourceWatch(kube, "pods", kube.core.list_namespaced_pod,
+                          label_selector="ray.io/cluster=fleet-ray", watch_seconds=1)
     stop = threading.Event()
     listed_rv = None
     for ev in watch.events(stop, deadline=time.monotonic() + 0.5):
@@ -165,8 +176,8 @@ def test_410_gone_relists_and_reports_pods_deleted_meanwhile(fake, kube, watcher
 
 def test_unexpected_watch_error_is_raised_not_swallowed(fake, kube):
     fake.add_fault(Fault("GET", r"/events$", watch=True, status=500, times=10))
-    watch = k8s.ResourceWatch(kube, "events", kube.core.list_namespaced_event, watch_seconds=1)
-    with pytest.raises(k8s.KubeUnavailable, match="watch events .* failed 4 times"):
+    watch = ResourceWatch(kube, "events", kube.core.list_namespaced_event, watch_seconds=1)
+    with pytest.raises(KubeUnavailable, match="watch events .* failed 4 times"):
         for _ in watch.events(threading.Event(), deadline=time.monotonic() + 5):
             pass
 
@@ -178,8 +189,8 @@ def test_403_names_the_rbac_verb_and_resource(fake, kube):
     fake.put("rayclusters", o.raycluster())
     fake.add_fault(Fault("GET", r"/rayclusters/", status=403,
                          body=forbidden("get", "rayclusters", o.NAMESPACE, "ray.io")))
-    with pytest.raises(k8s.RBACError) as err:
-        k8s.scale_worker_group(kube, o.CLUSTER, "npu", 3)
+    with pytest.raises(RBACError) as err:
+        scale_worker_group(kube, o.CLUSTER, "npu", 3)
     msg = str(err.value)
     assert "cannot get rayclusters.ray.io in namespace ascend-fleet" in msg
     assert "apiGroups [ray.io] resources [rayclusters] verbs [get]" in msg
@@ -192,7 +203,7 @@ def test_403_on_watch_names_watch_pods(fake, kube, watcher):
                          body=forbidden("watch", "pods", o.NAMESPACE)))
     watcher.start()
     wait_until(lambda: watcher.errors)
-    assert isinstance(watcher.errors[0], k8s.RBACError)
+    assert isinstance(watcher.errors[0], RBACError)
     assert 'apiGroups [""] resources [pods] verbs [watch]' in str(watcher.errors[0])
 
 
@@ -202,7 +213,7 @@ def test_409_retries_with_the_fresh_object(fake, kube):
     fake.add_fault(Fault("PATCH", r"/rayclusters/", status=409, body=status_body(
         409, "Conflict", "the object has been modified; please apply your changes to the "
         "latest version and try again")))
-    result = k8s.request_workers(kube, o.CLUSTER, "npu", 1)
+    result = request_workers(kube, o.CLUSTER, "npu", 1)
     assert result.attempts == 2 and result.replicas == 3
     methods = [r.method for r in fake.requests]
     assert methods == ["GET", "PATCH", "GET", "PATCH"]
@@ -216,10 +227,10 @@ def test_patch_with_stale_resource_version_conflicts_and_scale_rereads(fake, kub
     current = fake.objects["rayclusters"][o.CLUSTER]
     current["spec"]["workerGroupSpecs"][1]["replicas"] = 0
     fake.put("rayclusters", current)
-    with pytest.raises(k8s.Conflict):
+    with pytest.raises(Conflict):
         kube.patch_raycluster(o.CLUSTER, {"metadata": stale["metadata"],
                                           "spec": {"workerGroupSpecs": []}})
-    k8s.scale_worker_group(kube, o.CLUSTER, "npu", 4)
+    scale_worker_group(kube, o.CLUSTER, "npu", 4)
     groups = fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"]
     # Our change applied and the other writer's change kept.
     assert [(g["groupName"], g["replicas"]) for g in groups] == [("npu", 4), ("cpu", 0)]
@@ -239,7 +250,7 @@ def test_timeouts_give_up_after_the_retry_budget(fake, kube):
     fake.put("rayclusters", o.raycluster())
     fake.add_fault(Fault("GET", r"/rayclusters/", delay_s=0.8, times=10))
     start = time.monotonic()
-    with pytest.raises(k8s.KubeUnavailable, match="get rayclusters .* failed 4 times"):
+    with pytest.raises(KubeUnavailable, match="get rayclusters .* failed 4 times"):
         kube.get_raycluster(o.CLUSTER)
     assert time.monotonic() - start < 4.0
 
@@ -257,15 +268,15 @@ def test_503_is_retried(fake, kube):
 def test_scale_outside_bounds_names_the_field_and_writes_nothing(fake, kube):
     fake.put("rayclusters", o.raycluster(replicas=2, max_replicas=4))
     with pytest.raises(ValueError, match=r"minReplicas\.\.maxReplicas = 0\.\.4"):
-        k8s.scale_worker_group(kube, o.CLUSTER, "npu", 5)
-    with pytest.raises(k8s.KubeError, match=r"no worker group 'gpu' \(groups: \['npu', 'cpu'\]"):
-        k8s.scale_worker_group(kube, o.CLUSTER, "gpu", 1)
+        scale_worker_group(kube, o.CLUSTER, "npu", 5)
+    with pytest.raises(KubeError, match=r"no worker group 'gpu' \(groups: \['npu', 'cpu'\]"):
+        scale_worker_group(kube, o.CLUSTER, "gpu", 1)
     assert [r.method for r in fake.requests] == ["GET", "GET"]
 
 
 def test_request_workers_is_capped_by_max_replicas(fake, kube):
     fake.put("rayclusters", o.raycluster(replicas=3, max_replicas=4))
-    result = k8s.request_workers(kube, o.CLUSTER, "npu", 5)
+    result = request_workers(kube, o.CLUSTER, "npu", 5)
     assert (result.replicas_before, result.replicas) == (3, 4)
 
 
@@ -273,15 +284,15 @@ def test_release_idle_workers_names_the_pods_to_delete(fake, kube, watcher):
     fake.put("rayclusters", o.raycluster(replicas=3))
     for x in "abc":
         fake.put("pods", o.pod(f"fleet-ray-npu-worker-{x}"))
-    result = k8s.release_idle_workers(kube, o.CLUSTER, "npu",
-                                      ["fleet-ray-npu-worker-c", "fleet-ray-npu-worker-a"],
-                                      watcher=watcher)
+    result = release_idle_workers(kube, o.CLUSTER, "npu",
+                                  ["fleet-ray-npu-worker-c", "fleet-ray-npu-worker-a"],
+                                  watcher=watcher)
     assert (result.replicas_before, result.replicas) == (3, 1)
     group = fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"][0]
     assert group["scaleStrategy"]["workersToDelete"] == [
         "fleet-ray-npu-worker-a", "fleet-ray-npu-worker-c"]
     with pytest.raises(ValueError, match="not workers of group 'npu'"):
-        k8s.release_idle_workers(kube, o.CLUSTER, "npu", ["someone-else"])
+        release_idle_workers(kube, o.CLUSTER, "npu", ["someone-else"])
 
 
 def test_every_request_is_covered_by_the_role(fake, kube, watcher):
@@ -292,10 +303,10 @@ def test_every_request_is_covered_by_the_role(fake, kube, watcher):
     watcher.start()
     fake.put("pods", o.oom_killed("fleet-ray-npu-worker-a"))
     collect(watcher, 1)
-    k8s.request_workers(kube, o.CLUSTER, "npu", 1)
-    k8s.release_idle_workers(kube, o.CLUSTER, "npu", ["fleet-ray-npu-worker-a"])
+    request_workers(kube, o.CLUSTER, "npu", 1)
+    release_idle_workers(kube, o.CLUSTER, "npu", ["fleet-ray-npu-worker-a"])
     kube.get_pod("fleet-ray-npu-worker-a")
-    granted = {(r.group, r.resource, v) for r in k8s.REQUIRED_RBAC for v in r.verbs}
+    granted = {(r.group, r.resource, v) for r in REQUIRED_RBAC for v in r.verbs}
     used = set()
     for req in fake.requests:
         group = "ray.io" if req.path.startswith("/apis/ray.io/") else ""
@@ -310,7 +321,7 @@ def test_every_request_is_covered_by_the_role(fake, kube, watcher):
     assert used == granted  # and the Role grants nothing this module never uses
     # The Role pins these to the fleet's RayCluster by resourceNames, which only holds
     # for requests that name it: never a list or watch of the collection.
-    own = {(r.group, r.resource) for r in k8s.REQUIRED_RBAC if r.own_object}
+    own = {(r.group, r.resource) for r in REQUIRED_RBAC if r.own_object}
     named = [req.path for req in fake.requests if any(
         req.path.startswith(f"/apis/{g}/") and f"/{res}" in req.path for g, res in own)]
     assert named and all(p.rstrip("/").endswith(f"/rayclusters/{o.CLUSTER}") for p in named)
@@ -323,7 +334,7 @@ def test_kubeconfig_outside_a_pod(fake, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     cfg = write_kubeconfig(tmp_path / "config", fake.url, o.NAMESPACE)
     fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
-    kube = k8s.KubeClient.from_environment(kubeconfig=str(cfg), retry=FAST_RETRY)
+    kube = KubeClient.from_environment(kubeconfig=str(cfg), retry=FAST_RETRY)
     assert kube.namespace == o.NAMESPACE
     assert len(kube.list_cluster_pods(o.CLUSTER)) == 1
 
@@ -334,14 +345,14 @@ def test_kubeconfig_env_set_after_the_client_was_imported(fake, tmp_path, monkey
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "cfg", fake.url,
                                                            "elsewhere")))
-    kube = k8s.KubeClient.from_environment(retry=FAST_RETRY)
+    kube = KubeClient.from_environment(retry=FAST_RETRY)
     assert kube.namespace == "elsewhere"
 
 
 def test_missing_kubeconfig_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(k8s.KubeError, match="pass --kubeconfig or set KUBECONFIG"):
-        k8s.KubeClient.from_environment(kubeconfig=str(tmp_path / "nope"))
+    with pytest.raises(KubeError, match="pass --kubeconfig or set KUBECONFIG"):
+        KubeClient.from_environment(kubeconfig=str(tmp_path / "nope"))
 
 
 def test_in_cluster_config_uses_the_service_account(tmp_path, monkeypatch):
@@ -355,11 +366,90 @@ def test_in_cluster_config_uses_the_service_account(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     monkeypatch.setenv("FLEET_K8S_NAMESPACE", "team-a")
-    kube = k8s.KubeClient.from_environment()  # builds the client, sends nothing
+    kube = KubeClient.from_environment()  # builds the client, sends nothing
     cfg = kube.api_client.configuration
     assert cfg.host == "https://10.96.0.1:443" and cfg.ssl_ca_cert == str(ca)
     assert cfg.get_api_key_with_prefix("BearerToken").lower() == "bearer sa-token"
     assert kube.namespace == "team-a" and cfg.retries is False
+
+
+def test_every_call_carries_the_kubeconfig_token(fake, tmp_path, monkeypatch):
+    fake.token = "not-a-secret"  # the token write_kubeconfig puts in the user entry
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = write_kubeconfig(tmp_path / "config", fake.url, o.NAMESPACE)
+    fake.put("rayclusters", o.raycluster(replicas=1))
+    fake.put("pods", o.pod("fleet-ray-npu-worker-a"))
+    kube = KubeClient.from_environment(kubeconfig=str(cfg), retry=FAST_RETRY)
+    kube.list_cluster_pods(o.CLUSTER)
+    request_workers(kube, o.CLUSTER, "npu", 1)  # get + patch
+    watch = ResourceWatch(kube, "pods", kube.core.list_namespaced_pod, watch_seconds=1)
+    stop = threading.Event()
+    for ev in watch.events(stop, deadline=time.monotonic() + 5):
+        if ev.type == "SYNCED":  # listed: what changes now comes through the watch
+            fake.put("pods", o.pod("fleet-ray-npu-worker-a", phase="Failed"))
+        elif ev.type == "MODIFIED":
+            break
+    assert {(r.method, r.query.get("watch") == "true") for r in fake.requests} == {
+        ("GET", False), ("PATCH", False), ("GET", True)}
+    assert all(r.authorization.lower() == "bearer not-a-secret" and r.status != 401
+               for r in fake.requests), [(r.path, r.authorization, r.status) for r in fake.requests]
+
+
+def test_a_rejected_token_is_an_error_not_a_retry(fake, tmp_path, monkeypatch):
+    fake.token = "rotated-since"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = write_kubeconfig(tmp_path / "config", fake.url, o.NAMESPACE)
+    kube = KubeClient.from_environment(kubeconfig=str(cfg), retry=FAST_RETRY)
+    with pytest.raises(KubeError, match="list pods: HTTP 401: Unauthorized") as err:
+        kube.list_cluster_pods(o.CLUSTER)
+    assert err.value.status == 401 and not isinstance(err.value, RBACError)
+    assert [r.status for r in fake.requests] == [401]
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    if tls.openssl() is None:
+        missing_tool("openssl is not on PATH: it makes the fake API server's TLS certificate")
+    return tls.make_certificate(tmp_path / "tls"), tls.make_certificate(tmp_path / "other", "other")
+
+
+def in_cluster(monkeypatch, tmp_path, url: str, ca: Path, token: str = "sa-token") -> None:
+    """The environment and service-account files a pod has, pointing at the fake."""
+    from kubernetes.config import incluster_config
+
+    (tmp_path / "token").write_text(token)
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(tmp_path / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", url.rsplit(":", 1)[1])
+    monkeypatch.setenv("FLEET_K8S_NAMESPACE", o.NAMESPACE)
+
+
+def test_in_cluster_calls_go_over_tls_with_the_service_account_token(certificates, tmp_path,
+                                                                     monkeypatch):
+    cert, _ = certificates
+    with serving(token="sa-token", tls=cert.server_context()) as api:
+        api.put("pods", o.pod("fleet-ray-npu-worker-a"))
+        in_cluster(monkeypatch, tmp_path, api.url, cert.ca)
+        kube = KubeClient.from_environment(retry=FAST_RETRY)
+        assert [p["metadata"]["name"] for p in kube.list_cluster_pods(o.CLUSTER)] == [
+            "fleet-ray-npu-worker-a"]
+        assert api.url.startswith("https://")
+        assert [(r.status, r.authorization.lower()) for r in api.requests] == [
+            (200, "bearer sa-token")]
+
+
+def test_an_api_server_certificate_from_another_ca_is_refused_not_retried(
+        certificates, tmp_path, monkeypatch):
+    cert, other = certificates
+    with serving(token="sa-token", tls=cert.server_context()) as api:
+        in_cluster(monkeypatch, tmp_path, api.url, other.ca)
+        kube = KubeClient.from_environment(retry=FAST_RETRY)
+        sleeps: list[float] = []
+        kube.sleep = sleeps.append
+        with pytest.raises(KubeError, match="CERTIFICATE_VERIFY_FAILED"):
+            kube.list_cluster_pods(o.CLUSTER)
+        assert sleeps == [] and api.requests == []  # no request got past the handshake
 
 
 def test_watch_command_prints_failures_as_json_lines(fake, tmp_path, monkeypatch, capsys):
@@ -375,8 +465,8 @@ contexts: [{{name: fake, context: {{cluster: fake, user: me, namespace: {o.NAMES
 current-context: fake
 """)
     fake.put("pods", o.evicted("fleet-ray-npu-worker-a"))
-    rc = k8s.main(["watch", "--kubeconfig", str(cfg), "--raycluster", o.CLUSTER,
-                   "--seconds", "0.5"])
+    rc = k8s_cli.main(["watch", "--kubeconfig", str(cfg), "--raycluster", o.CLUSTER,
+                       "--seconds", "0.5"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert rc == 0
     assert [(x["pod"], x["reason"]) for x in lines] == [("fleet-ray-npu-worker-a", "Evicted")]
@@ -395,7 +485,7 @@ def test_a_patch_that_landed_but_timed_out_is_not_applied_twice(fake, kube):
     # the same guarded patch (409, stale resourceVersion), re-reads, and must
     # not add the worker a second time.
     fake.add_fault(Fault("PATCH", r"/rayclusters/", delay_after_s=1.0))
-    result = k8s.request_workers(kube, o.CLUSTER, "npu", 1)
+    result = request_workers(kube, o.CLUSTER, "npu", 1)
     assert (result.replicas_before, result.replicas) == (2, 3)
     assert fake.objects["rayclusters"][o.CLUSTER]["spec"]["workerGroupSpecs"][0]["replicas"] == 3
     assert [r.method for r in fake.requests] == ["GET", "PATCH", "PATCH", "GET", "PATCH"]
@@ -422,7 +512,7 @@ def _ray_node(node_id, ip, host):
 
 
 def test_facade_is_off_outside_kubernetes():
-    assert k8s.FleetK8s.from_env({}) is None
+    assert FleetK8s.from_env({}) is None
 
 
 def test_facade_traces_a_dead_ray_node_to_its_pod_and_reason(fake, kube):
@@ -431,8 +521,8 @@ def test_facade_traces_a_dead_ray_node_to_its_pod_and_reason(fake, kube):
     fake.put("rayclusters", o.raycluster(replicas=2))
     fake.put("pods", o.pod("fleet-ray-npu-worker-a", ip="10.42.0.11"))
     fake.put("pods", o.pod("fleet-ray-npu-worker-b", ip="10.42.0.12"))
-    fleet = k8s.FleetK8s(kube, o.CLUSTER, watcher=k8s.PodWatcher(kube, o.CLUSTER,
-                                                                 watch_seconds=2))
+    fleet = FleetK8s(kube, o.CLUSTER, watcher=PodWatcher(kube, o.CLUSTER,
+                                                         watch_seconds=2))
     fleet.watcher.start()
     try:
         mapping = fleet.remember_nodes([_ray_node("n-a", "10.42.0.11", "x"),

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from required_tools import missing_tool
 
-from launcher import k8s as kmod
+from launcher.k8s.rbac import REQUIRED_RBAC
+from launcher.k8s.scaling import release_idle_workers, request_workers, scale_worker_group
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("k8s_validate", ROOT / "k8s" / "validate.py")
@@ -194,7 +195,7 @@ def test_role_grants_exactly_what_launcher_k8s_uses(rendered):
                    for r in rule["resources"] for v in rule["verbs"]}
         needed = {(r.group, r.resource, v,
                    (head_env["FLEET_K8S_RAYCLUSTER"],) if r.own_object else ())
-                  for r in kmod.REQUIRED_RBAC for v in r.verbs}
+                  for r in REQUIRED_RBAC for v in r.verbs}
         assert granted == needed
         # the controller may get and patch its own RayCluster and no other
         assert ("ray.io", "rayclusters", "patch", (rc["metadata"]["name"],)) in granted
@@ -213,7 +214,7 @@ def test_only_the_head_pod_gets_an_api_token(rendered):
     assert worker["serviceAccountName"] == "fleet-worker"
     assert worker["automountServiceAccountToken"] is False
     assert one(objects, "ServiceAccount", "fleet-worker")["automountServiceAccountToken"] is False
-    # The keeper only runs `fleet --address ray://... up` (launcher.k8s keep_controller):
+    # The keeper only runs `fleet --address ray://... up` (launcher.k8s.cli keep_controller):
     # no API client, no token. Without FLEET_K8S_RAYCLUSTER nothing in it builds one.
     keeper = one(objects, "Deployment", "fleet-controller")["spec"]["template"]["spec"]
     assert keeper["automountServiceAccountToken"] is False
@@ -529,7 +530,7 @@ def _merge_patch(target, patch):
 
 
 class _OneRayCluster:
-    """The KubeClient calls launcher.k8s's scaling functions make, on one stored object."""
+    """The KubeClient calls launcher.k8s.scaling's functions make, on one stored object."""
 
     def __init__(self, obj, pods):
         self.obj = copy.deepcopy(obj)
@@ -610,10 +611,10 @@ def test_patch_guard_admits_every_patch_the_controller_makes(rendered, patch_gua
         rc = one(objects, "RayCluster")
         name, group = rc["metadata"]["name"], rc["spec"]["workerGroupSpecs"][0]["groupName"]
         kube = _OneRayCluster(rc, ["fleet-ray-npu-worker-a", "fleet-ray-npu-worker-b"])
-        kmod.request_workers(kube, name, group, 1)
-        kmod.scale_worker_group(kube, name, group, 1)
-        kmod.scale_worker_group(kube, name, group, 2)
-        kmod.release_idle_workers(kube, name, group, ["fleet-ray-npu-worker-b"])
+        request_workers(kube, name, group, 1)
+        scale_worker_group(kube, name, group, 1)
+        scale_worker_group(kube, name, group, 2)
+        release_idle_workers(kube, name, group, ["fleet-ray-npu-worker-b"])
         assert len(kube.updates) == 4
         for old, new in kube.updates:
             assert _denials(policy, sa, old, new) == []

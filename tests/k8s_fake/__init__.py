@@ -1,1 +1,1 @@
-"""HTTP fake of the Kubernetes API server for launcher/k8s.py tests."""
+"""HTTP fake of the Kubernetes API server for tests of the launcher/k8s/ package."""

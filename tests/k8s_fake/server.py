@@ -1,4 +1,4 @@
-"""A small fake of the Kubernetes API server on 127.0.0.1, for launcher/k8s.py tests.
+"""A small fake of the Kubernetes API server on 127.0.0.1, for launcher/k8s/ tests.
 
 It serves the real JSON shapes the client parses: PodList/EventList with
 metadata.resourceVersion, watch streams of {"type", "object"} lines sent with
@@ -7,7 +7,9 @@ Status, metav1.Status bodies for 403/404/409, RFC 7386 merge patches on
 RayClusters guarded by metadata.resourceVersion (409 on a stale one).
 
 Faults are scripted per request: a status code, a delay (slow responses), or
-a watch stream that drops the connection after N events.
+a watch stream that drops the connection after N events. With `token` set,
+a request without `Authorization: Bearer <token>` gets 401 first, as from a
+real server's authenticator; `start(tls=...)` serves HTTPS (tests/k8s_fake/tls.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -106,12 +109,14 @@ class Request:
     query: dict[str, str]
     body: Any = None
     status: int = 0
+    authorization: str | None = None
 
 
 @dataclass
 class FakeKubeAPI:
     namespace: str = "ascend-fleet"
     bookmark_interval_s: float = 0.2
+    token: str | None = None  # bearer token every request must carry; None: any request
     objects: dict[str, dict[str, dict]] = field(
         default_factory=lambda: {"pods": {}, "events": {}, "rayclusters": {}})
     requests: list[Request] = field(default_factory=list)
@@ -128,7 +133,7 @@ class FakeKubeAPI:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> str:
+    def start(self, tls: ssl.SSLContext | None = None) -> str:
         fake = self
 
         class Handler(_Handler):
@@ -136,10 +141,15 @@ class FakeKubeAPI:
 
         self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if tls is not None:
+            # The handshake happens on the first read, in the request's own thread.
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "https" if tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
         with self._cond:
@@ -204,8 +214,10 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
 
-        # A client that timed out and hung up is what the slow-response tests do.
-        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+        # A client that timed out and hung up is what the slow-response tests do; one
+        # that rejects the certificate is what the unknown-CA test does.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError,
+                                              ssl.SSLError)):
             super().handle_error(request, client_address)
 
 
@@ -244,8 +256,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             body = json.loads(self.rfile.read(length))
-        self._record = Request(method, url.path, query, body)
+        self._record = Request(method, url.path, query, body,
+                               authorization=self.headers.get("Authorization"))
         self.api.requests.append(self._record)
+        if self.api.token is not None and not self._authenticated():
+            self._send_json(401, status_body(401, "Unauthorized", "Unauthorized"))
+            return
         is_watch = query.get("watch") == "true"
         fault = self.api._take_fault(method, url.path, is_watch)
         self._fault = fault
@@ -280,6 +296,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._patch(collection, name, body)
         else:
             self._send_json(405, status_body(405, "MethodNotAllowed", method))
+
+    def _authenticated(self) -> bool:
+        # The API server's bearer authenticator takes the scheme in any case.
+        scheme, _, token = (self._record.authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and token == self.api.token
 
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch("GET")
@@ -376,10 +397,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serving(bookmark_interval_s: float = 0.1) -> Iterator[FakeKubeAPI]:
+def serving(bookmark_interval_s: float = 0.1, *, token: str | None = None,
+            tls: ssl.SSLContext | None = None) -> Iterator[FakeKubeAPI]:
     """A started fake; its base URL is `.url`."""
-    api = FakeKubeAPI(bookmark_interval_s=bookmark_interval_s)
-    api.url = api.start()  # type: ignore[attr-defined]
+    api = FakeKubeAPI(bookmark_interval_s=bookmark_interval_s, token=token)
+    api.url = api.start(tls)  # type: ignore[attr-defined]
     try:
         yield api
     finally:
