@@ -2,11 +2,12 @@
 
 A job shrank from 2 ranks to 1 after a failure: attempt 1's files are what its ranks left,
 attempt 2's rank is a real process under a real NodeAgent that writes its heartbeats in two
-phases (running, then done). The controller folds what the agent hands it (Controller._absorb)
-into the store; `fleet status` reads the store with no cluster up; the exporter the controller
-runs (start_fleet_exporter) reads the files; a second exporter reads the files alone. All
-must give the same step, loss, devices and state, and the same rank heartbeat the hang
-watchdog uses. No Ray cluster is started.
+phases (running, then done). The controller's monitor loop polls the agent, folds what it
+hands over into the store and decides the job succeeded; `fleet status` reads the store
+with no cluster up; the exporter the controller runs (start_fleet_exporter) reads the files;
+a second exporter reads the files alone. All must give the same step, loss, devices and
+state, and the same rank heartbeat the hang watchdog uses. No Ray cluster is started: the
+agent is called in-process where the controller would go through Ray.
 """
 
 from __future__ import annotations
@@ -134,19 +135,36 @@ def check_agreement(home: Path, job: str, served: str, want_step: int, want_stat
     assert "[1 dev," in line
 
 
+class _Remote:
+    def __init__(self, fn) -> None:
+        self.remote = fn
+
+
+class LocalAgent:
+    """A NodeAgent as the controller calls it through Ray (`agent.poll.remote()`)."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.poll = _Remote(agent.poll)
+
+
 def test_fleet_status_and_metrics_agree(tmp_path, monkeypatch):
+    import ray
+
     from launcher.controller import Controller, Runtime
 
     home = (tmp_path / "home").resolve()
     monkeypatch.setenv("FLEET_HOME", str(home))
     monkeypatch.setenv("FLEET_METRICS", "0")  # its own exporter would bind the fixed port
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("FLEET_K8S_RAYCLUSTER", raising=False)
+    monkeypatch.setattr(ray, "get", lambda x, timeout=None: x)  # LocalAgent answers at once
     ctl = Controller(str(home), start_loop=False)
     exporter = start_fleet_exporter(home, ctl._metric_jobs, port=0, host="127.0.0.1")
     url = f"http://127.0.0.1:{exporter._server.server_address[1]}/metrics"
     store = ctl.store
     job = store.add_job(NAME, "TrainJob", {}, {}, 0).id
     agent = NodeAgent(job, 2, 0)
+    monkeypatch.setattr(ctl, "_teardown", lambda rt, failed=False: agent.stop(grace=1.0))
     try:
         t0 = time.time() - 100
         store.set_state(job, S.SCHEDULING)
@@ -167,33 +185,29 @@ def test_fleet_status_and_metrics_agree(tmp_path, monkeypatch):
         hb = str(adir / "rank-0.heartbeat.jsonl")
         rank = RankSpec(0, [sys.executable, "-c", RANK, str(src), str(go)],
                         {"FLEET_HEARTBEAT": hb}, str(adir / "rank-0.log"), hb, str(tmp_path))
-        rt = Runtime(job, att.n, plan, att.pg_name, agents=[agent], launched=True)
+        rt = Runtime(job, att.n, plan, att.pg_name, agents=[LocalAgent(agent)], launched=True)
         ctl.runtimes[job] = rt
         agent.start([rank.to_dict()])
 
         def follow(until) -> None:
+            """The controller's monitor loop, one tick at a time."""
             deadline = time.time() + 60
             while time.time() < deadline:
-                r = agent.poll()
-                ctl._absorb(rt, r)
-                ctl._flush_progress(rt, force=True)
-                if until(r):
+                ctl._poll_running()
+                if until():
                     return
-                assert r["status"] == "running", r
+                assert store.get_job(job).state == S.RUNNING, store.get_job(job).message
                 time.sleep(0.1)
             raise AssertionError(f"agent: {agent.poll()}, progress: {rt.progress}")
 
-        follow(lambda r: rt.progress.get("val_top1") is not None)
-        ctl.runtimes.pop(job)  # fleet status reads the store, as with no cluster up
+        follow(lambda: rt.progress.get("val_top1") is not None)
         served = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310
         check_agreement(home, job, served, 6, "running", rt.rank_heartbeat)
         assert rt.progress["checkpoint_step"] == 6 and rt.progress["resumed_step"] == 3
 
         go.touch()
-        follow(lambda r: r["status"] == "succeeded")
-        assert rt.progress["done"] == "ok"
-        store.end_attempt(job, att.n, "succeeded")
-        store.set_state(job, S.SUCCEEDED, "finished")
+        follow(lambda: store.get_job(job).state == S.SUCCEEDED)  # the controller's decision
+        assert store.get_job(job).progress["done"] == "ok"
         served = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310
         check_agreement(home, job, served, 8, "succeeded", rt.rank_heartbeat)
     finally:
