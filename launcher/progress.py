@@ -281,24 +281,32 @@ class HeartbeatTail:
             try:
                 obj = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                obj = exc
-            if isinstance(obj, dict):
-                out.append(obj)
-            else:
-                self.bad_lines += 1
-                log.warning("skipping bad heartbeat line %s:%d: %s", self.path, line_no, obj)
+                self._skip(line_no, str(exc))
+                continue
+            if not isinstance(obj, dict):
+                self._skip(line_no, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            out.append(obj)
         return out
+
+    def _skip(self, line_no: int, why: str) -> None:
+        self.bad_lines += 1
+        log.warning("skipping bad heartbeat line %s:%d: %s", self.path, line_no, why)
 
     def read_new(self) -> list[Event]:
         """New lines as typed events."""
         events: list[Event] = []
         for line_no, raw in self._lines():
-            where = f"{self.path}:{line_no}"
             try:
-                events.append(parse_event(json.loads(raw), where))
-            except (json.JSONDecodeError, UnicodeDecodeError, HeartbeatError) as exc:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                self._skip(line_no, str(exc))
+                continue
+            try:
+                events.append(parse_event(obj, f"{self.path}:{line_no}"))
+            except HeartbeatError as exc:  # its message names the file and line
                 self.bad_lines += 1
-                log.warning("skipping bad heartbeat line %s: %s", where, exc)
+                log.warning("skipping bad heartbeat line %s", exc)
         return events
 
     def read_all_new(self) -> list[Event]:
