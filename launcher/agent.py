@@ -31,11 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from launcher.prejoin import PrejoinedAttempt, eligible
+from launcher.progress import HeartbeatTail
 from launcher.ranks import LAST_WORDS_ARMED, LAST_WORDS_ENV, RankSpec
 from launcher.standby import module_of, standby_argv, standby_key
 
 PR_SET_PDEATHSIG = 1
-MAX_EVENTS_PER_POLL = 2000
+# Per rank and poll: a rank that wrote more (an agent that fell behind) hands over its
+# non-step events and its newest steps, which carry the job's progress.
+MAX_EVENTS_PER_RANK_POLL = 2000
 # How long a surviving rank may take to save its last words before it is killed. It answers
 # in ~0.2 s for volo_tiny; the bound is for a rank that never does.
 LAST_WORDS_GRACE_S = 8.0
@@ -63,35 +66,12 @@ def _rank_env(r: RankSpec) -> dict[str, str]:
     return {**os.environ, **r.env}
 
 
-class _Tail:
-    """Incremental reader of a JSON-lines file that tolerates a partial last line."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.offset = 0
-        self.partial = b""
-
-    def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read(1 << 20)
-        except FileNotFoundError:
-            return []
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        out = []
-        for ln in lines:
-            if not ln.strip():
-                continue
-            try:
-                ev = json.loads(ln)
-            except ValueError:
-                continue  # a torn or garbage line must not stop monitoring
-            if isinstance(ev, dict):
-                out.append(ev)
-        return out
+def _thinned(records: list[dict]) -> list[dict]:
+    if len(records) <= MAX_EVENTS_PER_RANK_POLL:
+        return records
+    keep = [e for e in records if e.get("event") != "step"]
+    steps = [e for e in records if e.get("event") == "step"]
+    return keep + steps[len(steps) - max(MAX_EVENTS_PER_RANK_POLL - len(keep), 1):]
 
 
 class NodeAgent:
@@ -116,8 +96,7 @@ class NodeAgent:
         self._ranks: list[RankSpec] = []
         self._procs: dict[str, subprocess.Popen] = {}
         self._exits: dict[str, int] = {}
-        self._tails: dict[str, _Tail] = {}
-        self._last_hb: dict[str, float] = {}
+        self._tails: dict[str, HeartbeatTail] = {}
         self._events: deque[dict] = deque(maxlen=10_000)
         self._status = "idle"
         self._reason = ""
@@ -181,7 +160,7 @@ class NodeAgent:
                 Path(r.log).parent.mkdir(parents=True, exist_ok=True)
                 if r.heartbeat:
                     Path(r.heartbeat).parent.mkdir(parents=True, exist_ok=True)
-                    self._tails[r.label] = _Tail(r.heartbeat)
+                    self._tails[r.label] = HeartbeatTail(r.heartbeat)
                 env = _rank_env(r)
                 # lets a rank report how long its interpreter start and imports took
                 env["FLEET_SPAWN_TS"] = repr(time.time())
@@ -390,11 +369,8 @@ class NodeAgent:
     def poll(self) -> dict[str, Any]:
         with self._lock:
             events: list[dict] = []
-            for label, t in self._tails.items():
-                new = t.read()
-                if new:
-                    self._last_hb[label] = time.time()
-                events += new
+            for t in self._tails.values():
+                events += _thinned(t.read_records())
             # A rank that failed right after its first step still gets its standby: on a
             # busy node the poll that sees the step can come after the failure.
             if (not self._standby_spawned and not self._stopping
@@ -404,17 +380,12 @@ class NodeAgent:
                     self._spawn_prejoined()
                 elif self.standby:
                     self._spawn_standbys()
-            if len(events) > MAX_EVENTS_PER_POLL:
-                # Keep every non-step event and the newest step events.
-                keep = [e for e in events if e.get("event") != "step"]
-                steps = [e for e in events if e.get("event") == "step"]
-                events = keep + steps[-(MAX_EVENTS_PER_POLL - len(keep)):]
             result = None
             if self._status == "succeeded":
                 result = self._result()
             return {"status": self._status, "reason": self._reason,
                     "exit_code": self._exit_code, "exits": dict(self._exits), "events": events,
-                    "last_heartbeat": dict(self._last_hb), "started": self._started_at,
+                    "started": self._started_at,
                     "result": result, "last_words": self._last_words}
 
     def _result(self) -> dict | None:

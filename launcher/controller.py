@@ -33,6 +33,7 @@ from launcher import spec as specmod
 from launcher.checkpoints import select_checkpoint
 from launcher.lifecycle import HOLDS_DEVICES, TERMINAL, JobState
 from launcher.planner import ASCEND_910, FreePool, Plan, Request, Topology
+from launcher.progress import JobProgress
 from launcher.ranks import NodeLaunch, attempt_dir, build_launch, default_ckpt_dir
 from launcher.scheduler import PriorityFifo, QueuedJob, schedule
 from launcher.store import STATUS_EVENTS, JobRow, QueueRow, Store
@@ -125,6 +126,7 @@ class Runtime:
     # usually block in the next all-reduce, but not always at once).
     rank_heartbeat: dict[str, float] = field(default_factory=dict)
     progress: dict = field(default_factory=dict)
+    fold: JobProgress = field(default_factory=JobProgress)  # progress is its summary()
     progress_dirty: bool = False
     progress_flushed: float = 0.0
     # Grow: set when more devices are free; acted on at the next checkpoint.
@@ -985,47 +987,22 @@ class Controller(JobQueries):
         return None
 
     def _absorb(self, rt: Runtime, r: dict) -> None:
-        """Fold heartbeat events into the job's progress summary."""
-        p = rt.progress
-        if r.get("last_heartbeat"):
-            rt.last_heartbeat = max(rt.last_heartbeat, *r["last_heartbeat"].values())
-            for label, ts in r["last_heartbeat"].items():
-                rt.rank_heartbeat[label] = max(rt.rank_heartbeat.get(label, 0.0), ts)
-        for ev in r.get("events", []):
-            kind = ev.get("event")
-            if ev.get("rank", 0) != 0 and kind not in ("done",):
-                continue
-            rt.progress_dirty = True
-            p["ts"] = ev.get("ts")
-            if kind == "start":
-                for k in ("world_size", "micro_batch", "grad_accum", "global_batch",
-                          "resumed_step", "total_steps", "stop_step"):
-                    if k in ev:
-                        p[k] = ev[k]
-            elif kind == "step":
-                for k in ("step", "epoch", "loss", "lr", "images_per_second",
-                          "step_seconds", "samples_seen"):
-                    if k in ev:
-                        p[k] = ev[k]
-                first = ev.get("step") == (p.get("resumed_step") or 0) + 1
-                if isinstance(ev.get("step_seconds"), int | float) and not first:
-                    # The first step of an attempt includes the graph compile.
-                    # Smoothed for the ETA: single steps jitter (data loading, checkpoints).
-                    prev = p.get("avg_step_seconds")
-                    dt = float(ev["step_seconds"])
-                    p["avg_step_seconds"] = dt if prev is None else 0.8 * prev + 0.2 * dt
-            elif kind == "checkpoint":
-                if ev.get("ok") and rt.resize_to and float(ev.get("ts", 0)) >= rt.resize_after:
-                    rt.checkpoint_ready = True
-                p["checkpoint_step"] = ev.get("step")
-                p["checkpoint_ok"] = ev.get("ok")
-                p["checkpoint_path"] = ev.get("path")
-            elif kind == "val":
-                for k in ("top1", "top5"):
-                    if k in ev:
-                        p[f"val_{k}"] = ev[k]
-            elif kind == "done":
-                p["done"] = ev.get("status")
+        """Fold an agent's new heartbeat records into the job's progress (launcher/progress.py,
+        the fold /metrics uses too) and take what the decisions need from it."""
+        records = r.get("events") or []
+        if not records:
+            return
+        fold = rt.fold
+        for ev in records:
+            fold.apply_record(ev)
+        rt.progress.update(fold.summary())
+        rt.progress_dirty = True
+        for rank, ts in fold.last_heartbeat.items():
+            rt.rank_heartbeat[f"rank-{rank}"] = ts
+            rt.last_heartbeat = max(rt.last_heartbeat, ts)
+        ck = fold.last_checkpoint_ok
+        if ck is not None and rt.resize_to and ck.ts >= rt.resize_after:
+            rt.checkpoint_ready = True
 
     def _flush_progress(self, rt: Runtime, force: bool = False) -> None:
         if rt.progress_dirty and (force or time.time() - rt.progress_flushed > PROGRESS_FLUSH_S):

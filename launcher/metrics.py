@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from launcher.metrics_history import HeartbeatTail, JobProgress, heartbeat_files
+from launcher.metrics_history import heartbeat_files
+from launcher.progress import HeartbeatTail, JobProgress
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class WatchedJob:
                 self.tails[path] = HeartbeatTail(path)
         applied = 0
         for tail in self.tails.values():
-            for event in tail.read_new():
+            for event in tail.read_all_new():
                 self.progress.apply(event)
                 applied += 1
         return applied
@@ -274,7 +275,7 @@ def _families(jobs: list[WatchedJob], snap: FleetSnapshot) -> Iterator[Metric]:
             step_s.add_metric([name, str(rank)], ev.step_seconds)
         for rank, ts in sorted(p.last_heartbeat.items()):
             hb.add_metric([name, str(rank)], ts)
-        lead = p.last_step.get(p.lead_rank)
+        lead = p.lead_step
         if lead is not None:
             lr.add_metric([name], lead.lr)
             step.add_metric([name], lead.step)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.agent import NodeAgent, _Tail
+from launcher.agent import NodeAgent
 from launcher.lifecycle import ALLOWED, IllegalTransition, JobState, transition
 from launcher.planner import NodeSlice, Plan
+from launcher.progress import HeartbeatTail
 from launcher.ranks import RankSpec, build_launch
 from launcher.store import Store
 
@@ -61,13 +62,14 @@ def test_store_durable_and_checked(tmp_path):
 
 def test_tail_handles_partial_and_garbage_lines(tmp_path):
     p = tmp_path / "hb.jsonl"
-    t = _Tail(str(p))
-    assert t.read() == []
+    t = HeartbeatTail(str(p))
+    assert t.read_records() == []
     p.write_text('{"event": "start"}\n{"event": "st')
-    assert t.read() == [{"event": "start"}]
+    assert t.read_records() == [{"event": "start"}]
     with open(p, "a") as f:
         f.write('ep", "step": 1}\nnot json\n[1]\n')
-    assert t.read() == [{"event": "step", "step": 1}]
+    assert t.read_records() == [{"event": "step", "step": 1}]
+    assert t.bad_lines == 2
 
 
 def _rank(tmp_path, rank, code):
