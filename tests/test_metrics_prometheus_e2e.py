@@ -286,6 +286,10 @@ def max_at_least(threshold: float) -> Check:
     return check
 
 
+# A ratio, 0 until the first kept step (a scrape may land between the ranks' start and their
+# first step on a loaded machine), then above 0 once a step was kept.
+GOODPUT = all_of(between(0.0, 1.0), last_gt(0.0))
+
 # One plausibility check per (dashboard, panel title, refId). A new panel without
 # an entry here fails test_every_query_has_a_check.
 SANE_SECONDS = 600.0
@@ -294,7 +298,7 @@ CHECKS: dict[tuple[str, str, str], Check] = {
     ("training", "Optimizer step", "A"): all_of(between(1, FINAL_STEP + 20), last(FINAL_STEP)),
     ("training", "Restarts", "A"): all_of(seen(0, 1), last(1)),
     ("training", "Checkpoint age", "A"): between(-0.5, SANE_SECONDS),
-    ("training", "Goodput", "A"): between(1e-6, 1.0),
+    ("training", "Goodput", "A"): GOODPUT,
     ("training", "Loss and learning rate", "A"): all_of(between(1e-6, 10.0), falls),
     ("training", "Loss and learning rate", "B"): between(0.0, 0.5),
     ("training", "Validation top-1 / top-5", "A"): all_of(between(0, 100), last_gt(10.0)),
@@ -331,7 +335,7 @@ CHECKS: dict[tuple[str, str, str], Check] = {
     ("fleet", "Queue", "A"): all_of(between(0, 1), last(0)),
     ("fleet", "Queue", "B"): between(0.5, 60.0),
     ("fleet", "Recovery time", "A"): between(2.0, 60.0),
-    ("fleet", "Goodput", "A"): between(1e-6, 1.0),
+    ("fleet", "Goodput", "A"): GOODPUT,
     ("fleet", "Restarts in the last hour", "A"): all_of(between(0, 10), max_at_least(0.5)),
 }
 
@@ -436,7 +440,7 @@ def checks_for(driver: Driver) -> dict[tuple[str, str, str], Check]:
 SIGNAL_CHECKS: dict[str, Check] = {
     "FleetJobStalled": between(-0.5, SANE_SECONDS),
     "FleetJobRestartsClimbing": all_of(between(0, 10), max_at_least(0.5)),
-    "FleetGoodputLow": between(1e-6, 1.0),
+    "FleetGoodputLow": GOODPUT,
     "FleetCheckpointTooOld": between(-0.5, SANE_SECONDS),
     "FleetCheckpointFailing": between(0, 0),
 }
