@@ -47,3 +47,17 @@ def digits(tmp_path_factory) -> Path:
     changed = sorted(set(written.items()) ^ set(_tree(out).items()))
     assert not changed, f"a test changed the shared digits dataset: {changed[:5]}"
 
+
+@pytest.fixture(scope="session")
+def tiny_reference(digits, tmp_path_factory) -> Path:
+    """The tiny recipe's uninterrupted reference run (tests/tiny_run.py), once per session:
+    the e2e resume checks, the compile-cache test (as its compiling run) and the
+    sample-provenance check compare with it, and its compile store serves later runs of the
+    same recipe. Its checkpoints must stay as written: the teardown compares them."""
+    from tiny_run import run_reference
+
+    ref = run_reference(digits, tmp_path_factory.mktemp("tiny-reference"))
+    written = _tree(ref / "ckpt")
+    yield ref
+    changed = sorted(set(written.items()) ^ set(_tree(ref / "ckpt").items()))
+    assert not changed, f"a test changed the reference run's checkpoints: {changed[:5]}"
