@@ -1,15 +1,15 @@
 """A restarted rank loads its jit graphs from the job's compile cache instead of compiling them,
 and what it computes from them equals an uncached run.
 
-One small recipe (volo_tiny, G=8, one process): run A compiles and writes the cache, run B
-resumes A's checkpoint in the same directory and must hit it (files untouched, first step
-measurably shorter), run C resumes a copy of A's checkpoint with the cache off; B and C must
-agree within the e2e suite's resume tolerance.
+One small recipe (volo_tiny, G=8, one process): run A compiles and writes the cache (the
+session's tiny reference run, tests/tiny_run.py: a fresh job directory and a fresh store), run B
+resumes A's last checkpoint in a copy of A's job directory, cache included, and must hit it
+(files untouched, first step measurably shorter), run C resumes a copy of A's checkpoints with
+the cache off; B and C must agree within the e2e suite's resume tolerance.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,13 +18,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tiny_run import BASE, REFERENCE_STEPS, ROOT, compile_store, events
 from train_env import train_env
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
-BASE = ["-c", str(TINY), "--batch_size", "8", "--global_batch", "8", "--num_parallel_workers",
-        "1", "--val_while_train", "False", "--lr", "0.001", "--warmup_epochs", "0",
-        "--epoch_size", "1", "--ckpt_save_steps", "2"]
 TIMEOUT = 300
 RESUME_RTOL = 1e-5  # as tests/test_train_e2e.py: CPU kernels are not bitwise reproducible
 # A hit still loads the graphs and runs the first step's kernels; measured 2.4 s against 11.4 s
@@ -33,12 +29,13 @@ HIT_FRACTION = 0.5
 
 
 def _train(digits: Path, ckpt: Path, steps: int, hb: Path, **env: str) -> list[dict]:
-    r = subprocess.run([sys.executable, "-m", "workloads.volo.train", *BASE, "--data_dir",
-                        str(digits), "--ckpt_save_dir", str(ckpt), "--max_steps", str(steps)],
+    r = subprocess.run([sys.executable, "-m", "workloads.volo.train", *BASE, "--ckpt_save_steps",
+                        "2", "--data_dir", str(digits), "--ckpt_save_dir", str(ckpt),
+                        "--max_steps", str(steps)],
                        cwd=ROOT, env=train_env(FLEET_HEARTBEAT=str(hb), **env), capture_output=True,
                        text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(line) for line in hb.read_text().splitlines()]
+    return events(hb)
 
 
 def _first(events: list[dict], kind: str) -> dict:
@@ -51,39 +48,38 @@ def _cache_files(ckpt: Path) -> dict[str, tuple[int, int]]:
             for p in root.rglob("*.mindir")}
 
 
-def test_restart_loads_cached_graphs_and_matches_uncached(tmp_path):
-    from workloads.volo.digits import write_digits
-
-    digits = tmp_path / "digits"
-    write_digits(digits)
-    ckpt = tmp_path / "ckpt"
-    store = tmp_path / "store"
-    a = _train(digits, ckpt, 2, tmp_path / "a.jsonl", FLEET_COMPILE_CACHE_STORE=str(store))
+def test_restart_loads_cached_graphs_and_matches_uncached(tmp_path, digits, tiny_reference):
+    a = events(tiny_reference / "ref.hb.jsonl")
     assert _first(a, "start")["compile_cache"] == "miss"
-    written = _cache_files(ckpt)
+    written = _cache_files(tiny_reference / "ckpt")
     assert len(written) >= 2, written  # the micro-step and the update graph
 
+    # copies keep every file's mtime: B's cache files can be compared with what A wrote
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_reference / "ckpt", ckpt, symlinks=True)
     uncached = tmp_path / "uncached"
-    shutil.copytree(ckpt, uncached, ignore=shutil.ignore_patterns(".compile-cache"))
+    shutil.copytree(tiny_reference / "ckpt", uncached, symlinks=True,
+                    ignore=shutil.ignore_patterns(".compile-cache"))
+    resumed, steps = REFERENCE_STEPS, REFERENCE_STEPS + 1
 
-    b = _train(digits, ckpt, 3, tmp_path / "b.jsonl", FLEET_ATTEMPT="1")
+    b = _train(digits, ckpt, steps, tmp_path / "b.jsonl", FLEET_ATTEMPT="1")
     assert _first(b, "start")["compile_cache"] == "hit"
-    assert _first(b, "start")["resumed_step"] == 2
+    assert _first(b, "start")["resumed_step"] == resumed
     assert _cache_files(ckpt) == written, "a hit must load the cache, not rewrite it"
 
-    c = _train(digits, uncached, 3, tmp_path / "c.jsonl", FLEET_COMPILE_CACHE="0")
+    c = _train(digits, uncached, steps, tmp_path / "c.jsonl", FLEET_COMPILE_CACHE="0")
     assert _first(c, "start")["compile_cache"] == "off"
     assert not (uncached / ".compile-cache").exists()
 
     sb, sc = _first(b, "step"), _first(c, "step")
-    assert sb["step"] == sc["step"] == 3 and sb["sample_hash"] == sc["sample_hash"]
+    assert sb["step"] == sc["step"] == steps and sb["sample_hash"] == sc["sample_hash"]
     assert abs(sb["loss"] - sc["loss"]) <= RESUME_RTOL * abs(sc["loss"]), (sb["loss"], sc["loss"])
     compiled = min(_first(a, "step")["step_seconds"], sc["step_seconds"])
     assert sb["step_seconds"] < HIT_FRACTION * compiled, (sb["step_seconds"], compiled)
 
     # another job with the same recipe (a resubmission) starts from A's published graphs
     d = _train(digits, tmp_path / "resubmitted", 1, tmp_path / "d.jsonl",
-               FLEET_COMPILE_CACHE_STORE=str(store))
+               FLEET_COMPILE_CACHE_STORE=str(compile_store(tiny_reference)))
     assert (_first(d, "start")["compile_cache"], _first(d, "start")["compile_cache_from"]) == (
         "hit", "store")
     sd, sa = _first(d, "step"), _first(a, "step")

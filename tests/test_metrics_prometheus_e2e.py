@@ -105,12 +105,8 @@ NUMPY = Driver("numpy", Attempt(2, 1, FINAL_STEP + 20), Attempt(1, 2, FINAL_STEP
 VOLO = Driver("volo", Attempt(1, 2, VOLO_STEPS), Attempt(1, 1, VOLO_STEPS), 3, 180)
 
 
-def tiny_digits(out: Path, per_class: tuple[int, int] = (10, 5)) -> None:
-    """A 100/50-image ImageFolder cut from the project's digits quickstart data."""
-    from workloads.volo.digits import write_digits
-
-    full = out.parent / "digits-full"
-    write_digits(full)
+def tiny_digits(out: Path, full: Path, per_class: tuple[int, int] = (10, 5)) -> None:
+    """A 100/50-image ImageFolder cut from the project's digits quickstart data at ``full``."""
     for split, n in zip(("train", "val"), per_class, strict=True):
         for cls in sorted((full / split).iterdir()):
             dest = out / split / cls.name
@@ -170,7 +166,7 @@ def live(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"e2e-{driver.name}")
     (tmp / "hb").mkdir()
     if driver is VOLO:
-        tiny_digits(tmp / "data")
+        tiny_digits(tmp / "data", request.getfixturevalue("digits"))
     t_start = time.time()
     exporter = MetricsExporter(fleet=lambda: FleetSnapshot(devices_total=DEVICES_TOTAL))
     exporter.watch(JOB, tmp / "hb", submitted_ts=t_start)

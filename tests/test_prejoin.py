@@ -262,7 +262,7 @@ def test_smoke_ranks_and_npu_ranks_join_nothing_ahead(monkeypatch, tmp_path, kw)
 
 
 # ------------------------------------------------------------------ the trainer's warm-up
-def test_warm_up_compiles_and_leaves_no_trace(tmp_path):
+def test_warm_up_compiles_and_leaves_no_trace(tmp_path, digits):
     """A held rank runs the compiled step once on zeros before it holds (Trainer.warm_up):
     afterwards every parameter and optimizer state is as before, and training from there
     (including a checkpoint loaded into the compiled graphs' memory) is bit-identical to a
@@ -271,12 +271,10 @@ def test_warm_up_compiles_and_leaves_no_trace(tmp_path):
 
     from workloads.volo.config import parse_args
     from workloads.volo.data import soft_targets
-    from workloads.volo.digits import write_digits
     from workloads.volo.train import Trainer, _configure_mindspore, make_plan
 
-    write_digits(tmp_path / "d")
     args = parse_args(["-c", "workloads/volo/configs/volo_tiny_digits.yaml", "--data_dir",
-                       str(tmp_path / "d"), "--val_while_train", "False"])
+                       str(digits), "--val_while_train", "False"])
     _configure_mindspore(args)
     plan = make_plan(args, 1)
     ms.set_seed(0)

@@ -186,15 +186,6 @@ def test_o2_o3_forward_within_fp16_bound(tiny_weights):
 
 # -- one trainer: overflow skip, EMA reference, clipping --------------------------------------
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    from workloads.volo.digits import write_digits
-
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_digits(out)
-    return out
-
-
 def _trainer(data: Path, *extra: str, mode: int = 1):
     from workloads.volo import train as T
 

@@ -42,15 +42,6 @@ RESUME_ATOL = 1e-5  # MindSpore CPU kernels' run-to-run noise (tests/test_train_
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from workloads.volo.digits import write_digits
-
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_digits(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def runs(digits, tmp_path_factory):
     """The 2-rank run (a checkpoint every step) and the 1-rank accumulation-2 run."""
     tmp = tmp_path_factory.mktemp("amp")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_run import BASE, ROOT, compile_store, events
 from train_env import train_env
 
 from workloads.volo.sampling import (
@@ -23,9 +24,6 @@ from workloads.volo.sampling import (
 
 sys.path.insert(0, str(Path(__file__).parent / "faults"))
 from faults_harness import Lineage, compare_to_reference  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
 
 
 def _all_reduce_mean(parts: list[np.ndarray]) -> np.ndarray:
@@ -62,10 +60,11 @@ def test_a_rank_that_delivered_nothing_shows_as_missing_indices():
         codec.encode(0, [np.array([1, 2, 3])])  # a short micro-batch
 
 
-def _replaying_train(tmp: Path, data: Path, replay_step: int | None) -> list[dict]:
-    """One rank of the tiny recipe for 4 steps; with ``replay_step`` its input pipeline
-    hands that step the previous step's samples again (what a resume from the wrong stream
-    position does)."""
+def _replaying_train(tmp: Path, data: Path, replay_step: int, store: Path) -> list[dict]:
+    """One rank of the tiny recipe (tests/tiny_run.py) for 4 steps, whose input pipeline hands
+    step ``replay_step`` the previous step's samples again (what a resume from the wrong stream
+    position does). Its graphs come from ``store``: the replay is in the input pipeline, not in
+    the graphs."""
     hb = tmp / "hb.jsonl"
     code = textwrap.dedent(f"""
         import sys
@@ -74,34 +73,31 @@ def _replaying_train(tmp: Path, data: Path, replay_step: int | None) -> list[dic
         replay = {replay_step!r}
         original = data._TrainSource.__getitem__
         def replaying(self, i):
-            if replay is not None and (replay - 1) * 8 <= i < replay * 8:
+            if (replay - 1) * 8 <= i < replay * 8:
                 i -= 8
             return original(self, i)
         data._TrainSource.__getitem__ = replaying
         from workloads.volo.train import main
         sys.exit(main(sys.argv[1:]))
     """)
-    r = subprocess.run([sys.executable, "-c", code, "-c", str(TINY), "--data_dir", str(data),
-                        "--batch_size", "8", "--global_batch", "8", "--max_steps", "4",
-                        "--num_parallel_workers", "1", "--val_while_train", "False",
-                        "--ckpt_save_dir", str(tmp / "ckpt"), "--ckpt_save_steps", "100"],
-                       cwd=ROOT, env=train_env(FLEET_HEARTBEAT=str(hb)), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code, *BASE, "--data_dir", str(data),
+                        "--max_steps", "4", "--ckpt_save_dir", str(tmp / "ckpt"),
+                        "--ckpt_save_steps", "100"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=train_env(FLEET_HEARTBEAT=str(hb),
+                                     FLEET_COMPILE_CACHE_STORE=str(store)))
     assert r.returncode == 0, r.stderr[-3000:]
-    return [e for e in map(json.loads, hb.read_text().splitlines()) if e["event"] == "step"]
+    return events(hb, "step")
 
 
-def test_a_replaying_loader_fails_the_fault_suites_sample_check(tmp_path):
-    from workloads.volo.digits import write_digits
-
-    data = tmp_path / "digits"
-    write_digits(data)
-    honest = _replaying_train(tmp_path / "honest", data, None)
-    replayed = _replaying_train(tmp_path / "replayed", data, 3)
+def test_a_replaying_loader_fails_the_fault_suites_sample_check(tmp_path, digits, tiny_reference):
+    # the honest run: the session's uninterrupted reference of the same recipe, first 4 steps
+    honest = [e for e in events(tiny_reference / "ref.hb.jsonl", "step") if e["step"] <= 4]
+    replayed = _replaying_train(tmp_path / "replayed", digits, 3, compile_store(tiny_reference))
 
     from workloads.volo.data import scan_image_folder
 
-    n = len(scan_image_folder(data / "train"))
+    n = len(scan_image_folder(digits / "train"))
     sampler = GlobalBatchSampler(n, BatchLayout(8, 1, 8, 1), seed=42)
     expect = [sampler.sample_hash(sampler.step_indices(s)) for s in range(4)]
     assert [e["sample_hash"] for e in honest] == expect

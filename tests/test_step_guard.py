@@ -105,7 +105,7 @@ def test_a_correct_loss_runs_once_and_a_persistent_one_fails_the_rank():
     assert len(calls) == MAX_RECOMPUTES + 1
 
 
-def test_trainer_recomputes_an_impossible_micro_step(tmp_path):
+def test_trainer_recomputes_an_impossible_micro_step(digits):
     """Through the real Trainer and MindSpore: the wrong result is dropped, the BatchNorm
     running statistics end as after one correct forward, and the step's loss is the correct
     one; a micro-step that stays wrong fails the step before the update. With a loss scale
@@ -113,12 +113,10 @@ def test_trainer_recomputes_an_impossible_micro_step(tmp_path):
     import mindspore as ms
 
     from workloads.volo.config import parse_args
-    from workloads.volo.digits import write_digits
     from workloads.volo.train import Trainer, _configure_mindspore, make_plan
 
-    write_digits(tmp_path / "d")
     args = parse_args(["-c", "workloads/volo/configs/volo_tiny_digits.yaml", "--data_dir",
-                       str(tmp_path / "d"), "--val_while_train", "False",
+                       str(digits), "--val_while_train", "False",
                        "--loss_scale", "1024"])
     _configure_mindspore(args)
     tr = Trainer(make_plan(args, 1), 1)

@@ -24,30 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_run import BASE, ROOT, TIMEOUT, TINY, compile_store
+from tiny_run import events as _events
+from tiny_run import train as _train
 from train_env import train_env
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
-# Small and quick: 8 images per optimizer step, no validation inside training.
-BASE = ["-c", str(TINY), "--batch_size", "8", "--global_batch", "8", "--num_parallel_workers",
-        "1", "--val_while_train", "False", "--lr", "0.001", "--warmup_epochs", "0",
-        "--epoch_size", "1"]
-TIMEOUT = 420
 RESUME_RTOL = 1e-5  # ~5x the run-to-run noise measured above
 RESUME_ATOL = 1e-5
-
-
-def _train(args: list[str], tmp: Path, name: str, **env: str) -> subprocess.CompletedProcess:
-    hb = tmp / f"{name}.hb.jsonl"
-    return subprocess.run([sys.executable, "-m", "workloads.volo.train", *BASE, *args],
-                          cwd=ROOT, env=train_env(FLEET_HEARTBEAT=str(hb), **env),
-                          capture_output=True, text=True, timeout=TIMEOUT)
-
-
-def _events(path: Path, kind: str) -> list[dict]:
-    if not path.exists():
-        return []
-    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
 
 
 def _params(ckpt_dir: Path, step: int) -> dict[str, np.ndarray]:
@@ -61,31 +44,12 @@ def _graph_mtimes(ckpt_dir: Path) -> set[int]:
     return {p.stat().st_mtime_ns for p in (ckpt_dir / ".compile-cache").rglob("*.mindir")}
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    from workloads.volo.digits import write_digits
-
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_digits(out)
-    return out
-
-
-def _store(reference: Path) -> Path:
-    return reference / "compile-store"
-
-
-@pytest.fixture(scope="module")
-def reference(digits, tmp_path_factory) -> Path:
-    """6 uninterrupted optimizer steps, checkpoints at 3 and 6. Its graphs go to a shared
-    compile store (as the launcher sets one up) that a later run of the recipe starts from."""
-    tmp = tmp_path_factory.mktemp("ref")
-    r = _train(["--data_dir", str(digits), "--ckpt_save_dir", str(tmp / "ckpt"),
-                "--max_steps", "6", "--ckpt_save_steps", "3"], tmp, "ref",
-               FLEET_COMPILE_CACHE_STORE=str(_store(tmp)))
-    assert r.returncode == 0, r.stderr[-3000:]
-    # A healthy CPU run logs no ERROR (MindSpore's stream check did, at each first wait).
-    assert "[ERROR]" not in r.stdout + r.stderr, r.stderr[-3000:]
-    return tmp
+@pytest.fixture
+def reference(tiny_reference: Path) -> Path:
+    """6 uninterrupted optimizer steps, checkpoints at 3 and 6 (tests/tiny_run.py, run once per
+    session). Its graphs went to a shared compile store (as the launcher sets one up) that a
+    later run of the recipe starts from."""
+    return tiny_reference
 
 
 def test_heartbeat_contract(reference):
@@ -118,7 +82,7 @@ def test_exact_resume_after_sigkill(digits, reference, tmp_path):
     cmd = [sys.executable, "-m", "workloads.volo.train", *BASE, "--data_dir", str(digits),
            "--ckpt_save_dir", str(ckpt), "--max_steps", "6", "--ckpt_save_steps", "3"]
     # the same recipe as the reference: its graphs come from the store, not a compile
-    env = train_env(FLEET_HEARTBEAT=str(hb), FLEET_COMPILE_CACHE_STORE=str(_store(reference)))
+    env = train_env(FLEET_HEARTBEAT=str(hb), FLEET_COMPILE_CACHE_STORE=str(compile_store(reference)))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -15,17 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "workloads" / "volo" / "configs" / "volo_tiny_digits.yaml"
 
 
-def test_tiny_recipe_learns(tmp_path):
-    from workloads.volo.digits import write_digits
-
-    data = tmp_path / "digits"
-    write_digits(data)
+def test_tiny_recipe_learns(tmp_path, digits):
     hb = tmp_path / "hb.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "FLEET_"))}
     env["FLEET_HEARTBEAT"] = str(hb)
     # the recipe as shipped, shortened: 3 epochs of 640 images, warmup 0, cosine over all 3
     r = subprocess.run([sys.executable, "-m", "workloads.volo.train", "-c", str(TINY),
-                        "--data_dir", str(data), "--ckpt_save_dir", str(tmp_path / "ckpt"),
+                        "--data_dir", str(digits), "--ckpt_save_dir", str(tmp_path / "ckpt"),
                         "--num_samples", "640", "--epoch_size", "3", "--warmup_epochs", "0",
                         "--decay_epochs", "3", "--num_parallel_workers", "1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -44,19 +40,15 @@ def test_tiny_recipe_learns(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_recipe_learns_with_the_seeds_mixed_precision(tmp_path):
+def test_tiny_recipe_learns_with_the_seeds_mixed_precision(tmp_path, digits):
     """The same run at the seed's precision: O3, dynamic loss scale from 1024 with overflow
     skip, EMA 0.9995; validation scores the EMA weights (float16 forward, O3)."""
-    from workloads.volo.digits import write_digits
-
-    data = tmp_path / "digits"
-    write_digits(data)
     hb = tmp_path / "hb.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MS_", "FLEET_"))}
     env["FLEET_HEARTBEAT"] = str(hb)
     # 2 epochs: float16 runs slower than float32 on a CPU (bench/amp_speed.py)
     r = subprocess.run([sys.executable, "-m", "workloads.volo.train", "-c", str(TINY),
-                        "--data_dir", str(data), "--ckpt_save_dir", str(tmp_path / "ckpt"),
+                        "--data_dir", str(digits), "--ckpt_save_dir", str(tmp_path / "ckpt"),
                         "--num_samples", "640", "--epoch_size", "2", "--warmup_epochs", "0",
                         "--decay_epochs", "2", "--num_parallel_workers", "1",
                         "--amp_level", "O3", "--val_amp_level", "O3",

@@ -41,19 +41,17 @@ def test_lr_matches_mindcv_schedule(spe, lr, min_lr, we, wf, de, ep):
     assert np.allclose(got, ref, rtol=1e-12, atol=0)
 
 
-def test_optimizer_sees_each_steps_lr(tmp_path):
+def test_optimizer_sees_each_steps_lr(digits):
     """A compiled update must use the LR passed for that step (regression: a graph that
     captured the first step's LR of 0 never trained)."""
     import mindspore as ms
 
     from workloads.volo.config import parse_args
     from workloads.volo.data import soft_targets
-    from workloads.volo.digits import write_digits
     from workloads.volo.train import Trainer, _configure_mindspore, make_plan
 
-    write_digits(tmp_path / "d")
     args = parse_args(["-c", "workloads/volo/configs/volo_tiny_digits.yaml", "--data_dir",
-                       str(tmp_path / "d"), "--val_while_train", "False"])
+                       str(digits), "--val_while_train", "False"])
     _configure_mindspore(args)
     tr = Trainer(make_plan(args, 1), 1)
     rng = np.random.default_rng(0)

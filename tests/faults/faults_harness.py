@@ -83,21 +83,25 @@ def workload_inputs(home: Path, workload: str) -> tuple[Path, Path]:
     return data, cfg
 
 
-def tiny_digits(out: Path, per_class: int = 8, val_per_class: int = 0) -> Path:
+def tiny_digits(out: Path, per_class: int = 8, val_per_class: int = 0,
+                full: Path | None = None) -> Path:
     """An ImageFolder of per_class images x 10 digits (and val_per_class of the validation
     split), cut from the project's digits data: small enough that a VOLO-tiny step takes
-    well under a second."""
+    well under a second. ``full``: that data already written (the test session's), read
+    only; without it a copy is written next to ``out`` and removed."""
     from workloads.volo.digits import write_digits
 
-    full = out.parent / f"{out.name}-full"
-    write_digits(full)
+    source = full if full is not None else out.parent / f"{out.name}-full"
+    if full is None:
+        write_digits(source)
     for split, n in (("train", per_class), ("val", val_per_class)):
-        for cls in sorted((full / split).iterdir()) if n else []:
+        for cls in sorted((source / split).iterdir()) if n else []:
             dest = out / split / cls.name
             dest.mkdir(parents=True)
             for img in sorted(cls.iterdir())[:n]:
                 shutil.copy(img, dest / img.name)
-    shutil.rmtree(full)
+    if full is None:
+        shutil.rmtree(source)
     return out
 
 

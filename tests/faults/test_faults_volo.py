@@ -65,9 +65,9 @@ def volo_doc(name: str, ckpt_every: int = 2, max_restarts: int = 3, max_steps: i
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def fleet(tmp_path_factory, digits):
     home = tmp_path_factory.mktemp("faults-volo")
-    data = tiny_digits(home / "digits", val_per_class=4)
+    data = tiny_digits(home / "digits", val_per_class=4, full=digits)
     f = Fleet(home, [{"NPU": 1}, {"NPU": 1}])
     f.data = data
     try:
