@@ -26,7 +26,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,6 @@ class NodeAgent:
         self._procs: dict[str, subprocess.Popen] = {}
         self._exits: dict[str, int] = {}
         self._tails: dict[str, HeartbeatTail] = {}
-        self._events: deque[dict] = deque(maxlen=10_000)
         self._status = "idle"
         self._reason = ""
         self._exit_code: int | None = None

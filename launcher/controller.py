@@ -121,7 +121,6 @@ class Runtime:
     agents: list = field(default_factory=list)
     launched: bool = False
     started: float = field(default_factory=time.time)
-    last_heartbeat: float = field(default_factory=time.time)
     # Per rank: one hung rank is a hang even if the others still write (they
     # usually block in the next all-reduce, but not always at once).
     rank_heartbeat: dict[str, float] = field(default_factory=dict)
@@ -878,7 +877,7 @@ class Controller(JobQueries):
                 if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
                 rt.launched = True
-                rt.started = rt.last_heartbeat = time.time()
+                rt.started = time.time()
                 self.store.add_event(job.id, "launched", {
                     "attempt": rt.attempt, "agents": infos, "in_place": in_place,
                     "from_standby": from_standby, "prejoined": prejoined,
@@ -999,7 +998,6 @@ class Controller(JobQueries):
         rt.progress_dirty = True
         for rank, ts in fold.last_heartbeat.items():
             rt.rank_heartbeat[f"rank-{rank}"] = ts
-            rt.last_heartbeat = max(rt.last_heartbeat, ts)
         ck = fold.last_checkpoint_ok
         if ck is not None and rt.resize_to and ck.ts >= rt.resize_after:
             rt.checkpoint_ready = True
