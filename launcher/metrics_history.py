@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.contract import DoneStatus
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_GLOB = "*.jsonl"
@@ -168,8 +170,10 @@ def parse_event(obj: Any, where: str = "heartbeat") -> Event | None:
         )
     if kind == "done":
         status = obj.get("status")
-        if status not in ("ok", "error"):
-            raise HeartbeatError(f"{where}: field 'status' must be 'ok' or 'error', got {status!r}")
+        if status not in tuple(DoneStatus):
+            allowed = ", ".join(repr(str(s)) for s in DoneStatus)
+            raise HeartbeatError(f"{where}: field 'status' must be one of {allowed}, "
+                                 f"got {status!r}")
         return DoneEvent(
             **base,
             step=_num(obj, "step", int, where) if "step" in obj else 0,
@@ -359,7 +363,9 @@ class JobProgress:
         if current is None:
             return "pending"
         if self.done is not None and self.done.attempt == current.attempt:
-            return "succeeded" if self.done.status == "ok" else "failed"
+            if self.done.status == DoneStatus.CHECKPOINTED:
+                return "recovering"  # stopped at a requested checkpoint, to resume resized
+            return "succeeded" if self.done.status == DoneStatus.OK else "failed"
         if current.first_step_ts is None and len(self.attempts) > 1:
             return "recovering"
         return "running"
