@@ -1089,7 +1089,8 @@ class Controller(JobQueries):
         """Grow a running elastic job when more devices are free and nobody waits.
 
         Waiting jobs always come first: growth only uses devices the queue cannot.
-        The switch happens at the job's next checkpoint, so no step is lost.
+        The switch happens at a checkpoint the ranks are asked for at the next step (or,
+        where they cannot be asked, the next periodic one), so no step is lost.
         """
         with self.lock:
             candidates = [rt for rt in self.runtimes.values()
