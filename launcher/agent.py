@@ -12,7 +12,9 @@ without Ray) that the controller wraps with `ray.remote`. It
 * when the controller restarts a job in place, starts the next attempt's ranks on the same
   devices, from standby processes that imported the workload while the last attempt
   trained (launcher/standby.py), or promotes the next attempt's processes that had already
-  joined their cluster (launcher/prejoin.py).
+  joined their cluster (launcher/prejoin.py),
+* asks its ranks to stop at a checkpoint (`request_checkpoint`, the CHECKPOINT REQUEST
+  protocol of launcher/contract.py) and reports ranks that did as "checkpointed", not failed.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher import contract as C
 from launcher.prejoin import PrejoinedAttempt, eligible
 from launcher.progress import HeartbeatTail
-from launcher.ranks import LAST_WORDS_ARMED, LAST_WORDS_ENV, RankSpec
+from launcher.ranks import RankSpec
 from launcher.standby import module_of, standby_argv, standby_key
 
 PR_SET_PDEATHSIG = 1
@@ -68,8 +71,8 @@ def _rank_env(r: RankSpec) -> dict[str, str]:
 def _thinned(records: list[dict]) -> list[dict]:
     if len(records) <= MAX_EVENTS_PER_RANK_POLL:
         return records
-    keep = [e for e in records if e.get("event") != "step"]
-    steps = [e for e in records if e.get("event") == "step"]
+    keep = [e for e in records if e.get("event") != C.HeartbeatEvent.STEP]
+    steps = [e for e in records if e.get("event") == C.HeartbeatEvent.STEP]
     return keep + steps[len(steps) - max(MAX_EVENTS_PER_RANK_POLL - len(keep), 1):]
 
 
@@ -104,6 +107,7 @@ class NodeAgent:
         self._started_at = 0.0
         self._standby_spawned = False
         self._last_words: str | None = None  # the rank that saved the last completed step
+        self._checkpoint_requested = False  # request_checkpoint() asked the ranks to stop
 
     # -- info --------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -161,7 +165,7 @@ class NodeAgent:
                     self._tails[r.label] = HeartbeatTail(r.heartbeat)
                 env = _rank_env(r)
                 # lets a rank report how long its interpreter start and imports took
-                env["FLEET_SPAWN_TS"] = repr(time.time())
+                env[C.SPAWN_TS_ENV] = repr(time.time())
                 p = promoted.get(r.label)
                 if p is None:
                     p = self._take_standby(r, env)
@@ -204,7 +208,7 @@ class NodeAgent:
         if not held.matches(self._ranks):
             held.release()
             return {}
-        return held.promote({"FLEET_SPAWN_TS": repr(time.time())})
+        return held.promote({C.SPAWN_TS_ENV: repr(time.time())})
 
     def prejoined_for(self, ranks: list[dict]) -> bool:
         """Whether start(ranks) would promote held processes (all agents must agree)."""
@@ -293,7 +297,7 @@ class NodeAgent:
                     if rc is None:
                         continue
                     self._exits[label] = rc
-                    if rc != 0 and not self._stopping:
+                    if rc != 0 and not self._stopping and not self._checkpointed(rc):
                         failed = (label, rc)
                 workers = [r.label for r in self._ranks if r.rank is not None]
                 if failed:
@@ -304,12 +308,35 @@ class NodeAgent:
                     self._ask_last_words()
                     self._kill_all(grace=2.0)
                     return
-                if workers and all(self._exits.get(w) == 0 for w in workers):
-                    self._status = "succeeded"
+                codes = [self._exits.get(w) for w in workers]
+                if workers and all(rc == 0 or self._checkpointed(rc) for rc in codes):
+                    # a request that came at the run's last step ends it as usual (exit 0)
+                    stopped = C.EXIT_CHECKPOINTED in codes
+                    self._status = "checkpointed" if stopped else "succeeded"
+                    self._exit_code = C.EXIT_CHECKPOINTED if stopped else 0
                     # The scheduler normally exits with the workers; do not wait on it.
                     self._kill_all(grace=5.0)
                     return
             time.sleep(0.2)
+
+    def _checkpointed(self, rc: int | None) -> bool:
+        """A rank's exit that was the answer to request_checkpoint(), not a failure."""
+        return rc == C.EXIT_CHECKPOINTED and self._checkpoint_requested
+
+    def request_checkpoint(self) -> bool:
+        """Ask every running rank of this agent to stop at a checkpoint of the next step all
+        ranks agree on (launcher/contract.py, CHECKPOINT REQUEST). True when each was asked;
+        False when the ranks are not running or cannot be asked (their workload does not
+        honour requests): then no rank was asked."""
+        with self._lock:
+            workers = [r for r in self._ranks if r.rank is not None]
+            paths = [r.env.get(C.CHECKPOINT_REQUEST_ENV) for r in workers]
+            if self._status != "running" or self._stopping or not workers or not all(paths):
+                return False
+            self._checkpoint_requested = True
+            for path in paths:
+                Path(path).touch()
+            return True
 
     def _ask_last_words(self) -> None:
         """After a rank failed: ask one surviving worker that can (it created its ".armed"
@@ -317,16 +344,16 @@ class NodeAgent:
         exits: 0 when it saved (workloads/volo/last_words.py)."""
         workers = sorted((r for r in self._ranks if r.rank is not None), key=lambda r: r.rank)
         for r in workers:
-            p, path = self._procs.get(r.label), r.env.get(LAST_WORDS_ENV)
+            p, path = self._procs.get(r.label), r.env.get(C.LAST_WORDS_ENV)
             if (p is None or p.poll() is not None or not path or _is_stopped(p.pid)
-                    or not Path(path + LAST_WORDS_ARMED).exists()):
+                    or not Path(path + C.LAST_WORDS_ARMED).exists()):
                 continue
             Path(path).touch()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=LAST_WORDS_GRACE_S)
             if p.returncode is not None:
                 self._exits[r.label] = p.returncode
-            if p.returncode == 0:
+            if p.returncode == C.LastWordsExit.SAID:
                 self._last_words = r.label
             return
 
@@ -373,7 +400,7 @@ class NodeAgent:
             # busy node the poll that sees the step can come after the failure.
             if (not self._standby_spawned and not self._stopping
                     and self._status in ("running", "failed")
-                    and any(e.get("event") == "step" for e in events)):
+                    and any(e.get("event") == C.HeartbeatEvent.STEP for e in events)):
                 if self._next_ranks:
                     self._spawn_prejoined()
                 elif self.standby:

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from launcher.workloads import adapter
 
-def select_checkpoint(ckpt_dir: str | Path, select: str = "best") -> Path | None:
-    """`best` (the train loop's best-by-top-1 link) falling back to the newest valid one."""
-    d = Path(ckpt_dir)
-    try:
-        from workloads.volo.checkpoint import BEST_LINK, latest_valid, verify
-    except ImportError:  # pragma: no cover - workload package absent
-        return None
-    if select == "best":
-        best = d / BEST_LINK
-        if best.exists() and verify(best) is None:
-            return best.resolve()
-    return latest_valid(d)
+
+def select_checkpoint(ckpt_dir: str | Path, select: str, workload: str) -> Path | None:
+    """The checkpoint of `ckpt_dir` that `select` names ("best" or "latest"), as the
+    workload that wrote it picks one; None when there is none."""
+    return adapter(workload).select_checkpoint(Path(ckpt_dir), select)

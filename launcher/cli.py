@@ -233,7 +233,7 @@ def _create_data(job, ctx: dict) -> None:
 
 
 def _dry_run(job, ctx: dict, home: Path) -> dict:
-    from launcher import ranks
+    from launcher import ranks, workloads
     from launcher.planner import FreePool
     from launcher.ranks import build_launch
 
@@ -248,10 +248,9 @@ def _dry_run(job, ctx: dict, home: Path) -> dict:
                                        for i in range(nodes)}, topo)
             plan = pool.plan(req)
             step["feasible_device_counts"] = sp.feasible_counts()
-            if sp.workload == "volo":
-                from workloads.volo.config import recipe_precision
-
-                step["precision"] = recipe_precision(ctx["steps"][name]["config"], sp.overrides)
+            describe = workloads.adapter(sp.workload).describe_recipe
+            if describe is not None:
+                step["precision"] = describe(ctx["steps"][name]["config"], sp.overrides)
         else:
             from launcher.planner import NodeSlice, Plan
             plan = Plan(1, 1, 1, (NodeSlice("node-0", (0,)),)) if kind == "ValidateJob" \

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import ranks
+from launcher import ranks, workloads
 from launcher import spec as specmod
 from launcher.checkpoints import select_checkpoint
+from launcher.contract import NON_RETRYABLE_EXIT_CODES
 from launcher.lifecycle import HOLDS_DEVICES, TERMINAL, JobState
 from launcher.planner import ASCEND_910, FreePool, Plan, Request, Topology
 from launcher.progress import JobProgress
@@ -50,9 +51,6 @@ PROGRESS_FLUSH_S = 1.0
 # Scaling decisions list every Ray node: once a second is quick next to pods that take
 # tens of seconds to start, and spares the GCS a query on every 0.25 s tick.
 AUTOSCALE_INTERVAL_S = 1.0
-# The train loop's exit codes for a bad config (2) or a recipe that differs from
-# its checkpoint's (3): restarting cannot fix them, so do not burn restarts.
-NON_RETRYABLE_EXIT_CODES = frozenset({2, 3})
 
 S = JobState
 
@@ -132,6 +130,7 @@ class Runtime:
     resize_to: int | None = None
     resize_after: float = 0.0
     checkpoint_ready: bool = False
+    checkpoint_requested: bool = False  # the ranks were asked to stop at a checkpoint
     last_words: set[str] = field(default_factory=set)  # ranks that saved as it failed
     # MindSpore scheduler ports: this attempt's when fixed in advance (a restart in place
     # onto prejoined processes), and the one fixed for the attempt after it
@@ -660,13 +659,10 @@ class Controller(JobQueries):
 
     @classmethod
     def _prejoin(cls, job: JobRow) -> bool:
-        """...and that also joined the cluster and compiled ahead: ranks of the VOLO train
-        loop hold after that (workloads/volo/prejoin.py); the smoke workload's do not. CPU
-        ranks only: on an NPU the held processes would open the devices the current attempt
-        trains on and run a step there (HCCL, device memory), which has not been tried."""
+        """...and that also joined the cluster and compiled ahead, where the workload's ranks
+        can on this device type (its adapter says: launcher/workloads.py)."""
         device = (job.spec.get("resources") or {}).get("deviceType", "NPU")
-        return cls._standby(job) and job.spec.get("workload", "volo") != "smoke" and \
-            device == "CPU"
+        return cls._standby(job) and workloads.of_spec(job.spec).prejoins_on(device)
 
     @staticmethod
     def _job_topology(j: JobRow) -> Topology:
@@ -766,7 +762,8 @@ class Controller(JobQueries):
         if src is None:
             return f"step {ref['fromStep']!r} not found"
         ckpt_dir = src.paths.get("ckpt_dir") or str(default_ckpt_dir(self.home, src.id))
-        chosen = select_checkpoint(ckpt_dir, ref.get("select", "best"))
+        chosen = select_checkpoint(ckpt_dir, ref.get("select", "best"),
+                                   workloads.of_spec(src.spec).name)
         if chosen is None:
             return f"no valid checkpoint in {ckpt_dir} (from step {ref['fromStep']!r})"
         paths = dict(job.paths, ckpt_path=str(chosen))
@@ -958,7 +955,10 @@ class Controller(JobQueries):
         elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
             result = next((r["result"] for r in results if r and r.get("result")), None)
             self._attempt_succeeded(job_id, rt, result)
-        elif rt.checkpoint_ready:
+        elif len(statuses) == len(rt.agents) and "checkpointed" in statuses and all(
+                s in ("checkpointed", "succeeded") for s in statuses):
+            self._resize(job_id, rt)  # the ranks stopped at the checkpoint it asked for
+        elif rt.checkpoint_ready and not rt.checkpoint_requested:
             self._resize(job_id, rt)
         else:
             hung = self._hung(job, rt) if job.kind == "TrainJob" else None
@@ -1064,7 +1064,8 @@ class Controller(JobQueries):
         """Grow a running elastic job when more devices are free and nobody waits.
 
         Waiting jobs always come first: growth only uses devices the queue cannot.
-        The switch happens at the job's next checkpoint, so no step is lost.
+        The switch happens at a checkpoint the ranks are asked for at the next step (or,
+        where they cannot be asked, the next periodic one), so no step is lost.
         """
         with self.lock:
             candidates = [rt for rt in self.runtimes.values()
@@ -1085,9 +1086,24 @@ class Controller(JobQueries):
                 if better is None or better.devices <= rt.plan.devices:
                     continue
                 rt.resize_to, rt.resize_after = better.devices, time.time()
+                rt.checkpoint_requested = self._request_checkpoint(rt)
                 self.store.add_event(job.id, "grow_wanted", {
                     "from": rt.plan.devices, "to": better.devices,
-                    "note": "waiting for the next checkpoint"})
+                    "note": "asked the ranks for a checkpoint at the next step"
+                    if rt.checkpoint_requested else "waiting for the next checkpoint"})
+
+    @staticmethod
+    def _request_checkpoint(rt: Runtime) -> bool:
+        """Ask every agent's ranks to stop at a checkpoint of the next step; False (the
+        resize waits for a periodic checkpoint) unless every agent asked all of its ranks."""
+        import ray
+
+        try:
+            return all(ray.get([a.request_checkpoint.remote() for a in rt.agents],
+                               timeout=10))
+        except Exception as e:  # noqa: BLE001 - any agent error: the periodic path remains
+            log.warning("job %s: no checkpoint request (%s)", rt.job_id, e)
+            return False
 
     def _wanted_devices(self) -> int:
         """Devices the queue needs to start (each job's minimum) or, when nothing

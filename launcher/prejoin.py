@@ -6,7 +6,8 @@ sleep inside MindSpore (workloads/volo/prejoin.py says why it cannot be shortene
 the current attempt has made its first step, the agent starts the processes of the attempt
 that would follow a failure: the same devices, the same plan, the next attempt's paths and a
 scheduler port of their own, all fixed in advance by the controller. They import at idle
-priority (as standbys), join their own cluster and hold (``FLEET_HOLD=1``). When the current
+priority (as standbys), join their own cluster and hold (``FLEET_HOLD=1``, the HOLD protocol
+of launcher/contract.py). When the current
 attempt fails and the controller restarts it in place with exactly those rank specs, the
 agent promotes them: one JSON line each, and training resumes from the newest checkpoint.
 
@@ -30,8 +31,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from launcher import contract as C
 from launcher.ranks import RankSpec
-from launcher.standby import HOLD_ENV, module_of, standby_argv
+from launcher.standby import module_of, standby_argv
 
 Spawn = Callable[[list[str], dict[str, str], str | None, str, int], subprocess.Popen]
 
@@ -59,7 +61,7 @@ class PrejoinedAttempt:
         """Start every process; each imports, then becomes its rank and holds after the join.
         A process that cannot start leaves the group incomplete: it will not be promoted."""
         for r in self.ranks:
-            env = {**env_of(r), HOLD_ENV: "1"}
+            env = {**env_of(r), C.HOLD_ENV: C.HOLD_ON}
             log = hold_log(r.log)
             Path(log).parent.mkdir(parents=True, exist_ok=True)
             try:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.contract import DoneStatus
+
 log = logging.getLogger(__name__)
 
 # A heartbeat line is a few hundred bytes; anything far larger is a corrupt or foreign
@@ -196,8 +198,10 @@ def parse_event(obj: Any, where: str = "heartbeat") -> Event:
         )
     if kind == "done":
         status = obj.get("status")
-        if status not in ("ok", "error"):
-            raise HeartbeatError(f"{where}: field 'status' must be 'ok' or 'error', got {status!r}")
+        if status not in tuple(DoneStatus):
+            allowed = ", ".join(repr(str(s)) for s in DoneStatus)
+            raise HeartbeatError(f"{where}: field 'status' must be one of {allowed}, "
+                                 f"got {status!r}")
         return DoneEvent(
             **base,
             step=_opt(obj, "step", int, where) or 0,
@@ -464,7 +468,9 @@ class JobProgress:
         if current is None:
             return "pending"
         if self.done is not None and self.done.attempt == current.attempt:
-            return "succeeded" if self.done.status == "ok" else "failed"
+            if self.done.status == DoneStatus.CHECKPOINTED:
+                return "recovering"  # stopped at a requested checkpoint, to resume resized
+            return "succeeded" if self.done.status == DoneStatus.OK else "failed"
         if current.first_step_ts is None and len(self.attempts) > 1:
             return "recovering"
         return "running"

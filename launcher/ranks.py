@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher import contract as C
 from launcher.planner import Plan
+from launcher.workloads import EXPORT, TRAIN, VALIDATE, of_spec
 
 SCHED_HOST_PLACEHOLDER = "<scheduler-host>"
 SCHED_PORT_PLACEHOLDER = "<scheduler-port>"
@@ -76,12 +78,6 @@ def attempt_dir(home: Path, job_id: str, attempt: int) -> Path:
 
 
 CHECKPOINT_ROOT_ENV = "FLEET_CHECKPOINT_ROOT"
-COMPILE_CACHE_STORE_ENV = "FLEET_COMPILE_CACHE_STORE"  # read by workloads/volo/compile_cache.py
-# A file the agent creates to ask a surviving rank for its last words (a checkpoint of the
-# last completed step); the rank creates the same path + ".armed" once it can answer.
-# Read by workloads/volo/last_words.py.
-LAST_WORDS_ENV = "FLEET_LAST_WORDS"
-LAST_WORDS_ARMED = ".armed"
 
 
 def default_ckpt_dir(home: Path, job_id: str, environ: Mapping[str, str] | None = None) -> Path:
@@ -96,11 +92,11 @@ def default_ckpt_dir(home: Path, job_id: str, environ: Mapping[str, str] | None 
 
 
 def compile_cache_store(home: Path, environ: Mapping[str, str] | None = None) -> Path:
-    """The compile cache that jobs share (workloads/volo/compile_cache.py), next to the
+    """The compile cache that jobs share (the ranks' FLEET_COMPILE_CACHE_STORE), next to the
     checkpoints so that every pod sees it; a dot name cannot clash with a DNS-1123 job name."""
     environ = os.environ if environ is None else environ
-    if environ.get(COMPILE_CACHE_STORE_ENV):
-        return Path(environ[COMPILE_CACHE_STORE_ENV])
+    if environ.get(C.COMPILE_CACHE_STORE_ENV):
+        return Path(environ[C.COMPILE_CACHE_STORE_ENV])
     root = environ.get(CHECKPOINT_ROOT_ENV)
     return Path(root) / ".compile-cache" if root else home / "compile-cache"
 
@@ -149,9 +145,9 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
     overrides = dict(spec.get("overrides") or {})
     world = max(plan.devices, 1)
     base_env = {
-        "FLEET_JOB_ID": job_id,
-        "FLEET_ATTEMPT": str(attempt),
-        "FLEET_NUM_THREADS": str(threads),
+        C.JOB_ID_ENV: job_id,
+        C.ATTEMPT_ENV: str(attempt),
+        C.NUM_THREADS_ENV: str(threads),
         "OMP_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": workdir,
@@ -165,13 +161,14 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
         # cost the scheduler one small message per worker per second.
         base_env.update(MS_RETRY_INTERVAL_LOWER="1", MS_RETRY_INTERVAL_UPPER="1")
 
-    smoke = spec.get("workload") == "smoke"
-    last_words = kind == "TrainJob" and world > 1 and bool(
+    workload = of_spec(spec)
+    module = workload.module(kind)
+    last_words = kind == TRAIN and world > 1 and bool(
         (spec.get("restart") or {}).get("saveOnFailure", True))
-    if kind == "TrainJob":
+    checkpoint_request = kind == TRAIN and workload.checkpoint_on_request
+    if kind == TRAIN:
         ckpt_dir = paths.get("ckpt_dir") or str(default_ckpt_dir(home, job_id))
         g = plan.global_batch
-        module = "launcher.smoke" if smoke else "workloads.volo.train"
         argv = [python, "-m", module, "-c", paths["config"],
                 "--data_dir", paths["data_dir"], "--ckpt_save_dir", ckpt_dir,
                 "--device_target", target, "--distribute", _flag_value(world > 1),
@@ -184,17 +181,15 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
         if ck.get("keep"):
             argv += ["--keep_checkpoint_max", str(ck["keep"])]
         argv += override_flags(overrides)
-        base_env.update({"FLEET_CHECKPOINT_DIR": ckpt_dir, "FLEET_GLOBAL_BATCH": str(g),
-                         COMPILE_CACHE_STORE_ENV: str(compile_cache_store(home)),
-                         "FLEET_MICRO_BATCH": str(plan.micro_batch),
-                         "FLEET_GRAD_ACCUM": str(plan.grad_accum)})
-    elif kind == "ValidateJob":
-        module = "launcher.smoke" if smoke else "workloads.volo.validate"
+        base_env.update({C.CHECKPOINT_DIR_ENV: ckpt_dir, C.GLOBAL_BATCH_ENV: str(g),
+                         C.COMPILE_CACHE_STORE_ENV: str(compile_cache_store(home)),
+                         C.MICRO_BATCH_ENV: str(plan.micro_batch),
+                         C.GRAD_ACCUM_ENV: str(plan.grad_accum)})
+    elif kind == VALIDATE:
         argv = [python, "-m", module, "-c", paths["config"],
                 "--data_dir", paths["data_dir"], "--ckpt_path", paths["ckpt_path"],
                 "--device_target", target] + override_flags(overrides)
-    elif kind == "ExportJob":
-        module = "launcher.smoke" if smoke else "workloads.volo.export"
+    elif kind == EXPORT:
         argv = [python, "-m", module, "--ckpt_path", paths["ckpt_path"],
                 "--model", spec["model"], "--format", spec.get("format", "MINDIR"),
                 "--out", paths["out"]] + override_flags(overrides)
@@ -215,9 +210,11 @@ def build_launch(*, job_id: str, attempt: int, kind: str, spec: dict, paths: dic
         for local in range(n_local):
             env = dict(base_env)
             hb = f"{adir}/rank-{rank}.heartbeat.jsonl"
-            env["FLEET_HEARTBEAT"] = hb
+            env[C.HEARTBEAT_ENV] = hb
             if last_words:
-                env[LAST_WORDS_ENV] = f"{adir}/rank-{rank}.last-words"
+                env[C.LAST_WORDS_ENV] = f"{adir}/rank-{rank}.last-words"
+            if checkpoint_request:
+                env[C.CHECKPOINT_REQUEST_ENV] = f"{adir}/rank-{rank}.checkpoint-request"
             if s.chips:
                 # CANN renumbers the visible chips from 0: the device id is the index.
                 env["ASCEND_RT_VISIBLE_DEVICES"] = visible

@@ -25,16 +25,17 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
+from launcher import contract as C
+
 # Differ between the attempts and ranks that one standby may serve; read by MindSpore and
 # the train loop only when the rank starts (cluster init, device open, heartbeat).
 # MS_ROLE is not among them: a scheduler and a worker stand by apart.
 PER_LAUNCH_ENV = frozenset({
-    "FLEET_ATTEMPT", "FLEET_HEARTBEAT", "FLEET_LAST_WORDS", "FLEET_SPAWN_TS", "FLEET_STANDBY",
+    C.ATTEMPT_ENV, C.HEARTBEAT_ENV, C.LAST_WORDS_ENV, C.CHECKPOINT_REQUEST_ENV, C.SPAWN_TS_ENV,
+    C.STANDBY_ENV,
     "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_WORKER_NUM", "MS_NODE_ID",
     "RANK_ID", "RANK_SIZE", "LOCAL_RANK", "DEVICE_ID", "ASCEND_RT_VISIBLE_DEVICES",
 })
-STANDBY_ENV = "FLEET_STANDBY"  # set to "1" in a rank that started from a standby
-HOLD_ENV = "FLEET_HOLD"  # the rank side: workloads/volo/prejoin.py
 
 
 def module_of(argv: Sequence[str]) -> str | None:
@@ -106,7 +107,7 @@ def _become(launch: dict) -> None:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-    if launch["env"].get(HOLD_ENV) != "1":
+    if launch["env"].get(C.HOLD_ENV) != C.HOLD_ON:
         # a pre-joined rank (launcher/prejoin.py) keeps stdin: its go line comes there
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -115,7 +116,7 @@ def _become(launch: dict) -> None:
         os.chdir(launch["cwd"])
     os.environ.clear()
     os.environ.update(launch["env"])
-    os.environ[STANDBY_ENV] = "1"
+    os.environ[C.STANDBY_ENV] = "1"
     argv = launch["argv"]
     sys.argv = [argv[0], *argv[3:]]  # run_module replaces [0] with the module's file
     runpy.run_module(argv[2], run_name="__main__", alter_sys=True)

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from launcher import contract
 from workloads.volo import prejoin
 
 STANDBY_PRELOAD = ("prejoin_probe_slow",)  # a slow import, when a test asks for one
@@ -23,7 +24,7 @@ def main() -> int:
     with open(os.environ["FLEET_HEARTBEAT"], "a") as f:
         f.write(json.dumps({"event": "step", "step": 1, "rank": 0}) + "\n")
     print(json.dumps({"pid": os.getpid(), "attempt": os.environ.get("FLEET_ATTEMPT"),
-                      "held": held, "hold_env": os.environ.get(prejoin.HOLD_ENV),
+                      "held": held, "hold_env": os.environ.get(contract.HOLD_ENV),
                       "spawn_ts": os.environ.get("FLEET_SPAWN_TS"),
                       "argv": sys.argv[1:]}), flush=True)
     time.sleep(float(sys.argv[1]))

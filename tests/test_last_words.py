@@ -10,8 +10,9 @@ import time
 import numpy as np
 
 from launcher.agent import NodeAgent
-from launcher.ranks import LAST_WORDS_ENV, RankSpec
-from workloads.volo.last_words import EXIT_DECLINED, EXIT_SAID, LastWords
+from launcher.contract import LAST_WORDS_ENV, LastWordsExit
+from launcher.ranks import RankSpec
+from workloads.volo.last_words import LastWords
 
 
 def _wait(pred, timeout=10.0):
@@ -41,7 +42,7 @@ def test_saves_the_state_of_the_step_the_training_thread_waits_after(tmp_path):
     _wait(lambda: exits)
     stuck.set()
     t.join()
-    assert exits == [EXIT_SAID]
+    assert exits == [LastWordsExit.SAID]
     [(step, snap)] = said
     assert step == 7 and snap[0][:2] == ("w", "Float32")
     assert snap[0][2].tolist() == list(range(6))  # a copy: the later update did not reach it
@@ -54,7 +55,7 @@ def test_declines_when_the_training_thread_is_not_in_an_all_reduce(tmp_path):
     lw.arm([("w", "Float32", np.zeros(2, np.float32))])
     (tmp_path / "r0.last-words").touch()
     _wait(lambda: exits)
-    assert exits == [EXIT_DECLINED] and said == []
+    assert exits == [LastWordsExit.DECLINED] and said == []
     assert "not waiting in an all-reduce" in logged[0]
 
 
@@ -69,7 +70,7 @@ def test_a_failed_save_is_declined_and_said_why(tmp_path):
     with lw.reducing(3):
         (tmp_path / "r0.last-words").touch()
         _wait(lambda: exits)
-    assert exits == [EXIT_DECLINED] and "No space left on device" in logged[0]
+    assert exits == [LastWordsExit.DECLINED] and "No space left on device" in logged[0]
 
 
 PROBE = """

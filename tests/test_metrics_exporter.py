@@ -63,7 +63,7 @@ def test_parse_event_names_the_bad_field_and_place():
         parse_event(bad)
     with pytest.raises(HeartbeatError, match="'rank' must be an integer"):
         parse_event({**step(1.0, 1), "rank": 0.5})
-    with pytest.raises(HeartbeatError, match="'status' must be 'ok' or 'error'"):
+    with pytest.raises(HeartbeatError, match="'status' must be one of 'ok', 'error', 'checkpointed'"):
         parse_event(ev("done", 1.0, status="maybe"))
     # A diverged loss arrives as the string "nan" (JSON has no NaN) and is kept.
     assert math.isnan(parse_event({**step(1.0, 1), "loss": "nan"}).loss)

@@ -13,12 +13,14 @@ recipe, validate's JSON line and a MINDIR export that reproduces the model's log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,15 +152,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cluster_train(args: list[str], tmp: Path, workers: int) -> list[subprocess.CompletedProcess]:
-    """One MS_SCHED + N MS_WORKER processes, as msrun and the fleet agent start them."""
+def _cluster_train(args: list[str], tmp: Path, workers: int,
+                   rank_env: dict[int, dict[str, str]] | None = None,
+                   **env_extra: str) -> list[subprocess.CompletedProcess]:
+    """One MS_SCHED + N MS_WORKER processes, as msrun and the fleet agent start them.
+    Returned in that order (the scheduler first)."""
     port = str(_free_port())
     procs = []
     for role, node in [("MS_SCHED", None)] + [("MS_WORKER", i) for i in range(workers)]:
         env = train_env(MS_ROLE=role, MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=port,
-                   MS_WORKER_NUM=str(workers))
+                        MS_WORKER_NUM=str(workers), **env_extra)
         if node is not None:
             env.update(MS_NODE_ID=str(node), FLEET_HEARTBEAT=str(tmp / f"rank{node}.hb.jsonl"))
+            env.update((rank_env or {}).get(node, {}))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "workloads.volo.train", *BASE, *args], cwd=ROOT, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -287,3 +293,65 @@ def test_validate_json_and_mindir_export(digits, reference, tmp_path):
     x = ms.Tensor(np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
     exported = nn.GraphCell(ms.load(str(out)))
     assert np.allclose(exported(x).asnumpy(), net(x).asnumpy(), atol=1e-5)
+
+
+def test_checkpoint_request_stops_both_ranks_at_one_step_and_resumes_exactly(digits, tmp_path):
+    """Only rank 1 is asked, mid-run: both ranks stop after the same step (the flag rides in
+    that step's gradient all-reduce), rank 0 saves that step, and a resume from it trains
+    the same next steps as an uninterrupted run."""
+    from launcher import contract as C
+
+    steps = 10
+    common = ["--data_dir", str(digits), "--max_steps", str(steps), "--ckpt_save_steps", "1000",
+              "--batch_size", "4"]
+    store = {"FLEET_COMPILE_CACHE_STORE": str(tmp_path / "compile-store")}
+    full = _cluster_train([*common, "--ckpt_save_dir", str(tmp_path / "full" / "ckpt")],
+                          tmp_path / "full", workers=2, **store)
+    assert [r.returncode for r in full] == [0, 0, 0], full[1].stderr[-3000:]
+
+    asked = tmp_path / "asked"
+    request = asked / "rank1.checkpoint-request"
+    stop = threading.Event()
+
+    def ask_after_step_2() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(ValueError):  # a line being written
+                if any(e["step"] >= 2 for e in _events(asked / "rank0.hb.jsonl", "step")):
+                    request.touch()
+                    return
+            time.sleep(0.02)
+
+    asker = threading.Thread(target=ask_after_step_2, daemon=True)
+    asker.start()
+    try:
+        got = _cluster_train([*common, "--ckpt_save_dir", str(asked / "ckpt")], asked, workers=2,
+                             rank_env={0: {C.CHECKPOINT_REQUEST_ENV: str(asked / "rank0.req")},
+                                       1: {C.CHECKPOINT_REQUEST_ENV: str(request)}}, **store)
+    finally:
+        stop.set()
+        asker.join()
+    assert [r.returncode for r in got[1:]] == [C.EXIT_CHECKPOINTED] * 2, got[1].stderr[-3000:]
+    last = [_events(asked / f"rank{i}.hb.jsonl", "step")[-1]["step"] for i in range(2)]
+    assert last[0] == last[1] and 2 < last[0] < steps, last
+    at = last[0]
+    ck = _events(asked / "rank0.hb.jsonl", "checkpoint")
+    assert [(c["step"], c["ok"], c.get("requested")) for c in ck] == [(at, True, True)], ck
+    assert sorted(p.name for p in (asked / "ckpt").glob("step-*")) == [f"step-{at:08d}"]
+    assert all(_events(asked / f"rank{i}.hb.jsonl", "done")[-1]["status"] == "checkpointed"
+               for i in range(2))
+
+    resumed = _cluster_train([*common, "--ckpt_save_dir", str(asked / "ckpt")],
+                             tmp_path / "resumed", workers=2, **store)
+    assert [r.returncode for r in resumed] == [0, 0, 0], resumed[1].stderr[-3000:]
+    assert _events(tmp_path / "resumed" / "rank0.hb.jsonl", "start")[0]["resumed_step"] == at
+    ref = {s["step"]: s for s in _events(tmp_path / "full" / "rank0.hb.jsonl", "step")}
+    after = _events(tmp_path / "resumed" / "rank0.hb.jsonl", "step")
+    assert [s["step"] for s in after] == list(range(at + 1, steps + 1))
+    for s in after:
+        assert s["sample_hash"] == ref[s["step"]]["sample_hash"]
+        assert abs(s["loss"] - ref[s["step"]]["loss"]) <= RESUME_RTOL * abs(ref[s["step"]]["loss"])
+    a, b = _params(tmp_path / "full" / "ckpt", steps), _params(asked / "ckpt", steps)
+    assert a.keys() == b.keys()
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    print(f"checkpoint request at step {at}: max |param difference| at step {steps} = {worst:.3g}")
+    assert worst <= RESUME_ATOL

@@ -40,6 +40,7 @@ __all__ = [
     "latest_valid",
     "list_checkpoints",
     "read_state",
+    "select",
     "verify",
 ]
 
@@ -184,6 +185,17 @@ def latest_valid(ckpt_dir: str | os.PathLike[str],
             return p
         warn(f"skipping checkpoint {p}: {reason}")
     return None
+
+
+def select(ckpt_dir: str | os.PathLike[str], which: str = "best") -> Path | None:
+    """The checkpoint a validate or export step gets: ``best`` (the best-by-top-1 link)
+    falling back to the newest valid one; ``latest``: the newest valid one."""
+    d = Path(ckpt_dir)
+    if which == "best":
+        best = d / BEST_LINK
+        if best.exists() and verify(best) is None:
+            return best.resolve()
+    return latest_valid(d)
 
 
 def check_resumable(state: CheckpointState, path: Path, recipe_hash: str,

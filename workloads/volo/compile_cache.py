@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.contract import COMPILE_CACHE_STORE_ENV as STORE_ENV
 from workloads.volo.config import ConfigError
 
 __all__ = ["CompileCache", "cache_key", "enable", "prune", "publish"]
@@ -70,7 +71,6 @@ _OWNED = "FLEET_COMPILE_CACHE_DIR"
 _WORKER_PREFIX = "MS_WORKER"  # MindSpore 2.10: a cluster worker's cache file names start so
 _PACKAGE = Path(__file__).resolve().parent
 _ENTRY = _PACKAGE / "train.py"
-STORE_ENV = "FLEET_COMPILE_CACHE_STORE"
 STORE_KEEP_ENV = "FLEET_COMPILE_CACHE_STORE_KEEP"
 STORE_KEEP_DEFAULT = 16
 _STALE_TMP_S = 3600.0  # a publisher still copying after an hour was killed

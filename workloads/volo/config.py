@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from launcher import contract as C
+
 __all__ = [
     "ConfigError",
     "RECIPE_EXCLUDED_KEYS",
@@ -402,13 +404,13 @@ def env_override(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             raise ConfigError(f"environment variable {name}={raw!r} must be positive")
         return v
 
-    if environ.get("FLEET_CHECKPOINT_DIR"):
-        args.ckpt_save_dir = environ["FLEET_CHECKPOINT_DIR"]
-    if (v := _int("FLEET_GLOBAL_BATCH")) is not None:
+    if environ.get(C.CHECKPOINT_DIR_ENV):
+        args.ckpt_save_dir = environ[C.CHECKPOINT_DIR_ENV]
+    if (v := _int(C.GLOBAL_BATCH_ENV)) is not None:
         args.global_batch = v
-    if (v := _int("FLEET_MICRO_BATCH")) is not None:
+    if (v := _int(C.MICRO_BATCH_ENV)) is not None:
         args.batch_size = v
-    if (v := _int("FLEET_GRAD_ACCUM")) is not None:
+    if (v := _int(C.GRAD_ACCUM_ENV)) is not None:
         args.gradient_accumulation_steps = v
-    if (v := _int("FLEET_NUM_THREADS")) is not None:
+    if (v := _int(C.NUM_THREADS_ENV)) is not None:
         args.num_threads = v

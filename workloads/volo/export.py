@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from launcher import contract as C
 from workloads.volo.checkpoint import STATE_FILE, read_state
 from workloads.volo.config import ConfigError, str2bool
 from workloads.volo.report import log
@@ -92,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         written.chmod(EXPORT_MODE)
     except ConfigError as e:
         log(f"error: {e}")
-        return 2
+        return C.EXIT_CONFIG
     print(json.dumps({"out": str(written), "format": a.format, "model": a.model,
                       "num_classes": num_classes, "image_size": image_size, "weights": which,
                       "bytes": written.stat().st_size}), flush=True)
-    return 0
+    return C.EXIT_OK
 
 
 if __name__ == "__main__":

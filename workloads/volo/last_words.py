@@ -14,8 +14,8 @@ helper thread copies them through those views with no MindSpore call at all. Els
 (Ascend, GPU: device memory) the rank does not arm and restarts from the periodic
 checkpoint as before.
 
-Protocol with the node agent, through two files next to the rank's heartbeat
-(``FLEET_LAST_WORDS`` names the first):
+Protocol with the node agent (LAST WORDS in launcher/contract.py), through two files next to
+the rank's heartbeat (``FLEET_LAST_WORDS`` names the first):
 
 - ``<path>.armed``: created by the rank once it can save this way;
 - ``<path>``: created by the agent after another rank failed, to ask for the checkpoint.
@@ -37,13 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from launcher.contract import LAST_WORDS_ARMED, LastWordsExit
 from workloads.volo.ckpt_payload import Snapshot
 
-__all__ = ["ENV", "LastWords", "host_views"]
-
-ENV = "FLEET_LAST_WORDS"
-ARMED_SUFFIX = ".armed"
-EXIT_SAID, EXIT_DECLINED = 0, 1
+__all__ = ["LastWords", "host_views"]
 
 
 def host_views(params: list[Any]) -> list[tuple[str, str, np.ndarray]] | None:
@@ -88,7 +85,7 @@ class LastWords:
             self._thread = threading.Thread(target=self._listen, daemon=True,
                                             name="last-words")
             self._thread.start()
-        Path(str(self.request) + ARMED_SUFFIX).touch()  # again after a disarm
+        Path(str(self.request) + LAST_WORDS_ARMED).touch()  # again after a disarm
 
     def views_current(self, params: list[Any]) -> bool:
         """Whether the armed views still cover ``params``' storage (0.09 ms for volo_tiny's
@@ -101,7 +98,7 @@ class LastWords:
     def disarm(self) -> None:
         with self._lock:
             self._views = None
-        Path(str(self.request) + ARMED_SUFFIX).unlink(missing_ok=True)
+        Path(str(self.request) + LAST_WORDS_ARMED).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def reducing(self, steps_done: int) -> Iterator[None]:
@@ -131,11 +128,11 @@ class LastWords:
             if time.monotonic() > deadline:
                 self._log("last words: the training thread is not waiting in an all-reduce; "
                           "the restart resumes from the last periodic checkpoint")
-                return EXIT_DECLINED
+                return LastWordsExit.DECLINED
             time.sleep(self._poll)
         try:
             self._say(step, snap)
         except Exception as e:  # noqa: BLE001 - the previous checkpoint stays; say why
             self._log(f"last words: saving step {step} failed: {type(e).__name__}: {e}")
-            return EXIT_DECLINED
-        return EXIT_SAID
+            return LastWordsExit.DECLINED
+        return LastWordsExit.SAID

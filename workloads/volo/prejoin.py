@@ -22,7 +22,8 @@ import sys
 from collections.abc import MutableMapping
 from typing import IO
 
-HOLD_ENV = "FLEET_HOLD"
+from launcher.contract import HOLD_ENV, HOLD_ON
+
 HOLDING = "holding until the agent starts it"  # in the log once held (benches wait for it)
 
 
@@ -32,7 +33,7 @@ class Released(Exception):
 
 def holding(environ: MutableMapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
-    return environ.get(HOLD_ENV) == "1"
+    return environ.get(HOLD_ENV) == HOLD_ON
 
 
 def wait_for_go(stream: IO[str] | None = None,

@@ -10,9 +10,11 @@ accumulation micro-steps and ranks, then AdamW steps with the LR of that optimiz
 (MindCV's warmup + cosine). MindCV's amp_level, loss scaling, EMA and gradient clipping keys
 are honoured as docs/recipe.md describes. Rank 0 checkpoints every ``ckpt_save_steps`` steps, at the
 epoch cadence and at the end; every start resumes from the newest checkpoint that verifies.
+When the launcher asks for a checkpoint (checkpoint_request.py), the ranks stop after one step
+they agree on and rank 0 saves it.
 
-Exit status: 0 done, 2 bad configuration or data, 3 checkpoint refused (recipe changed),
-1 anything else.
+Exit status (launcher/contract.py): 0 done, 2 bad configuration or data, 3 checkpoint refused
+(recipe changed), 75 stopped at a requested checkpoint, 1 anything else.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from launcher import contract as C
 from workloads.volo import ckpt_payload, last_words
 from workloads.volo.amp import apply_amp
 from workloads.volo.bn_stats import StepRunningStats, running_stat_params
@@ -46,6 +49,7 @@ from workloads.volo.checkpoint import (
     read_state,
     step_dir_name,
 )
+from workloads.volo.checkpoint_request import CheckpointRequest
 from workloads.volo.config import (
     ConfigError,
     check_recipe_values,
@@ -78,8 +82,6 @@ from workloads.volo.step_guard import Recompute, StepCorrupted, guarded_micro_st
 
 __all__ = ["evaluate_model", "lr_at", "main"]
 
-EXIT_CONFIG = 2
-EXIT_RECIPE = 3
 # model.ckpt entry with the loss scaler's state and the EMA update count (float64 values)
 AMP_STATE = "amp_state"
 AMP_STATE_KEYS = ("loss_scale", "loss_scale_good_steps", "overflow_steps", "skipped_steps",
@@ -470,7 +472,9 @@ class Trainer:
         the whole global batch (bn_stats.py). Returns the global batch's mean (unscaled)
         loss. ``reducing()`` is entered for the all-reduce and its wait; the update is
         launched after it exits. ``carry``: float32 values averaged over ranks in the same
-        all-reduce (the delivered sample indices), left in ``self.carried``."""
+        all-reduce (the delivered sample indices, the checkpoint request's flag), left in
+        ``self.carried``; or a function that returns them, called once the gradients are
+        computed, so that what it reads is as fresh as the all-reduce allows."""
         ms = self.ms
         stats = self.step_stats
         acc = None
@@ -502,6 +506,8 @@ class Trainer:
                                         ms.Tensor(a * self._scale_t[0], ms.float32))
         mean_loss = ms.Tensor(np.array([loss_sum / a], np.float32))
         local_stats = [ms.Tensor(m) for m in stats.local_mean()] if stats else []
+        if callable(carry):
+            carry = carry()
         carried = [] if carry is None else [ms.Tensor(np.asarray(carry, np.float32))]
         t1 = time.perf_counter()
         with reducing():
@@ -702,11 +708,18 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                  warmup_factor=args.warmup_factor, decay_epochs=args.decay_epochs,
                  epochs=args.epoch_size, num_cycles=args.num_cycles, cycle_decay=args.cycle_decay)
 
+    request = CheckpointRequest.from_env()
+    stop_at: int | None = None  # the step the ranks agreed to stop after, when asked
+
+    def on_saved(ev: dict[str, Any]) -> None:
+        hb.emit(C.HeartbeatEvent.CHECKPOINT, **ev,
+                **({"requested": True} if ev["step"] == stop_at else {}))
+
     ckpt = CheckpointManager(plan.ckpt_dir, keep_last=max(1, args.keep_checkpoint_max),
-                             on_saved=lambda ev: hb.emit("checkpoint", **ev))
+                             on_saved=on_saved)
     if rank == 0:
         ckpt.clean_stale()
-    hb.emit("start", world_size=world_size, micro_batch=lay.micro_batch,
+    hb.emit(C.HeartbeatEvent.START, world_size=world_size, micro_batch=lay.micro_batch,
             grad_accum=lay.grad_accum, global_batch=lay.global_batch, resumed_step=start,
             total_steps=plan.total_steps, stop_step=plan.stop_step,
             compile_cache=cache.status if cache else "off",
@@ -758,7 +771,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
         ds, src = eval_dataset(index, **kw)
         top1, top5, loss, n = trainer.evaluate(ds, src)
         last_val.update(top1=top1, top5=top5, loss=loss)
-        hb.emit("val", step=step, top1=round(top1, 4), top5=round(top5, 4),
+        hb.emit(C.HeartbeatEvent.VAL, step=step, top1=round(top1, 4), top5=round(top5, 4),
                 loss=round(loss, 6), images=n)
 
     def say_last_words(step: int, snap: ckpt_payload.Snapshot) -> None:
@@ -767,12 +780,12 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
             ckpt.wait()  # rank 0's periodic save in flight; its failure is its own report
         if (ckpt.dir / step_dir_name(step)).is_dir():
             # the periodic checkpoint covered it: say so, without a second checkpoint event
-            hb.emit("last_words", step=step, saved=False)
+            hb.emit(C.HeartbeatEvent.LAST_WORDS, step=step, saved=False)
             log(f"last words: step {step} is already saved")
             return
         t0 = time.perf_counter()
         path = ckpt.write(checkpoint_state(step), lambda p: partial(ckpt_payload.write, p, snap))
-        hb.emit("checkpoint", step=step, path=str(path), ok=True, last_words=True,
+        hb.emit(C.HeartbeatEvent.CHECKPOINT, step=step, path=str(path), ok=True, last_words=True,
                 save_seconds=round(time.perf_counter() - t0, 6))
         log(f"last words: saved step {step} after a peer failed ({path})")
 
@@ -810,12 +823,16 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                                            args.cutmix_prob, rng))
                 lr = lr_at(step, **lr_kw)
                 t_data = time.perf_counter() - t0
-                loss = trainer.step(micro, lr, reducing, carry=batch_indices.encode(rank, indices))
-                delivered = batch_indices.decode(trainer.carried)
+                loss = trainer.step(micro, lr, reducing, carry=partial(
+                    request.with_flag, batch_indices.encode(rank, indices)))
+                delivered = batch_indices.decode(trainer.carried[:-1])
+                requested = CheckpointRequest.agreed(trainer.carried[-1])
                 samples_seen += int((delivered >= 0).sum())
                 dt = time.perf_counter() - t0
                 t_train += dt
                 step += 1
+                if requested:
+                    stop_at = step  # before any save of this step: its event says requested
                 if step == start + 1:
                     if cache is not None:
                         cache.mark_complete()
@@ -823,7 +840,7 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                         lw = None
                 # the global batch's hash on every rank: a rank that dies just after an
                 # all-reduce leaves its step logged by the others only
-                hb.emit("step", step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
+                hb.emit(C.HeartbeatEvent.STEP, step=step, epoch=epoch, loss=round(loss, 6), lr=lr,
                         images_per_second=round(lay.global_batch / dt, 2),
                         step_seconds=round(dt, 4), samples_seen=samples_seen,
                         sample_hash=sampler.sample_hash(delivered),
@@ -851,12 +868,16 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
                     if lw is not None and not lw.views_current(trainer.state_params()) \
                             and not arm_last_words(lw, trainer):
                         lw = None  # a parameter's storage moved: new views, or none
+                if stop_at is not None:
+                    break
         except RuntimeError as e:
             if src.error is not None:
                 raise src.error from e
             raise
         finally:
             del it
+        if stop_at is not None:
+            break
     if step != steps_saved_at or not any(plan.ckpt_dir.glob("step-*")):
         save(step, block=True)
     ckpt.wait()
@@ -864,12 +885,19 @@ def run(plan: Plan, rank: int, world_size: int, hb: Heartbeat,
         log(f"checkpoint: {ckpt.saves} saves, training thread blocked "
             f"{ckpt.total_blocking_seconds:.3f}s, writer busy {ckpt.total_save_seconds:.3f}s, "
             f"train {t_train:.2f}s")
-    hb.emit("done", step=step, status="ok", train_seconds=round(t_train, 3),
+    # a request seen at the stop step ends the run as usual
+    stopped = stop_at is not None and step < plan.stop_step
+    if stopped:
+        log(f"rank {rank}: stopped after step {step}, as the launcher asked; "
+            f"rank 0 saved it and the next attempt resumes from it")
+    hb.emit(C.HeartbeatEvent.DONE, step=step,
+            status=C.DoneStatus.CHECKPOINTED if stopped else C.DoneStatus.OK,
+            train_seconds=round(t_train, 3),
             ckpt_blocking_seconds=round(ckpt.total_blocking_seconds, 4),
             ckpt_save_seconds=round(ckpt.total_save_seconds, 4),
             state_sha256=trainer.state_digest(), **(
                 {f"val_{k}": v for k, v in last_val.items()}))
-    return 0
+    return C.EXIT_CHECKPOINTED if stopped else C.EXIT_OK
 
 
 def last_words_for(world_size: int,
@@ -878,7 +906,7 @@ def last_words_for(world_size: int,
     job's BatchNorm running statistics, not only the survivor's: every rank holds the
     global batch's after every step (bn_stats.py), and a rank waiting in a dead all-reduce
     has put back those of the last completed step."""
-    request = os.environ.get(last_words.ENV)
+    request = os.environ.get(C.LAST_WORDS_ENV)
     if not request or world_size <= 1:
         return None
     return last_words.LastWords(request, say, log)
@@ -905,22 +933,22 @@ def _fail(hb: Heartbeat | None, message: str, echo: bool = True) -> None:
 
     if echo:
         log(f"error: {message}")
-    if hb is None and os.environ.get("FLEET_HEARTBEAT") and os.environ.get("MS_ROLE") != \
+    if hb is None and os.environ.get(C.HEARTBEAT_ENV) and os.environ.get("MS_ROLE") != \
             "MS_SCHED" and not prejoin.holding():
         try:
             rank = int(os.environ.get("MS_NODE_ID", "0"))
-            attempt = int(os.environ.get("FLEET_ATTEMPT", "0"))
+            attempt = int(os.environ.get(C.ATTEMPT_ENV, "0"))
         except ValueError:
             rank, attempt = 0, 0
-        hb = Heartbeat(os.environ["FLEET_HEARTBEAT"], rank, attempt)
+        hb = Heartbeat(os.environ[C.HEARTBEAT_ENV], rank, attempt)
     if hb is not None:
-        hb.emit("done", step=0, status="error", error=message)
+        hb.emit(C.HeartbeatEvent.DONE, step=0, status=C.DoneStatus.ERROR, error=message)
         hb.close()
 
 
 def _spawned_at(environ: Any) -> float | None:
     try:
-        return float(environ["FLEET_SPAWN_TS"])
+        return float(environ[C.SPAWN_TS_ENV])
     except (KeyError, ValueError):
         return None
 
@@ -935,9 +963,9 @@ def main(argv: list[str] | None = None) -> int:
         _set_threads(args.num_threads)
         warnings = _check_supported(args)
         try:
-            attempt = int(os.environ.get("FLEET_ATTEMPT", "0"))
+            attempt = int(os.environ.get(C.ATTEMPT_ENV, "0"))
         except ValueError as e:
-            raise ConfigError(f"FLEET_ATTEMPT={os.environ['FLEET_ATTEMPT']!r} is not an "
+            raise ConfigError(f"{C.ATTEMPT_ENV}={os.environ[C.ATTEMPT_ENV]!r} is not an "
                               "integer") from e
         from workloads.volo import prejoin
         from workloads.volo.distributed import init_ranks, wants_cluster
@@ -959,20 +987,20 @@ def main(argv: list[str] | None = None) -> int:
             if built is None:
                 return 0
             marks = dict.fromkeys(("main", "plan", "join"), time.time())
-        hb = Heartbeat(os.environ.get("FLEET_HEARTBEAT"), ranks.rank, attempt, echo=sys.stderr)
+        hb = Heartbeat(os.environ.get(C.HEARTBEAT_ENV), ranks.rank, attempt, echo=sys.stderr)
         for w in warnings:
             if ranks.rank == 0:
                 log(f"warning: {w}")
         return run(plan, ranks.rank, ranks.world_size, hb, marks, built)
     except (ConfigError, DataError, LayoutError) as e:
         _fail(hb, str(e))
-        return EXIT_CONFIG
+        return C.EXIT_CONFIG
     except RecipeMismatchError as e:
         _fail(hb, str(e))
-        return EXIT_RECIPE
+        return C.EXIT_RECIPE
     except (CheckpointError, FloatingPointError, CollectiveCorrupted, StepCorrupted) as e:
         _fail(hb, str(e))
-        return 1
+        return C.EXIT_FAILED
     except Exception as e:
         # unexpected: still tell the agent why this rank stopped, then keep the traceback
         _fail(hb, f"{type(e).__name__}: {e}", echo=False)

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from launcher import contract as C
 from workloads.volo.checkpoint import MODEL_FILE, latest_valid, list_checkpoints, verify
 from workloads.volo.config import ConfigError, env_override, parse_args
 from workloads.volo.data import DataError, eval_dataset, scan_image_folder
@@ -88,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         top1, top5, loss, n = evaluate_model(net, ds, src)
     except (ConfigError, DataError) as e:
         log(f"error: {e}")
-        return 2
+        return C.EXIT_CONFIG
     print(json.dumps({"top1": round(top1, 4), "top5": round(top5, 4), "loss": round(loss, 6),
                       "images": n, "weights": which}), flush=True)
-    return 0
+    return C.EXIT_OK
 
 
 if __name__ == "__main__":
