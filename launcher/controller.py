@@ -20,28 +20,40 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launcher import ranks
 from launcher import spec as specmod
+from launcher.backend import Backend, GroupStatus, Unplaceable
+from launcher.backend_ray import NAMESPACE
 from launcher.checkpoints import select_checkpoint
 from launcher.lifecycle import HOLDS_DEVICES, TERMINAL, JobState
 from launcher.planner import ASCEND_910, FreePool, Plan, Request, Topology
+from launcher.policies import (
+    Failure,
+    FailureKind,
+    FailurePolicy,
+    ResizeVia,
+    RestartPlacementPolicy,
+    ScalingPolicy,
+    WarmStart,
+    Watchdog,
+    restart_policy,
+)
 from launcher.ranks import NodeLaunch, attempt_dir, build_launch, default_ckpt_dir
+from launcher.reconcile import AttemptView, FailAttempt, Resize, Succeed, decide_running
 from launcher.scheduler import PriorityFifo, QueuedJob, schedule
-from launcher.store import STATUS_EVENTS, JobRow, QueueRow, Store
+from launcher.store import STATUS_EVENTS, HoldRow, JobRow, QueueRow, Store
 
 log = logging.getLogger("fleet.controller")
 
 CONTROLLER_NAME = "fleet-controller"
-NAMESPACE = "fleet"
-PG_READY_TIMEOUT_S = 30.0
 # After an agent is lost, Ray may still list its node as alive for a while
 # (until heartbeats time out); planning onto it would stall the restart.
 SUSPECT_NODE_S = 60.0
@@ -49,9 +61,8 @@ PROGRESS_FLUSH_S = 1.0
 # Scaling decisions list every Ray node: once a second is quick next to pods that take
 # tens of seconds to start, and spares the GCS a query on every 0.25 s tick.
 AUTOSCALE_INTERVAL_S = 1.0
-# The train loop's exit codes for a bad config (2) or a recipe that differs from
-# its checkpoint's (3): restarting cannot fix them, so do not burn restarts.
-NON_RETRYABLE_EXIT_CODES = frozenset({2, 3})
+# A placement the backend could not bring up is tried again after this (no restart spent).
+UNPLACEABLE_RETRY_S = 2.0
 
 S = JobState
 
@@ -72,40 +83,28 @@ def max_pending(environ: dict[str, str] | None = None) -> int:
         return MAX_PENDING_DEFAULT
 
 
-def agent_name(placement: str, index: int) -> str:
-    """Agents are named after their placement group: a restart in place keeps both."""
-    return f"{placement.replace('fleet-pg-', 'fleet-agent-', 1)}-{index}"
-
-
 def pg_name(job_id: str, attempt: int | str) -> str:
     return f"fleet-pg-{job_id}-a{attempt}"
 
 
 @dataclass
 class HeldPlacement:
-    """A failed attempt's placement group and agents, kept for a restart in place."""
+    """A failed attempt's placement and agents, kept for a restart in place. Durable: the
+    store's `holds` row names it, so a restarted controller finds it again (or releases it
+    and says so)."""
 
+    job_id: str
+    attempt: int  # the attempt that failed
     plan: Plan
-    pg: Any
     pg_name: str
-    agents: list
+    pg: Any = None
+    agents: list = field(default_factory=list)
     next_port: int | None = None  # the scheduler port its agents' prejoined processes use
 
-
-class RestartInPlace:
-    """Whether a failed attempt's ranks restart on the devices they had.
-
-    A rank that exited or hung on a healthy node says nothing against its devices, and
-    keeping them skips the placement group, the agents and (with standbys) the imports
-    (bench/recovery.py). A rank that keeps failing with no new checkpoint may have a bad
-    device: after `max_streak` such failures in a row the job is planned afresh, like
-    MindCluster's move from process-level to pod-level rescheduling."""
-
-    def __init__(self, max_streak: int = 2):
-        self.max_streak = max_streak
-
-    def keep(self, policy: dict, streak: int) -> bool:
-        return bool(policy.get("inPlace", True)) and streak <= self.max_streak
+    @classmethod
+    def from_row(cls, row: HoldRow) -> HeldPlacement:
+        return cls(row.job, row.attempt, Plan.from_dict(row.plan), row.pg_name,
+                   next_port=row.next_port)
 
 
 @dataclass
@@ -130,38 +129,13 @@ class Runtime:
     # Grow: set when more devices are free; acted on at the next checkpoint.
     resize_to: int | None = None
     resize_after: float = 0.0
-    checkpoint_ready: bool = False
+    resize_via: ResizeVia | None = None
+    checkpoint_ready_at: float | None = None  # an ok checkpoint after resize_after
     last_words: set[str] = field(default_factory=set)  # ranks that saved as it failed
     # MindSpore scheduler ports: this attempt's when fixed in advance (a restart in place
     # onto prejoined processes), and the one fixed for the attempt after it
     sched_port: int | None = None
     next_port: int | None = None
-
-
-def failure_streak(previous: int, progress: dict) -> int:
-    """The backoff's exponent after a failed attempt: failed attempts in a row that saved no
-    checkpoint past the step they resumed from. A failure after a new checkpoint (a fault in a
-    run that was training well) starts again from the base delay, as Kubernetes forgets a
-    CrashLoopBackOff once a container has run a while; without this, a long run with a fault
-    every few minutes waited 0.2, 0.4, 0.8, 1.6, 3.2 s... (measured: 6 of the 7.6 s of
-    'reschedule' in a 30-minute goodput run with 5 faults)."""
-    saved = progress.get("checkpoint_ok") and \
-        (progress.get("checkpoint_step") or 0) > (progress.get("resumed_step") or 0)
-    return 1 if saved else previous + 1
-
-
-# 2**62 times any base a spec allows is still a finite float: the delay is capped by
-# maxBackoffSeconds long before, and a long crash loop cannot overflow it.
-MAX_BACKOFF_EXPONENT = 62
-
-
-def backoff_seconds(policy: dict, restarts: int) -> float:
-    base = float(policy.get("backoffSeconds", 2.0))
-    cap = float(policy.get("maxBackoffSeconds", 60.0))
-    exponent = min(max(0, restarts - 1), MAX_BACKOFF_EXPONENT)
-    delay = min(cap, base * float(2 ** exponent))
-    # Jitter so that many jobs failing together (a node loss) do not retry in lockstep.
-    return delay * (1.0 + 0.25 * random.random())  # noqa: S311 - not crypto
 
 
 class JobQueries:
@@ -232,14 +206,9 @@ class JobQueries:
             # Ranks on another machine without a shared volume: ask their agent.
             out = {"data": "", "offset": offset, "missing": True}
             rt = self.runtimes.get(job_id)
-            if rt is not None and rt.attempt == att.n:
-                import ray
-                for a in rt.agents:
-                    with contextlib.suppress(Exception):
-                        r = ray.get(a.read_log.remote(label, offset), timeout=10)
-                        if "error" not in r:
-                            out = r
-                            break
+            backend = getattr(self, "backend", None)
+            if rt is not None and rt.attempt == att.n and backend is not None:
+                out = backend.read_log(rt, label, offset) or out
         out["attempt"] = att.n
         return out
 
@@ -255,9 +224,19 @@ class Controller(JobQueries):
     """Plain class; `actor_class()` wraps it as a Ray actor."""
 
     def __init__(self, home: str, poll_interval: float = 0.25, backfill: bool = False,
-                 start_loop: bool = True):
-        import ray  # noqa: F401 - fail early if Ray is missing
+                 start_loop: bool = True, backend: Backend | None = None,
+                 clock: Callable[[], float] = time.time, inline_starts: bool = False):
+        """backend: where ranks run (default: the Ray cluster this process is in).
+        inline_starts: start attempts on the loop's thread instead of one thread each
+        (a backend whose calls return at once, as the in-memory fake's)."""
+        if backend is None:
+            import ray  # noqa: F401 - fail early if Ray is missing
 
+            from launcher.backend_ray import RayBackend
+            backend = RayBackend()
+        self.backend = backend
+        self.clock = clock
+        self.inline_starts = inline_starts
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.home / "fleet.db")
@@ -268,15 +247,19 @@ class Controller(JobQueries):
         self._wait_msgs: dict[str, str] = {}
         # job -> failure_streak(); in memory: a restarted controller starts from the base delay
         self._failure_streaks: dict[str, int] = {}
-        self.restart_placement = RestartInPlace()
-        self._held: dict[str, HeldPlacement] = {}  # RESTARTING jobs that keep their devices
+        self.restart_placement = RestartPlacementPolicy()
+        self.failure_policy = FailurePolicy(self.restart_placement)
+        self.watchdog = Watchdog()
+        self.scaling = ScalingPolicy()
+        # RESTARTING jobs that keep their devices: the handles of the store's `holds` rows
+        self._held: dict[str, HeldPlacement] = {}
         self._plan_inputs: dict[str, tuple[Request | None, Topology]] = {}  # _planning_inputs
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ticks = 0
         self._last_error = ""
-        self.started = time.time()
+        self.started = self.clock()
         self.k8s_error = ""
         self.k8s = self._start_k8s()
         self.scaler = self._start_scaler()
@@ -559,24 +542,22 @@ class Controller(JobQueries):
 
     # ---------------------------------------------------------------- cluster
     def _cluster_nodes(self) -> dict[str, list[int]]:
-        import ray
         out = {}
-        now = time.time()
+        now = self.clock()
         draining = self.scaler.draining if self.scaler is not None else {}
-        for n in ray.nodes():
-            if not n.get("Alive"):
-                if n["NodeID"] in draining:
-                    self.scaler.forget_node(n["NodeID"])
+        for n in self.backend.nodes():
+            if not n.alive:
+                if n.id in draining:
+                    self.scaler.forget_node(n.id)
                 continue
-            if self.suspect_nodes.get(n["NodeID"], 0) > now or n["NodeID"] in draining:
+            if self.suspect_nodes.get(n.id, 0) > now or n.id in draining:
                 continue
-            npus = int(n.get("Resources", {}).get("NPU", 0))
-            if npus > 0:
-                out[n["NodeID"]] = list(range(npus))
+            if n.devices > 0:
+                out[n.id] = list(range(n.devices))
         if self.k8s is not None and frozenset(out) != self._known_nodes:
             # Map nodes to pods while they are alive: after a loss the pod may be gone.
             try:
-                self.k8s.remember_nodes(ray.nodes())
+                self.k8s.remember_nodes(self.backend.raw_nodes())
                 self._known_nodes = frozenset(out)
             except Exception as e:  # noqa: BLE001
                 log.warning("kubernetes node mapping failed: %s", e)
@@ -590,11 +571,10 @@ class Controller(JobQueries):
         return Topology(n, 4 if n % 4 == 0 else n)
 
     def _pool(self, nodes: dict[str, list[int]]) -> FreePool:
+        """The free devices: every node's, less the open attempts' and the held ones."""
         pool = FreePool.from_free(nodes, self._topology(nodes))
-        holding = [Plan.from_dict(att.plan) for att in
-                   (self.store.open_attempt(job.id) for job in self.store.jobs(set(HOLDS_DEVICES)))
-                   if att is not None]
-        holding += [held.plan for held in self._held.values()]  # restarts in place
+        holding = [Plan.from_dict(p) for p in self.store.open_plans(set(HOLDS_DEVICES))]
+        holding += [Plan.from_dict(h.plan) for h in self.store.holds()]
         for plan in holding:
             for s in plan.slices:
                 if s.chips and s.node in nodes:
@@ -653,19 +633,12 @@ class Controller(JobQueries):
     @staticmethod
     def _standby(job: JobRow) -> bool:
         """Whether a restart in place may start from processes that imported ahead."""
-        policy = job.spec.get("restart") or {}
-        return job.kind == "TrainJob" and bool(policy.get("inPlace", True)) and \
-            bool(policy.get("standby", True))
+        return RestartPlacementPolicy.warm_start(job.kind, job.spec) != WarmStart.COLD
 
     @classmethod
     def _prejoin(cls, job: JobRow) -> bool:
-        """...and that also joined the cluster and compiled ahead: ranks of the VOLO train
-        loop hold after that (workloads/volo/prejoin.py); the smoke workload's do not. CPU
-        ranks only: on an NPU the held processes would open the devices the current attempt
-        trains on and run a step there (HCCL, device memory), which has not been tried."""
-        device = (job.spec.get("resources") or {}).get("deviceType", "NPU")
-        return cls._standby(job) and job.spec.get("workload", "volo") != "smoke" and \
-            device == "CPU"
+        """...and that also joined the cluster and compiled ahead (workloads/volo/prejoin.py)."""
+        return RestartPlacementPolicy.warm_start(job.kind, job.spec) == WarmStart.PREJOIN
 
     @staticmethod
     def _job_topology(j: JobRow) -> Topology:
@@ -677,28 +650,29 @@ class Controller(JobQueries):
         gone (or suspect) is released and the job planned like any other."""
         if not self._held:
             return
-        now = time.time()
+        now = self.clock()
         with self.lock:
             nodes = self._cluster_nodes()
             for job_id, held in list(self._held.items()):
                 job = self.store.get_job(job_id)
                 if job is None or job.state != S.RESTARTING:
-                    self._release_held(job_id)
+                    self._release_held(job_id, "the job is no longer restarting")
                     continue
                 if job.not_before > now:
                     continue
                 if any(s.node not in nodes for s in held.plan.slices if s.chips):
-                    self._release_held(job_id)
+                    self._release_held(job_id, "a node of the held placement is gone")
                     continue
                 del self._held[job_id]
+                self.store.drop_hold(job_id, "restarting in place")
                 with self._deciding(job_id, "restarting in place"):
                     self._begin_attempt(job_id, held.plan, held)
 
-    def _release_held(self, job_id: str) -> None:
+    def _release_held(self, job_id: str, why: str) -> None:
         held = self._held.pop(job_id, None)
         if held is not None:
-            rt = Runtime(job_id, 0, held.plan, held.pg_name, held.pg, held.agents)
-            self._teardown(rt)
+            self.store.drop_hold(job_id, f"released: {why}")
+            self._teardown(held)
 
     def _schedule(self) -> None:
         self._restart_held()
@@ -708,7 +682,7 @@ class Controller(JobQueries):
                 return
             nodes = self._cluster_nodes()
             pool = self._pool(nodes)
-            now = time.time()
+            now = self.clock()
             free, total = pool.total_free(), sum(len(c) for c in nodes.values())
             decisions = schedule(queue, pool, now, self.policy)
             for qj, plan in decisions:
@@ -747,14 +721,17 @@ class Controller(JobQueries):
         where = "in place, on the same devices" if held else f"on {len(plan.slices)} node(s)"
         self.store.set_state(job_id, S.SCHEDULING,
                              f"attempt {att.n}: {plan.devices} devices {where}")
-        rt = Runtime(job_id, att.n, plan, att.pg_name)
+        rt = Runtime(job_id, att.n, plan, att.pg_name, started=self.clock())
         if held is not None:
             rt.pg, rt.agents, rt.sched_port = held.pg, held.agents, held.next_port
         self.runtimes[job_id] = rt
         if job.parent:
             self._parent_running(job.parent)
-        threading.Thread(target=self._start_attempt, args=(job, rt, held is not None),
-                         daemon=True, name=f"start-{job_id}").start()
+        if self.inline_starts:
+            self._start_attempt(job, rt, held is not None)
+        else:
+            threading.Thread(target=self._start_attempt, args=(job, rt, held is not None),
+                             daemon=True, name=f"start-{job_id}").start()
 
     def _resolve_step_checkpoint(self, job: JobRow) -> str | None:
         ref = job.spec.get("checkpoint") or {}
@@ -773,7 +750,7 @@ class Controller(JobQueries):
         return None
 
     def _bundles(self, job: JobRow, plan: Plan) -> list[dict[str, float]]:
-        cpd = float((job.spec.get("resources") or {}).get("cpusPerDevice", 1.0))
+        cpd = specmod.Resources.model_validate(job.spec.get("resources") or {}).cpusPerDevice
         out = []
         for s in plan.slices:
             b: dict[str, float] = {"CPU": max(0.1, cpd * len(s.chips)) if s.chips else 0.5}
@@ -783,38 +760,15 @@ class Controller(JobQueries):
         return out
 
     def _place(self, job: JobRow, rt: Runtime) -> None:
-        """A placement group for the attempt's plan and one agent per bundle."""
-        import ray
-        from ray.util import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from launcher.agent import NodeAgent
-
+        """The attempt's placement (one bundle per plan slice) and one agent per bundle.
+        Standbys serve restarts in place of a training job only; where the ranks can hold
+        after joining, prejoined processes replace them."""
         bundles = self._bundles(job, rt.plan)
-        selectors = [{"ray.io/node-id": s.node} for s in rt.plan.slices]
-        strategy = "STRICT_SPREAD" if len(bundles) > 1 else "PACK"
-        name = rt.pg_name
-        pg = placement_group(bundles, strategy=strategy, name=name, lifetime="detached",
-                             bundle_label_selector=selectors)
-        rt.pg = pg
         with self.lock:
-            self.store.add_event(job.id, "placement_group", {"name": name, "bundles": bundles})
-        ready, _ = ray.wait([pg.ready()], timeout=PG_READY_TIMEOUT_S)
-        if not ready:
-            raise _Unplaceable(f"placement group not placed within {PG_READY_TIMEOUT_S:.0f}s")
-        # standbys serve restarts in place of a training job only; where the ranks can
-        # hold after joining, prejoined processes replace them
-        standby = self._standby(job) and not self._prejoin(job)
-        agent_cls = ray.remote(NodeAgent)
-        for i, b in enumerate(bundles):
-            opts: dict[str, Any] = dict(
-                name=agent_name(name, i), namespace=NAMESPACE,
-                lifetime="detached", num_cpus=b["CPU"], max_restarts=0,
-                max_concurrency=4,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
-            if "NPU" in b:
-                opts["resources"] = {"NPU": b["NPU"]}
-            rt.agents.append(agent_cls.options(**opts).remote(job.id, rt.attempt, i, standby))
+            self.store.add_event(job.id, "placement_group", {"name": rt.pg_name,
+                                                             "bundles": bundles})
+        warm = RestartPlacementPolicy.warm_start(job.kind, job.spec)
+        self.backend.place(rt, bundles, standby=warm == WarmStart.STANDBY)
 
     def _launches(self, job: JobRow, rt: Runtime,
                   infos: list[dict]) -> tuple[list[NodeLaunch], list[list[dict]]]:
@@ -822,12 +776,9 @@ class Controller(JobQueries):
         would restart it in place, which the agents start and join ahead of time
         (launcher/prejoin.py). A restart in place onto such processes reuses the scheduler
         port fixed for them, if every agent still holds them."""
-        import ray
-
-        agents = rt.agents
         # The scheduler runs on the first agent's node and binds its Ray node address.
         sched_host = infos[0]["ip"]
-        ports = ray.get(agents[0].free_ports.remote(2, sched_host), timeout=30)
+        ports = self.backend.free_ports(rt, 2, sched_host)
 
         def launch(attempt: int, port: int) -> list[NodeLaunch]:
             return build_launch(job_id=job.id, attempt=attempt, kind=job.kind, spec=job.spec,
@@ -836,36 +787,31 @@ class Controller(JobQueries):
 
         port = rt.sched_port or ports[0]
         launches = launch(rt.attempt, port)
-        if rt.sched_port and not all(ray.get(
-                [a.prejoined_for.remote([r.to_dict() for r in nl.ranks])
-                 for a, nl in zip(agents, launches, strict=True)], timeout=30)):
+        if rt.sched_port and not all(self.backend.prejoined_for(
+                rt, [[r.to_dict() for r in nl.ranks] for nl in launches])):
             # a held process is gone or differs: all start cold, with a scheduler of their own
             port = next(p for p in ports if p != rt.sched_port)
             launches = launch(rt.attempt, port)
         if not self._prejoin(job):
-            return launches, [[] for _ in agents]
+            return launches, [[] for _ in rt.agents]
         rt.next_port = next(p for p in ports if p != port)
         nexts = [[r.to_dict() for r in nl.ranks] for nl in launch(rt.attempt + 1, rt.next_port)]
         return launches, nexts
 
     def _start_attempt(self, job: JobRow, rt: Runtime, in_place: bool = False) -> None:
-        """Runs on its own thread: placement group -> agents -> ranks (in place: the
-        placement group and agents of the last attempt -> ranks)."""
-        import ray
-
+        """Placement -> agents -> ranks (in place: the placement and agents of the last
+        attempt -> ranks). Runs on its own thread unless `inline_starts`."""
         try:
             if not in_place:
                 self._place(job, rt)
-            agents = rt.agents
-            infos = ray.get([a.info.remote() for a in agents], timeout=120)
+            infos = self.backend.agent_infos(rt)
             launches, nexts = self._launches(job, rt, infos)
             with self.lock:
                 cur = self.store.get_job(job.id)
                 if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
-            res = ray.get([a.start.remote([r.to_dict() for r in nl.ranks], rt.attempt, nx)
-                           for a, nl, nx in zip(agents, launches, nexts, strict=True)],
-                          timeout=120)
+            res = self.backend.start(rt, [[r.to_dict() for r in nl.ranks] for nl in launches],
+                                     rt.attempt, nexts)
             bad = [r for r in res if r.get("status") == "failed"]
             if bad:
                 raise RuntimeError(bad[0].get("reason", "rank start failed"))
@@ -876,7 +822,7 @@ class Controller(JobQueries):
                 if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
                 rt.launched = True
-                rt.started = rt.last_heartbeat = time.time()
+                rt.started = rt.last_heartbeat = self.clock()
                 self.store.add_event(job.id, "launched", {
                     "attempt": rt.attempt, "agents": infos, "in_place": in_place,
                     "from_standby": from_standby, "prejoined": prejoined,
@@ -884,8 +830,8 @@ class Controller(JobQueries):
                 self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running")
         except _Aborted:
             self._teardown(rt)
-        except _Unplaceable as e:
-            # Ray could not place what the ledger thought free (a node going away):
+        except Unplaceable as e:
+            # The backend could not place what the ledger thought free (a node going away):
             # requeue without spending a restart.
             with self.lock:
                 if self.runtimes.get(job.id) is rt:
@@ -896,93 +842,74 @@ class Controller(JobQueries):
                     if cur.state == S.SCHEDULING:
                         back = S.RESTARTING if cur.restarts else S.PENDING
                         self.store.set_state(job.id, back, f"requeued: {e}",
-                                             not_before=time.time() + 2.0)
+                                             not_before=self.clock() + UNPLACEABLE_RETRY_S)
                 else:
                     self._teardown(rt)
         except Exception as e:
             log.warning("job %s attempt %s failed to start: %s", job.id, rt.attempt, e)
             with self.lock, self._deciding(job.id, "handling a failed start"):
                 if self.runtimes.get(job.id) is rt:
-                    self._attempt_failed(job.id, rt, f"start failed: {type(e).__name__}: {e}")
+                    self._attempt_failed(job.id, rt, Failure(
+                        FailureKind.START, f"start failed: {type(e).__name__}: {e}"))
                 else:
                     self._teardown(rt)
         self._wake.set()
 
     # ---------------------------------------------------------------- monitor
     def _poll_running(self) -> None:
-        import ray
-
-        for job_id, rt in list(self.runtimes.items()):
-            if not rt.launched:
-                continue
-            futs = [a.poll.remote() for a in rt.agents]
-            results: list[dict | None] = []
-            lost = None
-            for i, f in enumerate(futs):
-                try:
-                    results.append(ray.get(f, timeout=10))
-                except ray.exceptions.GetTimeoutError:
-                    results.append(None)  # slow, not dead: try again next tick
-                except Exception as e:
-                    lost = f"agent {i} lost ({type(e).__name__}: node or actor died)"
-                    if i < len(rt.plan.slices):
-                        node = rt.plan.slices[i].node
-                        self.suspect_nodes[node] = time.time() + SUSPECT_NODE_S
-                        lost += f" on node {node[:12]}" + self._node_failure_reason(node)
-                    break
+        """Observe every launched attempt's group, then decide and act job by job."""
+        observed = [(job_id, rt, self.backend.poll(rt))
+                    for job_id, rt in list(self.runtimes.items()) if rt.launched]
+        for job_id, rt, status in observed:
             with self.lock, self._deciding(job_id, "acting on its ranks' state"):
-                self._decide_running(job_id, rt, results, lost)
+                self._decide_running(job_id, rt, status)
 
-    def _decide_running(self, job_id: str, rt: Runtime, results: list[dict | None],
-                        lost: str | None) -> None:
-        """One running job's outcome from its agents' polls (under the lock)."""
+    def _decide_running(self, job_id: str, rt: Runtime, status: GroupStatus) -> None:
+        """One running job: fold its progress, decide, act (under the lock)."""
         if self.runtimes.get(job_id) is not rt:
             return
         job = self.store.get_job(job_id)
-        if job is None or job.state not in (S.RUNNING, S.RESIZING):
+        if job is None:
             return
-        if lost:
-            self._attempt_failed(job_id, rt, lost)
-            return
-        for r in results:
-            if r:
-                self._absorb(rt, r)
-        self._flush_progress(rt)
-        statuses = [r["status"] for r in results if r]
-        if any(s == "failed" for s in statuses):
-            self._note_last_words(job_id, rt, results)
-            bad = next(r for r in results if r and r["status"] == "failed")
-            self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
-                "exit_code") not in NON_RETRYABLE_EXIT_CODES, in_place=True)
-        elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
-            result = next((r["result"] for r in results if r and r.get("result")), None)
-            self._attempt_succeeded(job_id, rt, result)
-        elif rt.checkpoint_ready:
-            self._resize(job_id, rt)
-        else:
-            hung = self._hung(job, rt) if job.kind == "TrainJob" else None
-            if hung:
-                self._attempt_failed(job_id, rt, hung, in_place=True)
+        lost = status.lost()
+        if lost is None:
+            for a in status.answered():
+                self._absorb(rt, a.as_poll())
+            self._flush_progress(rt)
+        action = decide_running(self._attempt_view(job, rt), status, self.watchdog)
+        if isinstance(action, FailAttempt):
+            failure = action.failure
+            if failure.kind == FailureKind.LOST:
+                failure = self._lost_failure(rt, lost[0], failure)
+            elif failure.kind == FailureKind.EXIT:
+                self._note_last_words(job_id, rt, [a.as_poll() for a in status.answered()])
+            self._attempt_failed(job_id, rt, failure)
+        elif isinstance(action, Succeed):
+            self._attempt_succeeded(job_id, rt, action.result)
+        elif isinstance(action, Resize):
+            self._resize(job_id, rt, action.on_request)
+
+    def _attempt_view(self, job: JobRow, rt: Runtime) -> AttemptView:
+        return AttemptView(job.kind, job.state, restart_policy(job.spec.get("restart")),
+                           rt.plan.devices, rt.started, dict(rt.rank_heartbeat),
+                           rt.resize_via, rt.checkpoint_ready_at, self.clock())
+
+    def _lost_failure(self, rt: Runtime, index: int, failure: Failure) -> Failure:
+        """Name the lost agent's node, avoid it a while, and say why Kubernetes lost it."""
+        if index >= len(rt.plan.slices):
+            return failure
+        node = rt.plan.slices[index].node
+        self.suspect_nodes[node] = self.clock() + SUSPECT_NODE_S
+        return Failure(failure.kind, f"{failure.reason} on node {node[:12]}"
+                                     f"{self._node_failure_reason(node)}")
 
     @staticmethod
-    def _hung(job: Any, rt: Runtime) -> str | None:
-        """Why the attempt counts as hung, or None. A rank's first heartbeat only comes
-        after its interpreter start, imports and collective join, which on a busy node take
-        far longer than a step: until then it is held to the startup timeout, not to the
-        hang timeout (a cold start was once taken for a hang)."""
-        policy = job.spec.get("restart") or {}
-        hang = float(policy.get("hangTimeoutSeconds", 600))
-        startup = float(policy.get("startupTimeoutSeconds", 600))
-        now = time.time()
-        for r in range(max(rt.plan.devices, 1)):
-            seen = rt.rank_heartbeat.get(f"rank-{r}")
-            if seen is None and now - rt.started > startup:
-                return (f"rank-{r} sent no heartbeat in {now - rt.started:.0f}s since launch "
-                        f"(startupTimeoutSeconds={startup:g})")
-            if seen is not None and now - seen > hang:
-                return (f"heartbeat stalled for {now - seen:.0f}s on rank-{r} "
-                        f"(hangTimeoutSeconds={hang:g})")
-        return None
+    def _hung(job: Any, rt: Runtime, now: float | None = None) -> str | None:
+        """Why the attempt counts as hung, or None (policies.Watchdog)."""
+        hung = Watchdog().decide(restart_policy(job.spec.get("restart")), rt.plan.devices,
+                                 rt.started, rt.rank_heartbeat,
+                                 time.time() if now is None else now)
+        return None if hung is None else hung.reason
 
     def _absorb(self, rt: Runtime, r: dict) -> None:
         """Fold heartbeat events into the job's progress summary."""
@@ -1016,7 +943,7 @@ class Controller(JobQueries):
                     p["avg_step_seconds"] = dt if prev is None else 0.8 * prev + 0.2 * dt
             elif kind == "checkpoint":
                 if ev.get("ok") and rt.resize_to and float(ev.get("ts", 0)) >= rt.resize_after:
-                    rt.checkpoint_ready = True
+                    rt.checkpoint_ready_at = rt.checkpoint_ready_at or self.clock()
                 p["checkpoint_step"] = ev.get("step")
                 p["checkpoint_ok"] = ev.get("ok")
                 p["checkpoint_path"] = ev.get("path")
@@ -1028,10 +955,11 @@ class Controller(JobQueries):
                 p["done"] = ev.get("status")
 
     def _flush_progress(self, rt: Runtime, force: bool = False) -> None:
-        if rt.progress_dirty and (force or time.time() - rt.progress_flushed > PROGRESS_FLUSH_S):
+        now = self.clock()
+        if rt.progress_dirty and (force or now - rt.progress_flushed > PROGRESS_FLUSH_S):
             self.store.update_job(rt.job_id, progress=rt.progress)
             rt.progress_dirty = False
-            rt.progress_flushed = time.time()
+            rt.progress_flushed = now
 
     # ---------------------------------------------------------------- outcomes
     def _attempt_succeeded(self, job_id: str, rt: Runtime, result: dict | None) -> None:
@@ -1047,54 +975,51 @@ class Controller(JobQueries):
         self.store.set_state(job_id, S.SUCCEEDED, msg, **fields)
         self._wake.set()
 
-    def _attempt_failed(self, job_id: str, rt: Runtime, reason: str,
-                        retry: bool = True, in_place: bool = False) -> None:
-        """in_place: the agents are alive (a rank exited or hung), so the ranks may restart
-        on the same devices if the policy agrees."""
+    def _attempt_failed(self, job_id: str, rt: Runtime, failure: Failure) -> None:
+        """Decide retry or fail (policies.FailurePolicy), keep the placement when the
+        decision says in place and the backend can hold it, then record the outcome."""
         self._flush_progress(rt, force=True)
         self.runtimes.pop(job_id, None)
         job = self.store.get_job(job_id)
-        policy = job.spec.get("restart") or {}
-        max_restarts = int(policy.get("maxRestarts", 3))
-        streak = failure_streak(self._failure_streaks.get(job_id, 0), rt.progress)
-        restarts = retry and job.state not in TERMINAL and job.restarts < max_restarts
-        if not (restarts and in_place and self.restart_placement.keep(policy, streak)
-                and self._hold(rt)):
+        policy = restart_policy(job.spec.get("restart"))
+        d = self.failure_policy.decide(failure, policy, job.restarts,
+                                       self._failure_streaks.get(job_id, 0), rt.progress,
+                                       cancelled=job.state in TERMINAL)
+        held = d.in_place and self._hold(rt)
+        if not held:
             self._teardown(rt, failed=True)
-        self.store.end_attempt(job_id, rt.attempt, "failed", reason)
+        self.store.end_attempt(job_id, rt.attempt, "failed", failure.reason)
         job = self.store.get_job(job_id)
         if job.state in TERMINAL:
+            self._release_held(job_id, f"the job is {job.state}")
             return
-        self._failure_streaks[job_id] = streak
-        if restarts:
-            n = job.restarts + 1
-            delay = backoff_seconds(policy, streak)
-            in_a_row = f", {streak} failures in a row without a new checkpoint" if streak > 1 else ""
-            where = " in place" if job_id in self._held else ""
+        self._failure_streaks[job_id] = d.streak
+        if d.retry:
             self.store.set_state(job_id, S.RESTARTING,
-                                 f"attempt {rt.attempt} failed: {reason}; restart {n}/"
-                                 f"{max_restarts}{where} in {delay:.1f}s{in_a_row}",
-                                 restarts=n, not_before=time.time() + delay)
+                                 d.message(rt.attempt, failure.reason, held),
+                                 restarts=d.restart, not_before=self.clock() + d.delay)
         else:
             self._failure_streaks.pop(job_id, None)
             history = "; ".join(f"#{a.n} {a.status}: {a.reason}"
                                 for a in self.store.attempts(job_id))
-            why = "" if retry else " (not retryable: configuration or recipe error)"
+            why = "" if d.retryable else " (not retryable: configuration or recipe error)"
             self.store.set_state(job_id, S.FAILED,
-                                 f"failed after {job.restarts} restart(s){why}: {reason} "
-                                 f"[attempts: {history}]")
+                                 f"failed after {job.restarts} restart(s){why}: "
+                                 f"{failure.reason} [attempts: {history}]")
         self._wake.set()
 
     def _consider_growth(self) -> None:
-        """Grow a running elastic job when more devices are free and nobody waits.
-
-        Waiting jobs always come first: growth only uses devices the queue cannot.
-        The switch happens at the job's next checkpoint, so no step is lost.
-        """
+        """Grow a running elastic job when more devices are free and nobody waits
+        (policies.ScalingPolicy). The ranks are asked to save the next step and exit
+        (grow on request); where the backend cannot pass that on, the switch happens at
+        the job's next periodic checkpoint. Either way no step is lost."""
         with self.lock:
             candidates = [rt for rt in self.runtimes.values()
                           if rt.launched and rt.resize_to is None]
-            if not candidates or self._queued():
+            if not candidates:
+                return
+            waits = bool(self._queued())
+            if waits:
                 return
             nodes = self._cluster_nodes()
             for rt in candidates:
@@ -1107,12 +1032,19 @@ class Controller(JobQueries):
                 pool = self._pool(nodes)
                 pool.give([s for s in rt.plan.slices if s.chips])  # its own chips count
                 better = pool.plan(req, req.candidates(self._job_topology(job)))
-                if better is None or better.devices <= rt.plan.devices:
+                grow = self.scaling.decide(rt.plan.devices, req.max_devices,
+                                           better.devices if better else None, waits)
+                if grow is None:
                     continue
-                rt.resize_to, rt.resize_after = better.devices, time.time()
+                rt.resize_to, rt.resize_after = grow.to_devices, self.clock()
                 self.store.add_event(job.id, "grow_wanted", {
-                    "from": rt.plan.devices, "to": better.devices,
-                    "note": "waiting for the next checkpoint"})
+                    "from": grow.from_devices, "to": grow.to_devices,
+                    "note": "asking the ranks to save the next step"})
+                asked = grow.via == ResizeVia.REQUEST and self.backend.request_checkpoint(rt)
+                rt.resize_via = ResizeVia.REQUEST if asked else ResizeVia.PERIODIC
+                if not asked:
+                    self.store.add_event(job.id, "checkpoint_request_unsupported", {
+                        "note": "waiting for the next periodic checkpoint"})
 
     def _wanted_devices(self) -> int:
         """Devices the queue needs to start (each job's minimum) or, when nothing
@@ -1133,9 +1065,10 @@ class Controller(JobQueries):
 
     def _autoscale(self) -> None:
         """Ask Kubernetes for servers the jobs want; give back idle ones."""
-        if self.scaler is None or time.time() - self._autoscaled_at < AUTOSCALE_INTERVAL_S:
+        now = self.clock()
+        if self.scaler is None or now - self._autoscaled_at < AUTOSCALE_INTERVAL_S:
             return
-        self._autoscaled_at = time.time()
+        self._autoscaled_at = now
         with self.lock:
             nodes = self._cluster_nodes()
             pool = self._pool(nodes)
@@ -1146,12 +1079,13 @@ class Controller(JobQueries):
                 log.info("kubernetes: %s %s", kind, data)
                 self.store.add_event("controller", kind, data)
 
-    def _resize(self, job_id: str, rt: Runtime) -> None:
+    def _resize(self, job_id: str, rt: Runtime, on_request: bool = False) -> None:
         self._flush_progress(rt, force=True)
         self.runtimes.pop(job_id, None)
         step = rt.progress.get("checkpoint_step")
+        how = "saved on request" if on_request else "the periodic checkpoint"
         why = (f"growing from {rt.plan.devices} to {rt.resize_to} devices at checkpoint "
-               f"step {step}")
+               f"step {step} ({how})")
         self.store.set_state(job_id, S.RESIZING, why)
         self._teardown(rt)
         self.store.end_attempt(job_id, rt.attempt, "resized", why)
@@ -1163,28 +1097,28 @@ class Controller(JobQueries):
             return
         rt = self.runtimes.pop(job_id, None)
         self._failure_streaks.pop(job_id, None)
-        self._release_held(job_id)
+        self._release_held(job_id, reason)
         if rt is not None:
             self._teardown(rt)
             self.store.end_attempt(job_id, rt.attempt, "cancelled", reason)
         self.store.set_state(job_id, S.CANCELLED, reason)
 
     def _hold(self, rt: Runtime) -> bool:
-        """Stop the ranks but keep the placement group, agents and standbys for a restart
-        in place; False (nothing kept) when an agent does not answer."""
-        import ray
-
+        """Stop the ranks but keep the placement, agents and standbys for a restart in
+        place; False (nothing kept) when an agent does not answer. The hold is written to
+        the store before the backend is asked, so a controller that dies in between finds
+        the row on restart and reattaches or releases the placement."""
         if rt.pg is None or not rt.agents:
             return False
-        try:
-            stopped = ray.get([a.stop.remote(3.0, "restarting in place", True, True)
-                               for a in rt.agents], timeout=20)
-        except Exception as e:  # noqa: BLE001 - any agent error means: start afresh
-            log.warning("job %s: no restart in place (%s)", rt.job_id, e)
+        self.store.put_hold(rt.job_id, rt.attempt, rt.pg_name, rt.plan.to_dict(),
+                            rt.next_port)
+        stopped = self.backend.hold(rt)
+        if stopped is None:
+            self.store.drop_hold(rt.job_id, "an agent did not answer the hold")
             return False
         self._note_last_words(rt.job_id, rt, stopped)
-        self._held[rt.job_id] = HeldPlacement(rt.plan, rt.pg, rt.pg_name, rt.agents,
-                                              rt.next_port)
+        self._held[rt.job_id] = HeldPlacement(rt.job_id, rt.attempt, rt.plan, rt.pg_name,
+                                              rt.pg, rt.agents, rt.next_port)
         return True
 
     def _note_last_words(self, job_id: str, rt: Runtime, results: list[dict | None]) -> None:
@@ -1196,33 +1130,10 @@ class Controller(JobQueries):
                 self.store.add_event(job_id, "last_words", {"attempt": rt.attempt,
                                                             "rank": r["last_words"]})
 
-    def _teardown(self, rt: Runtime, failed: bool = False) -> None:
-        """Stop ranks, kill agents, free the placement group. Best effort, bounded.
-        failed: the attempt failed, so a surviving rank first saves its last words."""
-        import ray
-        from ray.util import remove_placement_group
-
-        stops = []
-        for a in rt.agents:
-            with contextlib.suppress(Exception):
-                stops.append(a.stop.remote(3.0, "stopped", False, failed))
-        if stops:
-            with contextlib.suppress(Exception):
-                ray.wait(stops, num_returns=len(stops), timeout=20)
-        for a in rt.agents:
-            with contextlib.suppress(Exception):
-                ray.kill(a, no_restart=True)
-        if rt.pg is not None:
-            with contextlib.suppress(Exception):
-                remove_placement_group(rt.pg)
-        else:
-            self._remove_pg_by_name(rt.pg_name)
-
-    @staticmethod
-    def _remove_pg_by_name(name: str) -> None:
-        from ray.util import get_placement_group, remove_placement_group
-        with contextlib.suppress(Exception):
-            remove_placement_group(get_placement_group(name))
+    def _teardown(self, group: Runtime | HeldPlacement, failed: bool = False) -> None:
+        """Stop ranks, remove agents and placement (backend). failed: the attempt failed,
+        so a surviving rank first saves its last words."""
+        self.backend.teardown(group, failed=failed)
 
     # ---------------------------------------------------------------- workflows
     def _parent_running(self, parent_id: str) -> None:
@@ -1262,29 +1173,32 @@ class Controller(JobQueries):
                 wf.id, S.FAILED,
                 f"step {bad[0].step} {bad[0].state}: {bad[0].message}")
 
+
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:
-        """Rebuild runtimes after a (re)start: reattach to live agents or restart."""
-        import ray
-
+        """Rebuild runtimes after a (re)start: reattach to held and live groups, finish or
+        undo what the old controller was in the middle of."""
+        self._recover_holds()
+        held_or_gone = {h.job for h in self.store.holds()}
         for job in self.store.jobs({S.RESTARTING}):
-            # The old controller may have kept the job's devices for a restart in place;
-            # that is in memory only, so give them back and plan the job afresh.
             atts = self.store.attempts(job.id)
-            if atts and atts[-1].ended is not None:
-                last = atts[-1]
-                plan = Plan.from_dict(last.plan)
-                self._teardown(Runtime(job.id, last.n, plan, last.pg_name,
-                                       agents=self._find_agents(last.pg_name, len(plan.slices))))
+            if job.id in held_or_gone or not atts or atts[-1].ended is None:
+                continue
+            # Not held: the old controller tore the placement down before it ended the
+            # attempt; this removes what a crash in between may have left.
+            last = atts[-1]
+            rt = Runtime(job.id, last.n, Plan.from_dict(last.plan), last.pg_name)
+            self.backend.find(rt)
+            self._teardown(rt)
         for job in self.store.jobs(set(HOLDS_DEVICES)):
             att = self.store.open_attempt(job.id)
             if att is None:
                 continue
-            plan = Plan.from_dict(att.plan)
-            rt = Runtime(job.id, att.n, plan, att.pg_name)
+            rt = Runtime(job.id, att.n, Plan.from_dict(att.plan), att.pg_name,
+                         started=self.clock())
+            ok = self.backend.find(rt)
             if job.state == S.SCHEDULING:
                 # The start thread died with the old controller: undo and requeue.
-                rt.agents = self._find_agents(att.pg_name, len(plan.slices))
                 self._teardown(rt)
                 self.store.end_attempt(job.id, att.n, "interrupted",
                                        "controller restarted while scheduling")
@@ -1293,48 +1207,39 @@ class Controller(JobQueries):
             if job.state == S.RESIZING:
                 # The old controller died inside _resize, after it started stopping the ranks:
                 # finish the resize instead of reattaching to an attempt that is going away.
-                rt.agents = self._find_agents(att.pg_name, len(plan.slices))
                 self._teardown(rt)
                 self.store.end_attempt(job.id, att.n, "resized",
                                        "controller restarted while resizing")
                 continue
-            agents = self._find_agents(att.pg_name, len(plan.slices))
-            ok = len(agents) == len(plan.slices)
             if ok:
-                try:
-                    ray.get([a.info.remote() for a in agents], timeout=30)
-                except Exception:
-                    ok = False
-            rt.agents = agents
-            if ok:
-                with contextlib.suppress(Exception):
-                    from ray.util import get_placement_group
-                    rt.pg = get_placement_group(att.pg_name)
                 rt.launched = True
                 rt.progress = dict(job.progress)
                 self.runtimes[job.id] = rt
                 self.store.add_event(job.id, "reattached", {"attempt": att.n})
             else:
-                self._attempt_failed(job.id, rt, "agents lost while the controller was down")
+                self._attempt_failed(job.id, rt, Failure(
+                    FailureKind.RECOVERY, "agents lost while the controller was down"))
 
-    @staticmethod
-    def _find_agents(placement: str, n: int) -> list:
-        import ray
-        out = []
-        for i in range(n):
-            try:
-                out.append(ray.get_actor(agent_name(placement, i), namespace=NAMESPACE))
-            except ValueError:
-                break
-        return out
+    def _recover_holds(self) -> None:
+        """Each held placement of the store: reattached when the job still restarts and
+        every agent answers, else released, and the store says which."""
+        for row in self.store.holds():
+            held = HeldPlacement.from_row(row)
+            job = self.store.get_job(row.job)
+            found = self.backend.find(held)
+            if job is not None and job.state == S.RESTARTING and found:
+                self._held[row.job] = held
+                self.store.add_event(row.job, "hold_reattached", {"attempt": row.attempt,
+                                                                  "placement": row.pg_name})
+                continue
+            why = ("agents lost while the controller was down" if not found
+                   else f"the job is {job.state if job else 'gone'}")
+            self._teardown(held)
+            self.store.drop_hold(row.job, f"released after a controller restart: {why}")
 
 
 class _Aborted(Exception):
     """The job was cancelled or superseded while its attempt was starting."""
-
-
-class _Unplaceable(Exception):
-    """The placement group did not come up in time."""
 
 
 def actor_class():

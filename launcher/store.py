@@ -62,6 +62,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job);
 CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent);
+CREATE TABLE IF NOT EXISTS holds (  -- a failed attempt's placement kept for a restart in place
+    job        TEXT PRIMARY KEY,
+    attempt    INTEGER NOT NULL,   -- the attempt that failed
+    pg_name    TEXT NOT NULL,
+    plan       TEXT NOT NULL,
+    next_port  INTEGER,            -- the scheduler port its prejoined processes use
+    since      REAL NOT NULL
+);
 """
 
 # Events kept per job (the newest): a job in a long crash loop, or the controller's own
@@ -149,6 +157,16 @@ class AttemptRow:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class HoldRow:
+    job: str
+    attempt: int
+    pg_name: str
+    plan: dict
+    next_port: int | None
+    since: float
 
 
 def _job(r: sqlite3.Row) -> JobRow:
@@ -345,6 +363,38 @@ class Store:
             r = self._db.execute("SELECT * FROM attempts WHERE job=? AND ended IS NULL "
                                  "ORDER BY n DESC LIMIT 1", (job_id,)).fetchone()
         return _attempt(r) if r else None
+
+    def open_plans(self, states: set[JobState]) -> list[dict]:
+        """The plans of the open attempts of jobs in `states`, in one query (the device
+        ledger reads them every tick)."""
+        q = ("SELECT a.plan FROM attempts a JOIN jobs j ON a.job = j.id WHERE "  # noqa: S608
+             f"a.ended IS NULL AND j.state IN ({','.join('?' * len(states))})")
+        with self._lock:
+            return [json.loads(r["plan"]) for r in
+                    self._db.execute(q, [str(x) for x in states]).fetchall()]
+
+    # -- holds -------------------------------------------------------------
+    def put_hold(self, job_id: str, attempt: int, pg_name: str, plan: dict,
+                 next_port: int | None) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO holds (job, attempt, pg_name, plan, next_port, "
+                       "since) VALUES (?,?,?,?,?,?)",
+                       (job_id, attempt, pg_name, json.dumps(plan), next_port, time.time()))
+            self._event(db, job_id, "hold", {"attempt": attempt, "placement": pg_name})
+
+    def drop_hold(self, job_id: str, why: str) -> bool:
+        """Forget a job's held placement (restarted on it, or released); False if none."""
+        with self.tx() as db:
+            gone = db.execute("DELETE FROM holds WHERE job=?", (job_id,)).rowcount
+            if gone:
+                self._event(db, job_id, "hold_end", {"why": why})
+        return bool(gone)
+
+    def holds(self) -> list[HoldRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM holds ORDER BY since").fetchall()
+        return [HoldRow(r["job"], r["attempt"], r["pg_name"], json.loads(r["plan"]),
+                        r["next_port"], r["since"]) for r in rows]
 
     # -- events ------------------------------------------------------------
     @staticmethod
