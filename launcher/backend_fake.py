@@ -11,6 +11,7 @@ A job without a script runs until the fake is told otherwise (`finish`, `fail`).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class FakeBackend:
         self.scripts: dict[str, list[Behaviour]] = {}
         self.calls: list[tuple[str, str]] = []  # (what, group name): what the tests assert
         self.checkpoint_requests = True  # the agents pass request_checkpoint on
+        self.place_gate: threading.Event | None = None  # place() waits for it when set
 
     # -- what the tests do --------------------------------------------------
     @classmethod
@@ -136,6 +138,8 @@ class FakeBackend:
 
     def place(self, group: Group, bundles: list[dict[str, float]], standby: bool) -> None:
         self.calls.append(("place", group.pg_name))
+        if self.place_gate is not None:
+            self.place_gate.wait(10)
         behaviour = self._next_behaviour(group.job_id)
         nodes = tuple(s.node for s in group.plan.slices)
         if isinstance(behaviour, NoPlace) or any(
