@@ -114,10 +114,14 @@ class Runtime:
     job_id: str
     attempt: int
     plan: Plan
-    pg_name: str  # agents are named after it (agent_name)
-    pg: Any = None
+    pg_name: str  # agents are named after it (backend_ray.agent_name)
+    pg: Any = None  # the backend's handles: placement and agents
     agents: list = field(default_factory=list)
     launched: bool = False
+    # read from the job's spec once per attempt (a spec does not change after submit)
+    kind: str = "TrainJob"
+    policy: specmod.RestartPolicy = field(default_factory=specmod.RestartPolicy)
+    request: Request | None = None
     started: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
     # Per rank: one hung rank is a hang even if the others still write (they
@@ -716,12 +720,15 @@ class Controller(JobQueries):
                 self.store.set_state(job_id, S.FAILED, err)
                 return
             job = self.store.get_job(job_id)
-        att = self.store.add_attempt(job_id, plan.to_dict(),
-                                     held.pg_name if held else pg_name(job_id, "{n}"))
         where = "in place, on the same devices" if held else f"on {len(plan.slices)} node(s)"
-        self.store.set_state(job_id, S.SCHEDULING,
-                             f"attempt {att.n}: {plan.devices} devices {where}")
-        rt = Runtime(job_id, att.n, plan, att.pg_name, started=self.clock())
+        placement = held.pg_name if held else pg_name(job_id, "{n}")
+        # the placement is recorded with the attempt, before the backend is asked for it
+        placing = () if held else (("placement_group", {
+            "name": placement, "bundles": self._bundles(job, plan)}),)
+        att = self.store.begin_attempt(job_id, plan.to_dict(), placement, S.SCHEDULING,
+                                       f"attempt {{n}}: {plan.devices} devices {where}",
+                                       placing)
+        rt = self._runtime(job, att.n, plan, att.pg_name)
         if held is not None:
             rt.pg, rt.agents, rt.sched_port = held.pg, held.agents, held.next_port
         self.runtimes[job_id] = rt
@@ -732,6 +739,11 @@ class Controller(JobQueries):
         else:
             threading.Thread(target=self._start_attempt, args=(job, rt, held is not None),
                              daemon=True, name=f"start-{job_id}").start()
+
+    def _runtime(self, job: JobRow, attempt: int, plan: Plan, placement: str) -> Runtime:
+        return Runtime(job.id, attempt, plan, placement, started=self.clock(), kind=job.kind,
+                       policy=restart_policy(job.spec.get("restart")),
+                       request=self._request(job))
 
     def _resolve_step_checkpoint(self, job: JobRow) -> str | None:
         ref = job.spec.get("checkpoint") or {}
@@ -764,9 +776,6 @@ class Controller(JobQueries):
         Standbys serve restarts in place of a training job only; where the ranks can hold
         after joining, prejoined processes replace them."""
         bundles = self._bundles(job, rt.plan)
-        with self.lock:
-            self.store.add_event(job.id, "placement_group", {"name": rt.pg_name,
-                                                             "bundles": bundles})
         warm = RestartPlacementPolicy.warm_start(job.kind, job.spec)
         self.backend.place(rt, bundles, standby=warm == WarmStart.STANDBY)
 
@@ -807,8 +816,8 @@ class Controller(JobQueries):
             infos = self.backend.agent_infos(rt)
             launches, nexts = self._launches(job, rt, infos)
             with self.lock:
-                cur = self.store.get_job(job.id)
-                if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
+                if self.store.state(job.id) != S.SCHEDULING or \
+                        self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
             res = self.backend.start(rt, [[r.to_dict() for r in nl.ranks] for nl in launches],
                                      rt.attempt, nexts)
@@ -818,16 +827,17 @@ class Controller(JobQueries):
             from_standby = sorted(lb for r in res for lb in r.get("from_standby", []))
             prejoined = sorted(lb for r in res for lb in r.get("prejoined", []))
             with self.lock:
-                cur = self.store.get_job(job.id)
-                if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
+                if self.store.state(job.id) != S.SCHEDULING or \
+                        self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
                 rt.launched = True
                 rt.started = rt.last_heartbeat = self.clock()
-                self.store.add_event(job.id, "launched", {
-                    "attempt": rt.attempt, "agents": infos, "in_place": in_place,
-                    "from_standby": from_standby, "prejoined": prejoined,
-                    "ranks": sum(len(nl.ranks) for nl in launches)})
-                self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running")
+                self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running",
+                                     events=(("launched", {
+                                         "attempt": rt.attempt, "agents": infos,
+                                         "in_place": in_place, "from_standby": from_standby,
+                                         "prejoined": prejoined,
+                                         "ranks": sum(len(nl.ranks) for nl in launches)}),))
         except _Aborted:
             self._teardown(rt)
         except Unplaceable as e:
@@ -860,23 +870,27 @@ class Controller(JobQueries):
         """Observe every launched attempt's group, then decide and act job by job."""
         observed = [(job_id, rt, self.backend.poll(rt))
                     for job_id, rt in list(self.runtimes.items()) if rt.launched]
+        if not observed:
+            return
+        states = self.store.states(set(HOLDS_DEVICES))
+        with self.lock:
+            for job_id, rt, status in observed:
+                if status.lost() is None:
+                    with self._deciding(job_id, "folding its heartbeats"):
+                        for a in status.answered():
+                            self._absorb(rt, a.as_poll())
+            self._flush_progress_all([rt for _, rt, _ in observed])
         for job_id, rt, status in observed:
             with self.lock, self._deciding(job_id, "acting on its ranks' state"):
-                self._decide_running(job_id, rt, status)
+                self._decide_running(job_id, rt, status, states.get(job_id))
 
-    def _decide_running(self, job_id: str, rt: Runtime, status: GroupStatus) -> None:
+    def _decide_running(self, job_id: str, rt: Runtime, status: GroupStatus,
+                        state: JobState | None) -> None:
         """One running job: fold its progress, decide, act (under the lock)."""
-        if self.runtimes.get(job_id) is not rt:
-            return
-        job = self.store.get_job(job_id)
-        if job is None:
+        if self.runtimes.get(job_id) is not rt or state is None:
             return
         lost = status.lost()
-        if lost is None:
-            for a in status.answered():
-                self._absorb(rt, a.as_poll())
-            self._flush_progress(rt)
-        action = decide_running(self._attempt_view(job, rt), status, self.watchdog)
+        action = decide_running(self._attempt_view(rt, state), status, self.watchdog)
         if isinstance(action, FailAttempt):
             failure = action.failure
             if failure.kind == FailureKind.LOST:
@@ -889,9 +903,8 @@ class Controller(JobQueries):
         elif isinstance(action, Resize):
             self._resize(job_id, rt, action.on_request)
 
-    def _attempt_view(self, job: JobRow, rt: Runtime) -> AttemptView:
-        return AttemptView(job.kind, job.state, restart_policy(job.spec.get("restart")),
-                           rt.plan.devices, rt.started, dict(rt.rank_heartbeat),
+    def _attempt_view(self, rt: Runtime, state: JobState) -> AttemptView:
+        return AttemptView(rt.kind, state, rt.policy, rt.plan.devices, rt.started, dict(rt.rank_heartbeat),
                            rt.resize_via, rt.checkpoint_ready_at, self.clock())
 
     def _lost_failure(self, rt: Runtime, index: int, failure: Failure) -> Failure:
@@ -953,6 +966,15 @@ class Controller(JobQueries):
                         p[f"val_{k}"] = ev[k]
             elif kind == "done":
                 p["done"] = ev.get("status")
+
+    def _flush_progress_all(self, rts: list[Runtime]) -> None:
+        """The progress of every attempt due a flush, in one store write."""
+        now = self.clock()
+        due = [rt for rt in rts if rt.progress_dirty and
+               now - rt.progress_flushed > PROGRESS_FLUSH_S]
+        self.store.update_progress({rt.job_id: rt.progress for rt in due})
+        for rt in due:
+            rt.progress_dirty, rt.progress_flushed = False, now
 
     def _flush_progress(self, rt: Runtime, force: bool = False) -> None:
         now = self.clock()
@@ -1021,14 +1043,17 @@ class Controller(JobQueries):
             waits = bool(self._queued())
             if waits:
                 return
+            candidates = [rt for rt in candidates if rt.kind == "TrainJob" and
+                          rt.request is not None and rt.plan.devices < rt.request.max_devices]
+            if not candidates:
+                return
+            states = self.store.states({S.RUNNING})
             nodes = self._cluster_nodes()
             for rt in candidates:
-                job = self.store.get_job(rt.job_id)
-                if job is None or job.kind != "TrainJob" or job.state != S.RUNNING:
+                job = self.store.get_job(rt.job_id) if rt.job_id in states else None
+                if job is None:
                     continue
-                req = self._request(job)
-                if req is None or rt.plan.devices >= req.max_devices:
-                    continue
+                req = rt.request
                 pool = self._pool(nodes)
                 pool.give([s for s in rt.plan.slices if s.chips])  # its own chips count
                 better = pool.plan(req, req.candidates(self._job_topology(job)))
@@ -1146,9 +1171,7 @@ class Controller(JobQueries):
 
     def _advance_workflows(self) -> None:
         with self.lock:
-            for wf in self.store.jobs({S.PENDING, S.SCHEDULING, S.RUNNING}):
-                if wf.kind != "Workflow":
-                    continue
+            for wf in self.store.jobs({S.PENDING, S.SCHEDULING, S.RUNNING}, kind="Workflow"):
                 with self._deciding(wf.id, "advancing the workflow"):
                     self._advance_workflow(wf)
 
@@ -1194,8 +1217,7 @@ class Controller(JobQueries):
             att = self.store.open_attempt(job.id)
             if att is None:
                 continue
-            rt = Runtime(job.id, att.n, Plan.from_dict(att.plan), att.pg_name,
-                         started=self.clock())
+            rt = self._runtime(job, att.n, Plan.from_dict(att.plan), att.pg_name)
             ok = self.backend.find(rt)
             if job.state == S.SCHEDULING:
                 # The start thread died with the old controller: undo and requeue.
