@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import ranks
+from launcher import admission, ranks
 from launcher import spec as specmod
 from launcher.backend import Backend, GroupStatus, Unplaceable
 from launcher.backend_ray import NAMESPACE
@@ -50,6 +50,7 @@ from launcher.ranks import NodeLaunch, attempt_dir, build_launch, default_ckpt_d
 from launcher.reconcile import AttemptView, FailAttempt, Resize, Succeed, decide_running
 from launcher.scheduler import PriorityFifo, QueuedJob, schedule
 from launcher.store import STATUS_EVENTS, HoldRow, JobRow, QueueRow, Store
+from launcher.workflows import TO_RUNNING, WorkflowFailed, WorkflowSucceeded, decide_workflow
 
 log = logging.getLogger("fleet.controller")
 
@@ -69,19 +70,6 @@ S = JobState
 LOG_LABEL = re.compile(r"(scheduler|rank-\d{1,6})")
 # Where `launcher` and `workloads` are: the ranks' working directory and PYTHONPATH.
 CODE_ROOT = Path(__file__).resolve().parents[1]
-
-MAX_PENDING_ENV = "FLEET_MAX_PENDING"
-MAX_PENDING_DEFAULT = 10_000
-
-
-def max_pending(environ: dict[str, str] | None = None) -> int:
-    """Most jobs (workflow steps count) that may wait at once; FLEET_MAX_PENDING sets it."""
-    raw = (os.environ if environ is None else environ).get(MAX_PENDING_ENV, "")
-    try:
-        return max(1, int(raw)) if raw else MAX_PENDING_DEFAULT
-    except ValueError:
-        return MAX_PENDING_DEFAULT
-
 
 def pg_name(job_id: str, attempt: int | str) -> str:
     return f"fleet-pg-{job_id}-a{attempt}"
@@ -140,6 +128,50 @@ class Runtime:
     # onto prejoined processes), and the one fixed for the attempt after it
     sched_port: int | None = None
     next_port: int | None = None
+
+
+def fold_heartbeats(rt: Runtime, r: dict, now: float) -> None:
+    """Fold one agent poll's heartbeats and events into the attempt's progress summary."""
+    p = rt.progress
+    if r.get("last_heartbeat"):
+        rt.last_heartbeat = max(rt.last_heartbeat, *r["last_heartbeat"].values())
+        for label, ts in r["last_heartbeat"].items():
+            rt.rank_heartbeat[label] = max(rt.rank_heartbeat.get(label, 0.0), ts)
+    for ev in r.get("events", []):
+        kind = ev.get("event")
+        if ev.get("rank", 0) != 0 and kind not in ("done",):
+            continue
+        rt.progress_dirty = True
+        p["ts"] = ev.get("ts")
+        if kind == "start":
+            for k in ("world_size", "micro_batch", "grad_accum", "global_batch",
+                      "resumed_step", "total_steps", "stop_step"):
+                if k in ev:
+                    p[k] = ev[k]
+        elif kind == "step":
+            for k in ("step", "epoch", "loss", "lr", "images_per_second",
+                      "step_seconds", "samples_seen"):
+                if k in ev:
+                    p[k] = ev[k]
+            first = ev.get("step") == (p.get("resumed_step") or 0) + 1
+            if isinstance(ev.get("step_seconds"), int | float) and not first:
+                # The first step of an attempt includes the graph compile.
+                # Smoothed for the ETA: single steps jitter (data loading, checkpoints).
+                prev = p.get("avg_step_seconds")
+                dt = float(ev["step_seconds"])
+                p["avg_step_seconds"] = dt if prev is None else 0.8 * prev + 0.2 * dt
+        elif kind == "checkpoint":
+            if ev.get("ok") and rt.resize_to and float(ev.get("ts", 0)) >= rt.resize_after:
+                rt.checkpoint_ready_at = rt.checkpoint_ready_at or now
+            p["checkpoint_step"] = ev.get("step")
+            p["checkpoint_ok"] = ev.get("ok")
+            p["checkpoint_path"] = ev.get("path")
+        elif kind == "val":
+            for k in ("top1", "top5"):
+                if k in ev:
+                    p[f"val_{k}"] = ev[k]
+        elif kind == "done":
+            p["done"] = ev.get("status")
 
 
 class JobQueries:
@@ -347,7 +379,7 @@ class Controller(JobQueries):
         configured roots, and the ranks run from the launcher's own code directory."""
         job = specmod.parse_doc(doc, "<submitted>")  # never trust the client's validation
         name = job.metadata.name
-        resolved = self._resolve_paths(job, paths)
+        resolved = admission.resolve_paths(job, paths)
         level = paths.get(ranks.MINDSPORE_LOG_LEVEL_KEY) if isinstance(paths, dict) else None
         if level is not None:
             # stored with each step, so restarts keep the level the submitting shell asked for
@@ -356,8 +388,8 @@ class Controller(JobQueries):
                 step_paths[ranks.MINDSPORE_LOG_LEVEL_KEY] = level
         paths = {"workdir": str(CODE_ROOT), "steps": resolved}
         with self.lock:
-            self._check_queue_room(job)
-            self._check_checkpoint_dirs(job, resolved)
+            admission.check_queue_room(self.store, job)
+            admission.check_checkpoint_dirs(self.store, self.home, job, resolved)
             if isinstance(job, specmod.Workflow):
                 parent = self.store.add_job(name, "Workflow", doc, {"workdir":
                                             paths.get("workdir")}, job.spec.priority)
@@ -380,75 +412,6 @@ class Controller(JobQueries):
                 out = {"id": row.id, "kind": job.kind}
         self._wake.set()
         return out
-
-    @staticmethod
-    def _resolve_paths(job: specmod.AnyJob, client: dict) -> dict[str, dict[str, str]]:
-        """The steps' paths, decided here. With `base` (the spec file's directory, as
-        `fleet submit` sends) every path is resolved again from the spec; a caller that
-        sends resolved paths instead gets them checked: known keys only, absolute and
-        normalised, inside the configured roots - no more than an absolute path in the
-        spec could ask for."""
-        if not isinstance(client, dict):
-            client = {}
-        base, root = client.get("base"), client.get("workdir")
-        if isinstance(base, str) and Path(base).is_absolute():
-            if not (isinstance(root, str) and Path(root).is_absolute()):
-                root = base
-            return specmod.job_paths(job, Path(base), Path(root), "<submitted>")
-        sent = client.get("steps") if isinstance(client.get("steps"), dict) else {}
-        out: dict[str, dict[str, str]] = {}
-        problems: list[tuple[str, str]] = []
-        for name, _kind, _sp in specmod.steps_of(job):
-            step = sent.get(name) if isinstance(sent.get(name), dict) else {}
-            res: dict[str, str] = {}
-            for key in specmod.STEP_PATH_KEYS:
-                v = step.get(key)
-                if v is None:
-                    continue
-                env = specmod.ROOT_OF.get(key, "")
-                try:
-                    if not isinstance(v, str) or not Path(v).is_absolute():
-                        raise specmod.SpecError("<submitted>", [(f"{name}.{key}", (
-                            f"{str(v)[:80]!r} is not an absolute path"))])
-                    res[key] = str(specmod.resolve_path(v, Path("/"), Path("/"),
-                                                        f"{name}.{key}", "<submitted>",
-                                                        os.environ.get(env) or None, env))
-                except specmod.SpecError as e:
-                    problems += e.problems
-            out[name] = res
-        if problems:
-            raise specmod.SpecError("<submitted>", problems)
-        return out
-
-    def _check_checkpoint_dirs(self, job: specmod.AnyJob,
-                               resolved: dict[str, dict[str, str]]) -> None:
-        """Two live jobs may not share a checkpoint directory (or one inside the other):
-        each prunes its directory to its newest checkpoints, deleting the other's."""
-        mine = [(name, Path(resolved[name]["ckpt_dir"])) for name, kind, _sp in
-                specmod.steps_of(job) if kind == "TrainJob" and "ckpt_dir" in resolved[name]]
-        if not mine:
-            return
-        taken = [(jid, Path(d) if d else default_ckpt_dir(self.home, jid))
-                 for jid, d in self.store.checkpoint_dirs(set(S) - set(TERMINAL))]
-        taken += mine
-        problems = []
-        for i, (name, d) in enumerate(mine):
-            for other, od in taken[:len(taken) - len(mine) + i]:
-                if d == od or d.is_relative_to(od) or od.is_relative_to(d):
-                    problems.append((name, f"checkpoint.dir {d} is in use by {other} "
-                                           f"({od}); give each job its own directory"))
-        if problems:
-            raise specmod.SpecError("<submitted>", problems)
-
-    def _check_queue_room(self, job: specmod.AnyJob) -> None:
-        """A queue limit: every waiting job costs the scheduler a little on every tick."""
-        limit = max_pending()
-        waiting = self.store.count({S.PENDING, S.RESTARTING})
-        adding = len(job.spec.steps) + 1 if isinstance(job, specmod.Workflow) else 1
-        if waiting + adding > limit:
-            raise specmod.SpecError("<submitted>", [("(queue)", (
-                f"the queue is full: {waiting} jobs wait and at most {limit} may "
-                f"({MAX_PENDING_ENV}); wait for some to start or cancel some"))])
 
     def cluster(self) -> dict[str, Any]:
         nodes = self._cluster_nodes()
@@ -925,47 +888,7 @@ class Controller(JobQueries):
         return None if hung is None else hung.reason
 
     def _absorb(self, rt: Runtime, r: dict) -> None:
-        """Fold heartbeat events into the job's progress summary."""
-        p = rt.progress
-        if r.get("last_heartbeat"):
-            rt.last_heartbeat = max(rt.last_heartbeat, *r["last_heartbeat"].values())
-            for label, ts in r["last_heartbeat"].items():
-                rt.rank_heartbeat[label] = max(rt.rank_heartbeat.get(label, 0.0), ts)
-        for ev in r.get("events", []):
-            kind = ev.get("event")
-            if ev.get("rank", 0) != 0 and kind not in ("done",):
-                continue
-            rt.progress_dirty = True
-            p["ts"] = ev.get("ts")
-            if kind == "start":
-                for k in ("world_size", "micro_batch", "grad_accum", "global_batch",
-                          "resumed_step", "total_steps", "stop_step"):
-                    if k in ev:
-                        p[k] = ev[k]
-            elif kind == "step":
-                for k in ("step", "epoch", "loss", "lr", "images_per_second",
-                          "step_seconds", "samples_seen"):
-                    if k in ev:
-                        p[k] = ev[k]
-                first = ev.get("step") == (p.get("resumed_step") or 0) + 1
-                if isinstance(ev.get("step_seconds"), int | float) and not first:
-                    # The first step of an attempt includes the graph compile.
-                    # Smoothed for the ETA: single steps jitter (data loading, checkpoints).
-                    prev = p.get("avg_step_seconds")
-                    dt = float(ev["step_seconds"])
-                    p["avg_step_seconds"] = dt if prev is None else 0.8 * prev + 0.2 * dt
-            elif kind == "checkpoint":
-                if ev.get("ok") and rt.resize_to and float(ev.get("ts", 0)) >= rt.resize_after:
-                    rt.checkpoint_ready_at = rt.checkpoint_ready_at or self.clock()
-                p["checkpoint_step"] = ev.get("step")
-                p["checkpoint_ok"] = ev.get("ok")
-                p["checkpoint_path"] = ev.get("path")
-            elif kind == "val":
-                for k in ("top1", "top5"):
-                    if k in ev:
-                        p[f"val_{k}"] = ev[k]
-            elif kind == "done":
-                p["done"] = ev.get("status")
+        fold_heartbeats(rt, r, self.clock())
 
     def _flush_progress_all(self, rts: list[Runtime]) -> None:
         """The progress of every attempt due a flush, in one store write."""
@@ -1162,12 +1085,8 @@ class Controller(JobQueries):
 
     # ---------------------------------------------------------------- workflows
     def _parent_running(self, parent_id: str) -> None:
-        p = self.store.get_job(parent_id)
-        if p.state == S.PENDING:
-            self.store.set_state(parent_id, S.SCHEDULING)
-        p = self.store.get_job(parent_id)
-        if p.state == S.SCHEDULING:
-            self.store.set_state(parent_id, S.RUNNING, "steps running")
+        for state in TO_RUNNING.get(self.store.state(parent_id), ()):
+            self.store.set_state(parent_id, state, "steps running")
 
     def _advance_workflows(self) -> None:
         with self.lock:
@@ -1176,26 +1095,15 @@ class Controller(JobQueries):
                     self._advance_workflow(wf)
 
     def _advance_workflow(self, wf: JobRow) -> None:
-        kids = self.store.jobs(parent=wf.id)
-        states = {k.step: k.state for k in kids}
-        if kids and all(s == S.SUCCEEDED for s in states.values()):
-            summary = {k.step: k.result for k in kids if k.result}
-            if wf.state == S.PENDING:
-                self.store.set_state(wf.id, S.SCHEDULING)
-            if self.store.get_job(wf.id).state == S.SCHEDULING:
-                self.store.set_state(wf.id, S.RUNNING)
+        decision = decide_workflow(self.store.jobs(parent=wf.id))
+        if isinstance(decision, WorkflowSucceeded):
+            self._parent_running(wf.id)
             self.store.set_state(wf.id, S.SUCCEEDED, "all steps succeeded",
-                                 result=summary)
-            return
-        bad = [k for k in kids if k.state in (S.FAILED, S.CANCELLED)]
-        if bad:
-            for k in kids:
-                if k.state not in TERMINAL:
-                    self._cancel_one(k.id, f"step {bad[0].step} {bad[0].state}")
-            self.store.set_state(
-                wf.id, S.FAILED,
-                f"step {bad[0].step} {bad[0].state}: {bad[0].message}")
-
+                                 result=decision.result)
+        elif isinstance(decision, WorkflowFailed):
+            for step in decision.cancel:
+                self._cancel_one(step, decision.why)
+            self.store.set_state(wf.id, S.FAILED, decision.message)
 
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:
