@@ -7,10 +7,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from launcher import spec as specmod
-from launcher.backend import EXIT_CHECKPOINTED
 
 # The train loop's exit codes for a bad config (2) or a recipe that differs from its
 # checkpoint's (3): restarting cannot fix them, so they burn no restarts.
@@ -119,10 +117,6 @@ class RestartPlacementPolicy:
         return WarmStart.STANDBY
 
 
-# Compatibility name: the decision used to live in the controller.
-RestartInPlace = RestartPlacementPolicy
-
-
 class FailurePolicy:
     """Retry or fail, in place or afresh, after how long."""
 
@@ -187,15 +181,3 @@ class ScalingPolicy:
             return None
         return ResizeDecision(better, current,
                               ResizeVia.REQUEST if can_request else ResizeVia.PERIODIC)
-
-
-def checkpointed_on_request(exit_codes: list[int | None], checkpoint_ok: bool) -> bool:
-    """The ranks did what a checkpoint request asks: every one ended, the ones that did not
-    succeed exited EXIT_CHECKPOINTED, and the saved checkpoint verified."""
-    return checkpoint_ok and bool(exit_codes) and EXIT_CHECKPOINTED in exit_codes and \
-        all(c in (0, EXIT_CHECKPOINTED) for c in exit_codes)
-
-
-def describe(obj: Any) -> dict:
-    """An event payload for a decision dataclass."""
-    return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in vars(obj).items()}
