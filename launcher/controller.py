@@ -1,20 +1,20 @@
 """The fleet controller: a named, detached Ray actor.
 
 Owns the job queue and the device ledger. All durable state lives in the store
-(SQLite); in memory there are only handles (placement groups, agents) that a
-restarted controller finds again by name. The loop is
+(SQLite), holds for restarts in place included; in memory there are only the backend's
+handles (launcher/backend.py: placement groups and agents on Ray, launcher/backend_ray.py),
+which a restarted controller finds again by name. A tick is
 
-    observe (cluster nodes, agent polls) -> decide (policy, planner) -> act
+    observe (group statuses, job states, free pool) -> decide (launcher/reconcile.py,
+    launcher/policies.py, the scheduler) -> act (store first, then backend)
 
-and every decision is written to the store before it is acted on, so a crash
-between the two is repaired on restart rather than lost.
+so a crash between a decision and its action is repaired on restart rather than lost.
 
-Elasticity: a failed attempt re-plans on the
-devices free *now* (shrink, same global batch); growing back is a RUNNING ->
-RESIZING -> SCHEDULING transition decided in `_tick` when the planner finds a
-better plan for a running job.
+Elasticity: a failed attempt re-plans on the devices free *now* (shrink, same global
+batch). Growing back: when the planner finds a better plan for a running job and nothing
+waits, the ranks are asked to save the next step and exit (grow on request), or the
+switch waits for the next periodic checkpoint; RUNNING -> RESIZING -> SCHEDULING.
 """
-
 from __future__ import annotations
 
 import contextlib
