@@ -111,8 +111,9 @@ class RestartPlacementPolicy:
         p = restart_policy(spec.get("restart"))
         if kind != "TrainJob" or not (p.inPlace and p.standby):
             return WarmStart.COLD
-        device = (spec.get("resources") or {}).get("deviceType", "NPU")
-        if spec.get("workload", "volo") != "smoke" and device == "CPU":
+        device = specmod.Resources.model_validate(spec.get("resources") or {}).deviceType
+        workload = spec.get("workload") or specmod.TrainSpec.model_fields["workload"].default
+        if workload != "smoke" and device == "CPU":
             return WarmStart.PREJOIN
         return WarmStart.STANDBY
 
