@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import admission, ranks
+from launcher import admission, integrations, ranks
 from launcher import spec as specmod
 from launcher.backend import Backend, GroupStatus, Unplaceable
 from launcher.backend_ray import NAMESPACE
@@ -296,62 +296,18 @@ class Controller(JobQueries):
         self._ticks = 0
         self._last_error = ""
         self.started = self.clock()
-        self.k8s_error = ""
-        self.k8s = self._start_k8s()
-        self.scaler = self._start_scaler()
+        self.k8s, k8s_error = integrations.start_k8s()
+        self.scaler, scaler_error = integrations.start_scaler(self.k8s)
+        self.k8s_error = k8s_error or scaler_error
         self._known_nodes: frozenset[str] = frozenset()
         self._autoscaled_at = 0.0
         self._recover()
-        self.exporter = self._start_metrics()
+        self.exporter = integrations.start_metrics(self.home, self._metric_jobs, self.cluster,
+                                                   self.store)
         self._thread = None
         if start_loop:
             self._thread = threading.Thread(target=self._loop, daemon=True, name="fleet-loop")
             self._thread.start()
-
-    def _start_metrics(self):
-        """Prometheus exporter (launcher/metrics.py) over every job's heartbeats + this
-        job table. Off with FLEET_METRICS=0; a busy port must not stop the controller."""
-        if os.environ.get("FLEET_METRICS", "1") == "0":
-            return None
-        try:
-            from launcher.metrics import start_fleet_exporter
-            return start_fleet_exporter(self.home, self._metric_jobs, self.cluster)
-        except Exception as e:  # noqa: BLE001 - metrics are optional, the queue is not
-            log.warning("metrics exporter not started: %s", e)
-            self.store.add_event("controller", "metrics_unavailable", {"error": str(e)})
-            return None
-
-    def _start_k8s(self):
-        """FleetK8s (launcher/k8s.py) when running in a KubeRay cluster, else None."""
-        try:
-            from launcher.k8s import FleetK8s
-            return FleetK8s.from_env()
-        except Exception as e:  # noqa: BLE001 - Kubernetes is an aid, not a prerequisite
-            log.warning("kubernetes integration off: %s", e)
-            self.k8s_error = f"integration off: {e}"
-            return None
-
-    def _start_scaler(self):
-        """Grows and shrinks the RayCluster worker group (launcher/autoscale.py)."""
-        if self.k8s is None:
-            return None
-        from launcher.autoscale import ScalerSettings, WorkerGroupScaler
-        try:
-            return WorkerGroupScaler(self.k8s, ScalerSettings.from_env())
-        except ValueError as e:  # a bad FLEET_K8S_* value: say so, keep scheduling
-            log.warning("kubernetes scaling off: %s", e)
-            self.k8s_error = f"scaling off: {e}"
-            return None
-
-    def _node_failure_reason(self, node_id: str) -> str:
-        """Why a node's pod died (OOMKilled, Evicted, NodeNotReady...), if Kubernetes says."""
-        if self.k8s is None:
-            return ""
-        try:
-            f = self.k8s.why_node_died(node_id, wait_s=3.0)
-        except Exception as e:  # noqa: BLE001
-            return f"; kubernetes: unavailable ({e})"
-        return "" if f is None else f"; kubernetes: {f.to_json()}"
 
     def _metric_jobs(self) -> list[dict[str, Any]]:
         # Workflow steps included: their ranks are the ones writing heartbeats.
@@ -877,7 +833,7 @@ class Controller(JobQueries):
         node = rt.plan.slices[index].node
         self.suspect_nodes[node] = self.clock() + SUSPECT_NODE_S
         return Failure(failure.kind, f"{failure.reason} on node {node[:12]}"
-                                     f"{self._node_failure_reason(node)}")
+                                     f"{integrations.node_failure_reason(self.k8s, node)}")
 
     @staticmethod
     def _hung(job: Any, rt: Runtime, now: float | None = None) -> str | None:
