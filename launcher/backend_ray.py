@@ -117,11 +117,12 @@ class RayBackend:
         except AttributeError:  # agents of a version without the request
             return False
         try:
-            ray.get(calls, timeout=POLL_TIMEOUT_S)
+            answers = ray.get(calls, timeout=POLL_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - the periodic checkpoint still resizes it
             log.warning("job %s: checkpoint request failed: %s", group.job_id, e)
             return False
-        return True
+        # an agent answers False when its ranks' workload cannot save on request
+        return all(a is not False for a in answers)
 
     def hold(self, group: Group) -> list[dict] | None:
         import ray
