@@ -86,8 +86,6 @@ class FakeGroup:
     step: int = 0
     exit_code: int | None = None
     requested: bool = False
-    saved_on_request: bool = False
-    started_ever: bool = False
 
 
 class FakeBackend:
@@ -169,13 +167,12 @@ class FakeBackend:
         if g.state == "held":  # a restart in place: the next scripted behaviour
             g.behaviour = self._next_behaviour(group.job_id)
             g.polls = g.step = 0
-            g.exit_code, g.requested, g.saved_on_request = None, False, False
+            g.exit_code, g.requested = None, False
         g.attempt = attempt
         if isinstance(g.behaviour, StartFails):
             g.state = "ended"
             return [{"status": "failed", "reason": g.behaviour.reason}]
         g.state = "running"
-        g.started_ever = True
         return [{"status": "running", "from_standby": [], "prejoined": []}
                 for _ in g.nodes]
 
