@@ -4,6 +4,7 @@ how each restart was placed."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import S, train_doc
@@ -15,6 +16,19 @@ def test_ray_is_not_importable_here():
     assert sys.modules["ray"] is None
     with pytest.raises(ImportError):
         import ray  # noqa: F401
+
+
+def test_the_controller_and_fake_backend_import_without_ray():
+    """Importing them (as collecting this folder does) never touches Ray."""
+    import subprocess
+
+    code = ("import sys; sys.modules['ray'] = None; import launcher.controller, "
+            "launcher.backend_fake, launcher.policies, launcher.reconcile; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=root, timeout=120, check=True)
+    assert out.stdout.strip() == "['ray']"  # only the blocked entry itself
 
 
 def _lose_node_of(fleet, jid):
