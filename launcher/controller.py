@@ -760,20 +760,7 @@ class Controller(JobQueries):
         except _Aborted:
             self._teardown(rt)
         except Unplaceable as e:
-            # The backend could not place what the ledger thought free (a node going away):
-            # requeue without spending a restart.
-            with self.lock:
-                if self.runtimes.get(job.id) is rt:
-                    self.runtimes.pop(job.id, None)
-                    self._teardown(rt)
-                    self.store.end_attempt(job.id, rt.attempt, "unplaceable", str(e))
-                    cur = self.store.get_job(job.id)
-                    if cur.state == S.SCHEDULING:
-                        back = S.RESTARTING if cur.restarts else S.PENDING
-                        self.store.set_state(job.id, back, f"requeued: {e}",
-                                             not_before=self.clock() + UNPLACEABLE_RETRY_S)
-                else:
-                    self._teardown(rt)
+            self._requeue_unplaceable(job.id, rt, str(e))
         except Exception as e:
             log.warning("job %s attempt %s failed to start: %s", job.id, rt.attempt, e)
             with self.lock, self._deciding(job.id, "handling a failed start"):
@@ -783,6 +770,22 @@ class Controller(JobQueries):
                 else:
                     self._teardown(rt)
         self._wake.set()
+
+    def _requeue_unplaceable(self, job_id: str, rt: Runtime, why: str) -> None:
+        """The backend could not place what the ledger thought free (a node going away):
+        requeue without spending a restart."""
+        with self.lock:
+            if self.runtimes.get(job_id) is not rt:
+                self._teardown(rt)
+                return
+            self.runtimes.pop(job_id, None)
+            self._teardown(rt)
+            self.store.end_attempt(job_id, rt.attempt, "unplaceable", why)
+            cur = self.store.get_job(job_id)
+            if cur.state == S.SCHEDULING:
+                back = S.RESTARTING if cur.restarts else S.PENDING
+                self.store.set_state(job_id, back, f"requeued: {why}",
+                                     not_before=self.clock() + UNPLACEABLE_RETRY_S)
 
     # ---------------------------------------------------------------- monitor
     def _poll_running(self) -> None:
