@@ -991,8 +991,9 @@ class Controller(JobQueries):
         self.runtimes.pop(job_id, None)
         step = rt.progress.get("checkpoint_step")
         how = "saved on request" if on_request else "the periodic checkpoint"
-        why = (f"growing from {rt.plan.devices} to {rt.resize_to} devices at checkpoint "
-               f"step {step} ({how})")
+        # the step stays the reason's last word: the fault suite reads it from there
+        why = (f"growing from {rt.plan.devices} to {rt.resize_to} devices ({how}) at "
+               f"checkpoint step {step}")
         self.store.set_state(job_id, S.RESIZING, why)
         self._teardown(rt)
         self.store.end_attempt(job_id, rt.attempt, "resized", why)
