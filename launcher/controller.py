@@ -1,49 +1,61 @@
 """The fleet controller: a named, detached Ray actor.
 
 Owns the job queue and the device ledger. All durable state lives in the store
-(SQLite); in memory there are only handles (placement groups, agents) that a
-restarted controller finds again by name. The loop is
+(SQLite), holds for restarts in place included; in memory there are only the backend's
+handles (launcher/backend.py: placement groups and agents on Ray, launcher/backend_ray.py),
+which a restarted controller finds again by name. A tick is
 
-    observe (cluster nodes, agent polls) -> decide (policy, planner) -> act
+    observe (group statuses, job states, free pool) -> decide (launcher/reconcile.py,
+    launcher/policies.py, the scheduler) -> act (store first, then backend)
 
-and every decision is written to the store before it is acted on, so a crash
-between the two is repaired on restart rather than lost.
+so a crash between a decision and its action is repaired on restart rather than lost.
 
-Elasticity: a failed attempt re-plans on the
-devices free *now* (shrink, same global batch); growing back is a RUNNING ->
-RESIZING -> SCHEDULING transition decided in `_tick` when the planner finds a
-better plan for a running job.
+Elasticity: a failed attempt re-plans on the devices free *now* (shrink, same global
+batch). Growing back: when the planner finds a better plan for a running job and nothing
+waits, the ranks are asked to save the next step and exit (grow on request), or the
+switch waits for the next periodic checkpoint; RUNNING -> RESIZING -> SCHEDULING.
 """
-
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import ranks, workloads
+from launcher import admission, integrations, ranks, workloads
 from launcher import spec as specmod
+from launcher.backend import Backend, GroupStatus, Unplaceable
+from launcher.backend_ray import NAMESPACE
 from launcher.checkpoints import select_checkpoint
-from launcher.contract import NON_RETRYABLE_EXIT_CODES
 from launcher.lifecycle import HOLDS_DEVICES, TERMINAL, JobState
 from launcher.planner import ASCEND_910, FreePool, Plan, Request, Topology
+from launcher.policies import (
+    Failure,
+    FailureKind,
+    FailurePolicy,
+    ResizeVia,
+    RestartPlacementPolicy,
+    ScalingPolicy,
+    WarmStart,
+    Watchdog,
+    restart_policy,
+)
 from launcher.progress import JobProgress
 from launcher.ranks import NodeLaunch, attempt_dir, build_launch, default_ckpt_dir
+from launcher.reconcile import AttemptView, FailAttempt, Resize, Succeed, decide_running
 from launcher.scheduler import PriorityFifo, QueuedJob, schedule
-from launcher.store import STATUS_EVENTS, JobRow, QueueRow, Store
+from launcher.store import STATUS_EVENTS, HoldRow, JobRow, QueueRow, Store
+from launcher.workflows import TO_RUNNING, WorkflowFailed, WorkflowSucceeded, decide_workflow
 
 log = logging.getLogger("fleet.controller")
 
 CONTROLLER_NAME = "fleet-controller"
-NAMESPACE = "fleet"
-PG_READY_TIMEOUT_S = 30.0
 # After an agent is lost, Ray may still list its node as alive for a while
 # (until heartbeats time out); planning onto it would stall the restart.
 SUSPECT_NODE_S = 60.0
@@ -51,6 +63,8 @@ PROGRESS_FLUSH_S = 1.0
 # Scaling decisions list every Ray node: once a second is quick next to pods that take
 # tens of seconds to start, and spares the GCS a query on every 0.25 s tick.
 AUTOSCALE_INTERVAL_S = 1.0
+# A placement the backend could not bring up is tried again after this (no restart spent).
+UNPLACEABLE_RETRY_S = 2.0
 
 S = JobState
 
@@ -58,53 +72,28 @@ LOG_LABEL = re.compile(r"(scheduler|rank-\d{1,6})")
 # Where `launcher` and `workloads` are: the ranks' working directory and PYTHONPATH.
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
-MAX_PENDING_ENV = "FLEET_MAX_PENDING"
-MAX_PENDING_DEFAULT = 10_000
-
-
-def max_pending(environ: dict[str, str] | None = None) -> int:
-    """Most jobs (workflow steps count) that may wait at once; FLEET_MAX_PENDING sets it."""
-    raw = (os.environ if environ is None else environ).get(MAX_PENDING_ENV, "")
-    try:
-        return max(1, int(raw)) if raw else MAX_PENDING_DEFAULT
-    except ValueError:
-        return MAX_PENDING_DEFAULT
-
-
-def agent_name(placement: str, index: int) -> str:
-    """Agents are named after their placement group: a restart in place keeps both."""
-    return f"{placement.replace('fleet-pg-', 'fleet-agent-', 1)}-{index}"
-
-
 def pg_name(job_id: str, attempt: int | str) -> str:
     return f"fleet-pg-{job_id}-a{attempt}"
 
 
 @dataclass
 class HeldPlacement:
-    """A failed attempt's placement group and agents, kept for a restart in place."""
+    """A failed attempt's placement and agents, kept for a restart in place. Durable: the
+    store's `holds` row names it, so a restarted controller finds it again (or releases it
+    and says so)."""
 
+    job_id: str
+    attempt: int  # the attempt that failed
     plan: Plan
-    pg: Any
     pg_name: str
-    agents: list
+    pg: Any = None
+    agents: list = field(default_factory=list)
     next_port: int | None = None  # the scheduler port its agents' prejoined processes use
 
-
-class RestartInPlace:
-    """Whether a failed attempt's ranks restart on the devices they had.
-
-    A rank that exited or hung on a healthy node says nothing against its devices, and
-    keeping them skips the placement group, the agents and (with standbys) the imports
-    (bench/recovery.py). A rank that keeps failing with no new checkpoint may have a bad
-    device: after `max_streak` such failures in a row the job is planned afresh, like
-    MindCluster's move from process-level to pod-level rescheduling."""
-
-    def __init__(self, max_streak: int = 2):
-        self.max_streak = max_streak
-
-    def keep(self, policy: dict, streak: int) -> bool:
-        return bool(policy.get("inPlace", True)) and streak <= self.max_streak
+    @classmethod
+    def from_row(cls, row: HoldRow) -> HeldPlacement:
+        return cls(row.job, row.attempt, Plan.from_dict(row.plan), row.pg_name,
+                   next_port=row.next_port)
 
 
 @dataclass
@@ -114,10 +103,14 @@ class Runtime:
     job_id: str
     attempt: int
     plan: Plan
-    pg_name: str  # agents are named after it (agent_name)
-    pg: Any = None
+    pg_name: str  # agents are named after it (backend_ray.agent_name)
+    pg: Any = None  # the backend's handles: placement and agents
     agents: list = field(default_factory=list)
     launched: bool = False
+    # read from the job's spec once per attempt (a spec does not change after submit)
+    kind: str = "TrainJob"
+    policy: specmod.RestartPolicy = field(default_factory=specmod.RestartPolicy)
+    request: Request | None = None
     started: float = field(default_factory=time.time)
     # Per rank: one hung rank is a hang even if the others still write (they
     # usually block in the next all-reduce, but not always at once).
@@ -129,39 +122,13 @@ class Runtime:
     # Grow: set when more devices are free; acted on at the next checkpoint.
     resize_to: int | None = None
     resize_after: float = 0.0
-    checkpoint_ready: bool = False
-    checkpoint_requested: bool = False  # the ranks were asked to stop at a checkpoint
+    resize_via: ResizeVia | None = None
+    checkpoint_ready_at: float | None = None  # an ok checkpoint after resize_after
     last_words: set[str] = field(default_factory=set)  # ranks that saved as it failed
     # MindSpore scheduler ports: this attempt's when fixed in advance (a restart in place
     # onto prejoined processes), and the one fixed for the attempt after it
     sched_port: int | None = None
     next_port: int | None = None
-
-
-def failure_streak(previous: int, progress: dict) -> int:
-    """The backoff's exponent after a failed attempt: failed attempts in a row that saved no
-    checkpoint past the step they resumed from. A failure after a new checkpoint (a fault in a
-    run that was training well) starts again from the base delay, as Kubernetes forgets a
-    CrashLoopBackOff once a container has run a while; without this, a long run with a fault
-    every few minutes waited 0.2, 0.4, 0.8, 1.6, 3.2 s... (measured: 6 of the 7.6 s of
-    'reschedule' in a 30-minute goodput run with 5 faults)."""
-    saved = progress.get("checkpoint_ok") and \
-        (progress.get("checkpoint_step") or 0) > (progress.get("resumed_step") or 0)
-    return 1 if saved else previous + 1
-
-
-# 2**62 times any base a spec allows is still a finite float: the delay is capped by
-# maxBackoffSeconds long before, and a long crash loop cannot overflow it.
-MAX_BACKOFF_EXPONENT = 62
-
-
-def backoff_seconds(policy: dict, restarts: int) -> float:
-    base = float(policy.get("backoffSeconds", 2.0))
-    cap = float(policy.get("maxBackoffSeconds", 60.0))
-    exponent = min(max(0, restarts - 1), MAX_BACKOFF_EXPONENT)
-    delay = min(cap, base * float(2 ** exponent))
-    # Jitter so that many jobs failing together (a node loss) do not retry in lockstep.
-    return delay * (1.0 + 0.25 * random.random())  # noqa: S311 - not crypto
 
 
 class JobQueries:
@@ -232,14 +199,9 @@ class JobQueries:
             # Ranks on another machine without a shared volume: ask their agent.
             out = {"data": "", "offset": offset, "missing": True}
             rt = self.runtimes.get(job_id)
-            if rt is not None and rt.attempt == att.n:
-                import ray
-                for a in rt.agents:
-                    with contextlib.suppress(Exception):
-                        r = ray.get(a.read_log.remote(label, offset), timeout=10)
-                        if "error" not in r:
-                            out = r
-                            break
+            backend = getattr(self, "backend", None)
+            if rt is not None and rt.attempt == att.n and backend is not None:
+                out = backend.read_log(rt, label, offset) or out
         out["attempt"] = att.n
         return out
 
@@ -255,9 +217,19 @@ class Controller(JobQueries):
     """Plain class; `actor_class()` wraps it as a Ray actor."""
 
     def __init__(self, home: str, poll_interval: float = 0.25, backfill: bool = False,
-                 start_loop: bool = True):
-        import ray  # noqa: F401 - fail early if Ray is missing
+                 start_loop: bool = True, backend: Backend | None = None,
+                 clock: Callable[[], float] = time.time, inline_starts: bool = False):
+        """backend: where ranks run (default: the Ray cluster this process is in).
+        inline_starts: start attempts on the loop's thread instead of one thread each
+        (a backend whose calls return at once, as the in-memory fake's)."""
+        if backend is None:
+            import ray  # noqa: F401 - fail early if Ray is missing
 
+            from launcher.backend_ray import RayBackend
+            backend = RayBackend()
+        self.backend = backend
+        self.clock = clock
+        self.inline_starts = inline_starts
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.home / "fleet.db")
@@ -268,71 +240,31 @@ class Controller(JobQueries):
         self._wait_msgs: dict[str, str] = {}
         # job -> failure_streak(); in memory: a restarted controller starts from the base delay
         self._failure_streaks: dict[str, int] = {}
-        self.restart_placement = RestartInPlace()
-        self._held: dict[str, HeldPlacement] = {}  # RESTARTING jobs that keep their devices
+        self.restart_placement = RestartPlacementPolicy()
+        self.failure_policy = FailurePolicy(self.restart_placement)
+        self.watchdog = Watchdog()
+        self.scaling = ScalingPolicy()
+        # RESTARTING jobs that keep their devices: the handles of the store's `holds` rows
+        self._held: dict[str, HeldPlacement] = {}
         self._plan_inputs: dict[str, tuple[Request | None, Topology]] = {}  # _planning_inputs
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ticks = 0
         self._last_error = ""
-        self.started = time.time()
-        self.k8s_error = ""
-        self.k8s = self._start_k8s()
-        self.scaler = self._start_scaler()
+        self.started = self.clock()
+        self.k8s, k8s_error = integrations.start_k8s()
+        self.scaler, scaler_error = integrations.start_scaler(self.k8s)
+        self.k8s_error = k8s_error or scaler_error
         self._known_nodes: frozenset[str] = frozenset()
         self._autoscaled_at = 0.0
         self._recover()
-        self.exporter = self._start_metrics()
+        self.exporter = integrations.start_metrics(self.home, self._metric_jobs, self.cluster,
+                                                   self.store)
         self._thread = None
         if start_loop:
             self._thread = threading.Thread(target=self._loop, daemon=True, name="fleet-loop")
             self._thread.start()
-
-    def _start_metrics(self):
-        """Prometheus exporter (launcher/metrics.py) over every job's heartbeats + this
-        job table. Off with FLEET_METRICS=0; a busy port must not stop the controller."""
-        if os.environ.get("FLEET_METRICS", "1") == "0":
-            return None
-        try:
-            from launcher.metrics import start_fleet_exporter
-            return start_fleet_exporter(self.home, self._metric_jobs, self.cluster)
-        except Exception as e:  # noqa: BLE001 - metrics are optional, the queue is not
-            log.warning("metrics exporter not started: %s", e)
-            self.store.add_event("controller", "metrics_unavailable", {"error": str(e)})
-            return None
-
-    def _start_k8s(self):
-        """FleetK8s (launcher/k8s/fleet.py) when running in a KubeRay cluster, else None."""
-        try:
-            from launcher.k8s.fleet import FleetK8s
-            return FleetK8s.from_env()
-        except Exception as e:  # noqa: BLE001 - Kubernetes is an aid, not a prerequisite
-            log.warning("kubernetes integration off: %s", e)
-            self.k8s_error = f"integration off: {e}"
-            return None
-
-    def _start_scaler(self):
-        """Grows and shrinks the RayCluster worker group (launcher/autoscale.py)."""
-        if self.k8s is None:
-            return None
-        from launcher.autoscale import ScalerSettings, WorkerGroupScaler
-        try:
-            return WorkerGroupScaler(self.k8s, ScalerSettings.from_env())
-        except ValueError as e:  # a bad FLEET_K8S_* value: say so, keep scheduling
-            log.warning("kubernetes scaling off: %s", e)
-            self.k8s_error = f"scaling off: {e}"
-            return None
-
-    def _node_failure_reason(self, node_id: str) -> str:
-        """Why a node's pod died (OOMKilled, Evicted, NodeNotReady...), if Kubernetes says."""
-        if self.k8s is None:
-            return ""
-        try:
-            f = self.k8s.why_node_died(node_id, wait_s=3.0)
-        except Exception as e:  # noqa: BLE001
-            return f"; kubernetes: unavailable ({e})"
-        return "" if f is None else f"; kubernetes: {f.to_json()}"
 
     def _metric_jobs(self) -> list[dict[str, Any]]:
         # Workflow steps included: their ranks are the ones writing heartbeats.
@@ -360,7 +292,7 @@ class Controller(JobQueries):
         configured roots, and the ranks run from the launcher's own code directory."""
         job = specmod.parse_doc(doc, "<submitted>")  # never trust the client's validation
         name = job.metadata.name
-        resolved = self._resolve_paths(job, paths)
+        resolved = admission.resolve_paths(job, paths)
         level = paths.get(ranks.MINDSPORE_LOG_LEVEL_KEY) if isinstance(paths, dict) else None
         if level is not None:
             # stored with each step, so restarts keep the level the submitting shell asked for
@@ -369,8 +301,8 @@ class Controller(JobQueries):
                 step_paths[ranks.MINDSPORE_LOG_LEVEL_KEY] = level
         paths = {"workdir": str(CODE_ROOT), "steps": resolved}
         with self.lock:
-            self._check_queue_room(job)
-            self._check_checkpoint_dirs(job, resolved)
+            admission.check_queue_room(self.store, job)
+            admission.check_checkpoint_dirs(self.store, self.home, job, resolved)
             if isinstance(job, specmod.Workflow):
                 parent = self.store.add_job(name, "Workflow", doc, {"workdir":
                                             paths.get("workdir")}, job.spec.priority)
@@ -393,75 +325,6 @@ class Controller(JobQueries):
                 out = {"id": row.id, "kind": job.kind}
         self._wake.set()
         return out
-
-    @staticmethod
-    def _resolve_paths(job: specmod.AnyJob, client: dict) -> dict[str, dict[str, str]]:
-        """The steps' paths, decided here. With `base` (the spec file's directory, as
-        `fleet submit` sends) every path is resolved again from the spec; a caller that
-        sends resolved paths instead gets them checked: known keys only, absolute and
-        normalised, inside the configured roots - no more than an absolute path in the
-        spec could ask for."""
-        if not isinstance(client, dict):
-            client = {}
-        base, root = client.get("base"), client.get("workdir")
-        if isinstance(base, str) and Path(base).is_absolute():
-            if not (isinstance(root, str) and Path(root).is_absolute()):
-                root = base
-            return specmod.job_paths(job, Path(base), Path(root), "<submitted>")
-        sent = client.get("steps") if isinstance(client.get("steps"), dict) else {}
-        out: dict[str, dict[str, str]] = {}
-        problems: list[tuple[str, str]] = []
-        for name, _kind, _sp in specmod.steps_of(job):
-            step = sent.get(name) if isinstance(sent.get(name), dict) else {}
-            res: dict[str, str] = {}
-            for key in specmod.STEP_PATH_KEYS:
-                v = step.get(key)
-                if v is None:
-                    continue
-                env = specmod.ROOT_OF.get(key, "")
-                try:
-                    if not isinstance(v, str) or not Path(v).is_absolute():
-                        raise specmod.SpecError("<submitted>", [(f"{name}.{key}", (
-                            f"{str(v)[:80]!r} is not an absolute path"))])
-                    res[key] = str(specmod.resolve_path(v, Path("/"), Path("/"),
-                                                        f"{name}.{key}", "<submitted>",
-                                                        os.environ.get(env) or None, env))
-                except specmod.SpecError as e:
-                    problems += e.problems
-            out[name] = res
-        if problems:
-            raise specmod.SpecError("<submitted>", problems)
-        return out
-
-    def _check_checkpoint_dirs(self, job: specmod.AnyJob,
-                               resolved: dict[str, dict[str, str]]) -> None:
-        """Two live jobs may not share a checkpoint directory (or one inside the other):
-        each prunes its directory to its newest checkpoints, deleting the other's."""
-        mine = [(name, Path(resolved[name]["ckpt_dir"])) for name, kind, _sp in
-                specmod.steps_of(job) if kind == "TrainJob" and "ckpt_dir" in resolved[name]]
-        if not mine:
-            return
-        taken = [(jid, Path(d) if d else default_ckpt_dir(self.home, jid))
-                 for jid, d in self.store.checkpoint_dirs(set(S) - set(TERMINAL))]
-        taken += mine
-        problems = []
-        for i, (name, d) in enumerate(mine):
-            for other, od in taken[:len(taken) - len(mine) + i]:
-                if d == od or d.is_relative_to(od) or od.is_relative_to(d):
-                    problems.append((name, f"checkpoint.dir {d} is in use by {other} "
-                                           f"({od}); give each job its own directory"))
-        if problems:
-            raise specmod.SpecError("<submitted>", problems)
-
-    def _check_queue_room(self, job: specmod.AnyJob) -> None:
-        """A queue limit: every waiting job costs the scheduler a little on every tick."""
-        limit = max_pending()
-        waiting = self.store.count({S.PENDING, S.RESTARTING})
-        adding = len(job.spec.steps) + 1 if isinstance(job, specmod.Workflow) else 1
-        if waiting + adding > limit:
-            raise specmod.SpecError("<submitted>", [("(queue)", (
-                f"the queue is full: {waiting} jobs wait and at most {limit} may "
-                f"({MAX_PENDING_ENV}); wait for some to start or cancel some"))])
 
     def cluster(self) -> dict[str, Any]:
         nodes = self._cluster_nodes()
@@ -559,24 +422,22 @@ class Controller(JobQueries):
 
     # ---------------------------------------------------------------- cluster
     def _cluster_nodes(self) -> dict[str, list[int]]:
-        import ray
         out = {}
-        now = time.time()
+        now = self.clock()
         draining = self.scaler.draining if self.scaler is not None else {}
-        for n in ray.nodes():
-            if not n.get("Alive"):
-                if n["NodeID"] in draining:
-                    self.scaler.forget_node(n["NodeID"])
+        for n in self.backend.nodes():
+            if not n.alive:
+                if n.id in draining:
+                    self.scaler.forget_node(n.id)
                 continue
-            if self.suspect_nodes.get(n["NodeID"], 0) > now or n["NodeID"] in draining:
+            if self.suspect_nodes.get(n.id, 0) > now or n.id in draining:
                 continue
-            npus = int(n.get("Resources", {}).get("NPU", 0))
-            if npus > 0:
-                out[n["NodeID"]] = list(range(npus))
+            if n.devices > 0:
+                out[n.id] = list(range(n.devices))
         if self.k8s is not None and frozenset(out) != self._known_nodes:
             # Map nodes to pods while they are alive: after a loss the pod may be gone.
             try:
-                self.k8s.remember_nodes(ray.nodes())
+                self.k8s.remember_nodes(self.backend.raw_nodes())
                 self._known_nodes = frozenset(out)
             except Exception as e:  # noqa: BLE001
                 log.warning("kubernetes node mapping failed: %s", e)
@@ -590,11 +451,10 @@ class Controller(JobQueries):
         return Topology(n, 4 if n % 4 == 0 else n)
 
     def _pool(self, nodes: dict[str, list[int]]) -> FreePool:
+        """The free devices: every node's, less the open attempts' and the held ones."""
         pool = FreePool.from_free(nodes, self._topology(nodes))
-        holding = [Plan.from_dict(att.plan) for att in
-                   (self.store.open_attempt(job.id) for job in self.store.jobs(set(HOLDS_DEVICES)))
-                   if att is not None]
-        holding += [held.plan for held in self._held.values()]  # restarts in place
+        holding = [Plan.from_dict(p) for p in self.store.open_plans(set(HOLDS_DEVICES))]
+        holding += [Plan.from_dict(h.plan) for h in self.store.holds()]
         for plan in holding:
             for s in plan.slices:
                 if s.chips and s.node in nodes:
@@ -653,16 +513,12 @@ class Controller(JobQueries):
     @staticmethod
     def _standby(job: JobRow) -> bool:
         """Whether a restart in place may start from processes that imported ahead."""
-        policy = job.spec.get("restart") or {}
-        return job.kind == "TrainJob" and bool(policy.get("inPlace", True)) and \
-            bool(policy.get("standby", True))
+        return RestartPlacementPolicy.warm_start(job.kind, job.spec) != WarmStart.COLD
 
     @classmethod
     def _prejoin(cls, job: JobRow) -> bool:
-        """...and that also joined the cluster and compiled ahead, where the workload's ranks
-        can on this device type (its adapter says: launcher/workloads.py)."""
-        device = (job.spec.get("resources") or {}).get("deviceType", "NPU")
-        return cls._standby(job) and workloads.of_spec(job.spec).prejoins_on(device)
+        """...and that also joined the cluster and compiled ahead (workloads/volo/prejoin.py)."""
+        return RestartPlacementPolicy.warm_start(job.kind, job.spec) == WarmStart.PREJOIN
 
     @staticmethod
     def _job_topology(j: JobRow) -> Topology:
@@ -674,28 +530,29 @@ class Controller(JobQueries):
         gone (or suspect) is released and the job planned like any other."""
         if not self._held:
             return
-        now = time.time()
+        now = self.clock()
         with self.lock:
             nodes = self._cluster_nodes()
             for job_id, held in list(self._held.items()):
                 job = self.store.get_job(job_id)
                 if job is None or job.state != S.RESTARTING:
-                    self._release_held(job_id)
+                    self._release_held(job_id, "the job is no longer restarting")
                     continue
                 if job.not_before > now:
                     continue
                 if any(s.node not in nodes for s in held.plan.slices if s.chips):
-                    self._release_held(job_id)
+                    self._release_held(job_id, "a node of the held placement is gone")
                     continue
                 del self._held[job_id]
+                self.store.drop_hold(job_id, "restarting in place")
                 with self._deciding(job_id, "restarting in place"):
                     self._begin_attempt(job_id, held.plan, held)
 
-    def _release_held(self, job_id: str) -> None:
+    def _release_held(self, job_id: str, why: str) -> None:
         held = self._held.pop(job_id, None)
         if held is not None:
-            rt = Runtime(job_id, 0, held.plan, held.pg_name, held.pg, held.agents)
-            self._teardown(rt)
+            self.store.drop_hold(job_id, f"released: {why}")
+            self._teardown(held)
 
     def _schedule(self) -> None:
         self._restart_held()
@@ -705,7 +562,7 @@ class Controller(JobQueries):
                 return
             nodes = self._cluster_nodes()
             pool = self._pool(nodes)
-            now = time.time()
+            now = self.clock()
             free, total = pool.total_free(), sum(len(c) for c in nodes.values())
             decisions = schedule(queue, pool, now, self.policy)
             for qj, plan in decisions:
@@ -739,19 +596,30 @@ class Controller(JobQueries):
                 self.store.set_state(job_id, S.FAILED, err)
                 return
             job = self.store.get_job(job_id)
-        att = self.store.add_attempt(job_id, plan.to_dict(),
-                                     held.pg_name if held else pg_name(job_id, "{n}"))
         where = "in place, on the same devices" if held else f"on {len(plan.slices)} node(s)"
-        self.store.set_state(job_id, S.SCHEDULING,
-                             f"attempt {att.n}: {plan.devices} devices {where}")
-        rt = Runtime(job_id, att.n, plan, att.pg_name)
+        placement = held.pg_name if held else pg_name(job_id, "{n}")
+        # the placement is recorded with the attempt, before the backend is asked for it
+        placing = () if held else (("placement_group", {
+            "name": placement, "bundles": self._bundles(job, plan)}),)
+        att = self.store.begin_attempt(job_id, plan.to_dict(), placement, S.SCHEDULING,
+                                       f"attempt {{n}}: {plan.devices} devices {where}",
+                                       placing)
+        rt = self._runtime(job, att.n, plan, att.pg_name)
         if held is not None:
             rt.pg, rt.agents, rt.sched_port = held.pg, held.agents, held.next_port
         self.runtimes[job_id] = rt
         if job.parent:
             self._parent_running(job.parent)
-        threading.Thread(target=self._start_attempt, args=(job, rt, held is not None),
-                         daemon=True, name=f"start-{job_id}").start()
+        if self.inline_starts:
+            self._start_attempt(job, rt, held is not None)
+        else:
+            threading.Thread(target=self._start_attempt, args=(job, rt, held is not None),
+                             daemon=True, name=f"start-{job_id}").start()
+
+    def _runtime(self, job: JobRow, attempt: int, plan: Plan, placement: str) -> Runtime:
+        return Runtime(job.id, attempt, plan, placement, started=self.clock(), kind=job.kind,
+                       policy=restart_policy(job.spec.get("restart")),
+                       request=self._request(job))
 
     def _resolve_step_checkpoint(self, job: JobRow) -> str | None:
         ref = job.spec.get("checkpoint") or {}
@@ -771,7 +639,7 @@ class Controller(JobQueries):
         return None
 
     def _bundles(self, job: JobRow, plan: Plan) -> list[dict[str, float]]:
-        cpd = float((job.spec.get("resources") or {}).get("cpusPerDevice", 1.0))
+        cpd = specmod.Resources.model_validate(job.spec.get("resources") or {}).cpusPerDevice
         out = []
         for s in plan.slices:
             b: dict[str, float] = {"CPU": max(0.1, cpd * len(s.chips)) if s.chips else 0.5}
@@ -781,38 +649,12 @@ class Controller(JobQueries):
         return out
 
     def _place(self, job: JobRow, rt: Runtime) -> None:
-        """A placement group for the attempt's plan and one agent per bundle."""
-        import ray
-        from ray.util import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from launcher.agent import NodeAgent
-
+        """The attempt's placement (one bundle per plan slice) and one agent per bundle.
+        Standbys serve restarts in place of a training job only; where the ranks can hold
+        after joining, prejoined processes replace them."""
         bundles = self._bundles(job, rt.plan)
-        selectors = [{"ray.io/node-id": s.node} for s in rt.plan.slices]
-        strategy = "STRICT_SPREAD" if len(bundles) > 1 else "PACK"
-        name = rt.pg_name
-        pg = placement_group(bundles, strategy=strategy, name=name, lifetime="detached",
-                             bundle_label_selector=selectors)
-        rt.pg = pg
-        with self.lock:
-            self.store.add_event(job.id, "placement_group", {"name": name, "bundles": bundles})
-        ready, _ = ray.wait([pg.ready()], timeout=PG_READY_TIMEOUT_S)
-        if not ready:
-            raise _Unplaceable(f"placement group not placed within {PG_READY_TIMEOUT_S:.0f}s")
-        # standbys serve restarts in place of a training job only; where the ranks can
-        # hold after joining, prejoined processes replace them
-        standby = self._standby(job) and not self._prejoin(job)
-        agent_cls = ray.remote(NodeAgent)
-        for i, b in enumerate(bundles):
-            opts: dict[str, Any] = dict(
-                name=agent_name(name, i), namespace=NAMESPACE,
-                lifetime="detached", num_cpus=b["CPU"], max_restarts=0,
-                max_concurrency=4,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
-            if "NPU" in b:
-                opts["resources"] = {"NPU": b["NPU"]}
-            rt.agents.append(agent_cls.options(**opts).remote(job.id, rt.attempt, i, standby))
+        warm = RestartPlacementPolicy.warm_start(job.kind, job.spec)
+        self.backend.place(rt, bundles, standby=warm == WarmStart.STANDBY)
 
     def _launches(self, job: JobRow, rt: Runtime,
                   infos: list[dict]) -> tuple[list[NodeLaunch], list[list[dict]]]:
@@ -820,12 +662,9 @@ class Controller(JobQueries):
         would restart it in place, which the agents start and join ahead of time
         (launcher/prejoin.py). A restart in place onto such processes reuses the scheduler
         port fixed for them, if every agent still holds them."""
-        import ray
-
-        agents = rt.agents
         # The scheduler runs on the first agent's node and binds its Ray node address.
         sched_host = infos[0]["ip"]
-        ports = ray.get(agents[0].free_ports.remote(2, sched_host), timeout=30)
+        ports = self.backend.free_ports(rt, 2, sched_host)
 
         def launch(attempt: int, port: int) -> list[NodeLaunch]:
             return build_launch(job_id=job.id, attempt=attempt, kind=job.kind, spec=job.spec,
@@ -834,159 +673,139 @@ class Controller(JobQueries):
 
         port = rt.sched_port or ports[0]
         launches = launch(rt.attempt, port)
-        if rt.sched_port and not all(ray.get(
-                [a.prejoined_for.remote([r.to_dict() for r in nl.ranks])
-                 for a, nl in zip(agents, launches, strict=True)], timeout=30)):
+        if rt.sched_port and not all(self.backend.prejoined_for(
+                rt, [[r.to_dict() for r in nl.ranks] for nl in launches])):
             # a held process is gone or differs: all start cold, with a scheduler of their own
             port = next(p for p in ports if p != rt.sched_port)
             launches = launch(rt.attempt, port)
         if not self._prejoin(job):
-            return launches, [[] for _ in agents]
+            return launches, [[] for _ in rt.agents]
         rt.next_port = next(p for p in ports if p != port)
         nexts = [[r.to_dict() for r in nl.ranks] for nl in launch(rt.attempt + 1, rt.next_port)]
         return launches, nexts
 
     def _start_attempt(self, job: JobRow, rt: Runtime, in_place: bool = False) -> None:
-        """Runs on its own thread: placement group -> agents -> ranks (in place: the
-        placement group and agents of the last attempt -> ranks)."""
-        import ray
-
+        """Placement -> agents -> ranks (in place: the placement and agents of the last
+        attempt -> ranks). Runs on its own thread unless `inline_starts`."""
         try:
             if not in_place:
                 self._place(job, rt)
-            agents = rt.agents
-            infos = ray.get([a.info.remote() for a in agents], timeout=120)
+            infos = self.backend.agent_infos(rt)
             launches, nexts = self._launches(job, rt, infos)
             with self.lock:
-                cur = self.store.get_job(job.id)
-                if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
+                if self.store.state(job.id) != S.SCHEDULING or \
+                        self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
-            res = ray.get([a.start.remote([r.to_dict() for r in nl.ranks], rt.attempt, nx)
-                           for a, nl, nx in zip(agents, launches, nexts, strict=True)],
-                          timeout=120)
+            res = self.backend.start(rt, [[r.to_dict() for r in nl.ranks] for nl in launches],
+                                     rt.attempt, nexts)
             bad = [r for r in res if r.get("status") == "failed"]
             if bad:
                 raise RuntimeError(bad[0].get("reason", "rank start failed"))
             from_standby = sorted(lb for r in res for lb in r.get("from_standby", []))
             prejoined = sorted(lb for r in res for lb in r.get("prejoined", []))
             with self.lock:
-                cur = self.store.get_job(job.id)
-                if cur.state != S.SCHEDULING or self.runtimes.get(job.id) is not rt:
+                if self.store.state(job.id) != S.SCHEDULING or \
+                        self.runtimes.get(job.id) is not rt:
                     raise _Aborted()
                 rt.launched = True
-                rt.started = time.time()
-                self.store.add_event(job.id, "launched", {
-                    "attempt": rt.attempt, "agents": infos, "in_place": in_place,
-                    "from_standby": from_standby, "prejoined": prejoined,
-                    "ranks": sum(len(nl.ranks) for nl in launches)})
-                self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running")
+                rt.started = self.clock()
+                self.store.set_state(job.id, S.RUNNING, f"attempt {rt.attempt} running",
+                                     events=(("launched", {
+                                         "attempt": rt.attempt, "agents": infos,
+                                         "in_place": in_place, "from_standby": from_standby,
+                                         "prejoined": prejoined,
+                                         "ranks": sum(len(nl.ranks) for nl in launches)}),))
         except _Aborted:
             self._teardown(rt)
-        except _Unplaceable as e:
-            # Ray could not place what the ledger thought free (a node going away):
-            # requeue without spending a restart.
-            with self.lock:
-                if self.runtimes.get(job.id) is rt:
-                    self.runtimes.pop(job.id, None)
-                    self._teardown(rt)
-                    self.store.end_attempt(job.id, rt.attempt, "unplaceable", str(e))
-                    cur = self.store.get_job(job.id)
-                    if cur.state == S.SCHEDULING:
-                        back = S.RESTARTING if cur.restarts else S.PENDING
-                        self.store.set_state(job.id, back, f"requeued: {e}",
-                                             not_before=time.time() + 2.0)
-                else:
-                    self._teardown(rt)
+        except Unplaceable as e:
+            self._requeue_unplaceable(job.id, rt, str(e))
         except Exception as e:
             log.warning("job %s attempt %s failed to start: %s", job.id, rt.attempt, e)
             with self.lock, self._deciding(job.id, "handling a failed start"):
                 if self.runtimes.get(job.id) is rt:
-                    self._attempt_failed(job.id, rt, f"start failed: {type(e).__name__}: {e}")
+                    self._attempt_failed(job.id, rt, Failure(
+                        FailureKind.START, f"start failed: {type(e).__name__}: {e}"))
                 else:
                     self._teardown(rt)
         self._wake.set()
 
+    def _requeue_unplaceable(self, job_id: str, rt: Runtime, why: str) -> None:
+        """The backend could not place what the ledger thought free (a node going away):
+        requeue without spending a restart."""
+        with self.lock:
+            if self.runtimes.get(job_id) is not rt:
+                self._teardown(rt)
+                return
+            self.runtimes.pop(job_id, None)
+            self._teardown(rt)
+            self.store.end_attempt(job_id, rt.attempt, "unplaceable", why)
+            cur = self.store.get_job(job_id)
+            if cur.state == S.SCHEDULING:
+                back = S.RESTARTING if cur.restarts else S.PENDING
+                self.store.set_state(job_id, back, f"requeued: {why}",
+                                     not_before=self.clock() + UNPLACEABLE_RETRY_S)
+
     # ---------------------------------------------------------------- monitor
     def _poll_running(self) -> None:
-        import ray
-
-        for job_id, rt in list(self.runtimes.items()):
-            if not rt.launched:
-                continue
-            futs = [a.poll.remote() for a in rt.agents]
-            results: list[dict | None] = []
-            lost = None
-            for i, f in enumerate(futs):
-                try:
-                    results.append(ray.get(f, timeout=10))
-                except ray.exceptions.GetTimeoutError:
-                    results.append(None)  # slow, not dead: try again next tick
-                except Exception as e:
-                    lost = f"agent {i} lost ({type(e).__name__}: node or actor died)"
-                    if i < len(rt.plan.slices):
-                        node = rt.plan.slices[i].node
-                        self.suspect_nodes[node] = time.time() + SUSPECT_NODE_S
-                        lost += f" on node {node[:12]}" + self._node_failure_reason(node)
-                    break
+        """Observe every launched attempt's group, then decide and act job by job."""
+        observed = [(job_id, rt, self.backend.poll(rt))
+                    for job_id, rt in list(self.runtimes.items()) if rt.launched]
+        if not observed:
+            return
+        states = self.store.states(set(HOLDS_DEVICES))
+        with self.lock:
+            for job_id, rt, status in observed:
+                if status.lost() is None:
+                    with self._deciding(job_id, "folding its heartbeats"):
+                        for a in status.answered():
+                            self._absorb(rt, a.as_poll())
+            self._flush_progress_all([rt for _, rt, _ in observed])
+        for job_id, rt, status in observed:
             with self.lock, self._deciding(job_id, "acting on its ranks' state"):
-                self._decide_running(job_id, rt, results, lost)
+                self._decide_running(job_id, rt, status, states.get(job_id))
 
-    def _decide_running(self, job_id: str, rt: Runtime, results: list[dict | None],
-                        lost: str | None) -> None:
-        """One running job's outcome from its agents' polls (under the lock)."""
-        if self.runtimes.get(job_id) is not rt:
+    def _decide_running(self, job_id: str, rt: Runtime, status: GroupStatus,
+                        state: JobState | None) -> None:
+        """One running job: fold its progress, decide, act (under the lock)."""
+        if self.runtimes.get(job_id) is not rt or state is None:
             return
-        job = self.store.get_job(job_id)
-        if job is None or job.state not in (S.RUNNING, S.RESIZING):
-            return
-        if lost:
-            self._attempt_failed(job_id, rt, lost)
-            return
-        for r in results:
-            if r:
-                self._absorb(rt, r)
-        self._flush_progress(rt)
-        statuses = [r["status"] for r in results if r]
-        if any(s == "failed" for s in statuses):
-            self._note_last_words(job_id, rt, results)
-            bad = next(r for r in results if r and r["status"] == "failed")
-            self._attempt_failed(job_id, rt, bad["reason"], retry=bad.get(
-                "exit_code") not in NON_RETRYABLE_EXIT_CODES, in_place=True)
-        elif len(statuses) == len(rt.agents) and all(s == "succeeded" for s in statuses):
-            result = next((r["result"] for r in results if r and r.get("result")), None)
-            self._attempt_succeeded(job_id, rt, result)
-        elif len(statuses) == len(rt.agents) and "checkpointed" in statuses and all(
-                s in ("checkpointed", "succeeded") for s in statuses):
-            self._resize(job_id, rt)  # the ranks stopped at the checkpoint it asked for
-        elif rt.checkpoint_ready and not rt.checkpoint_requested:
-            self._resize(job_id, rt)
-        else:
-            hung = self._hung(job, rt) if job.kind == "TrainJob" else None
-            if hung:
-                self._attempt_failed(job_id, rt, hung, in_place=True)
+        lost = status.lost()
+        action = decide_running(self._attempt_view(rt, state), status, self.watchdog)
+        if isinstance(action, FailAttempt):
+            failure = action.failure
+            if failure.kind == FailureKind.LOST:
+                failure = self._lost_failure(rt, lost[0], failure)
+            elif failure.kind == FailureKind.EXIT:
+                self._note_last_words(job_id, rt, [a.as_poll() for a in status.answered()])
+            self._attempt_failed(job_id, rt, failure)
+        elif isinstance(action, Succeed):
+            self._attempt_succeeded(job_id, rt, action.result)
+        elif isinstance(action, Resize):
+            self._resize(job_id, rt, action.on_request)
+
+    def _attempt_view(self, rt: Runtime, state: JobState) -> AttemptView:
+        return AttemptView(rt.kind, state, rt.policy, rt.plan.devices, rt.started, dict(rt.rank_heartbeat),
+                           rt.resize_via, rt.checkpoint_ready_at, self.clock())
+
+    def _lost_failure(self, rt: Runtime, index: int, failure: Failure) -> Failure:
+        """Name the lost agent's node, avoid it a while, and say why Kubernetes lost it."""
+        if index >= len(rt.plan.slices):
+            return failure
+        node = rt.plan.slices[index].node
+        self.suspect_nodes[node] = self.clock() + SUSPECT_NODE_S
+        return Failure(failure.kind, f"{failure.reason} on node {node[:12]}"
+                                     f"{integrations.node_failure_reason(self.k8s, node)}")
 
     @staticmethod
-    def _hung(job: Any, rt: Runtime) -> str | None:
-        """Why the attempt counts as hung, or None. A rank's first heartbeat only comes
-        after its interpreter start, imports and collective join, which on a busy node take
-        far longer than a step: until then it is held to the startup timeout, not to the
-        hang timeout (a cold start was once taken for a hang)."""
-        policy = job.spec.get("restart") or {}
-        hang = float(policy.get("hangTimeoutSeconds", 600))
-        startup = float(policy.get("startupTimeoutSeconds", 600))
-        now = time.time()
-        for r in range(max(rt.plan.devices, 1)):
-            seen = rt.rank_heartbeat.get(f"rank-{r}")
-            if seen is None and now - rt.started > startup:
-                return (f"rank-{r} sent no heartbeat in {now - rt.started:.0f}s since launch "
-                        f"(startupTimeoutSeconds={startup:g})")
-            if seen is not None and now - seen > hang:
-                return (f"heartbeat stalled for {now - seen:.0f}s on rank-{r} "
-                        f"(hangTimeoutSeconds={hang:g})")
-        return None
+    def _hung(job: Any, rt: Runtime, now: float | None = None) -> str | None:
+        """Why the attempt counts as hung, or None (policies.Watchdog)."""
+        hung = Watchdog().decide(restart_policy(job.spec.get("restart")), rt.plan.devices,
+                                 rt.started, rt.rank_heartbeat,
+                                 time.time() if now is None else now)
+        return None if hung is None else hung.reason
 
     def _absorb(self, rt: Runtime, r: dict) -> None:
-        """Fold an agent's new heartbeat records into the job's progress (launcher/progress.py,
+        """Fold an agent's new heartbeat records into the attempt's progress (launcher/progress.py,
         the fold /metrics uses too) and take what the decisions need from it."""
         records = r.get("events") or []
         if not records:
@@ -999,14 +818,25 @@ class Controller(JobQueries):
         for rank, ts in fold.last_heartbeat.items():
             rt.rank_heartbeat[f"rank-{rank}"] = ts
         ck = fold.last_checkpoint_ok
-        if ck is not None and rt.resize_to and ck.ts >= rt.resize_after:
-            rt.checkpoint_ready = True
+        if ck is not None and rt.resize_to and ck.ts >= rt.resize_after \
+                and rt.checkpoint_ready_at is None:
+            rt.checkpoint_ready_at = self.clock()
+
+    def _flush_progress_all(self, rts: list[Runtime]) -> None:
+        """The progress of every attempt due a flush, in one store write."""
+        now = self.clock()
+        due = [rt for rt in rts if rt.progress_dirty and
+               now - rt.progress_flushed > PROGRESS_FLUSH_S]
+        self.store.update_progress({rt.job_id: rt.progress for rt in due})
+        for rt in due:
+            rt.progress_dirty, rt.progress_flushed = False, now
 
     def _flush_progress(self, rt: Runtime, force: bool = False) -> None:
-        if rt.progress_dirty and (force or time.time() - rt.progress_flushed > PROGRESS_FLUSH_S):
+        now = self.clock()
+        if rt.progress_dirty and (force or now - rt.progress_flushed > PROGRESS_FLUSH_S):
             self.store.update_job(rt.job_id, progress=rt.progress)
             rt.progress_dirty = False
-            rt.progress_flushed = time.time()
+            rt.progress_flushed = now
 
     # ---------------------------------------------------------------- outcomes
     def _attempt_succeeded(self, job_id: str, rt: Runtime, result: dict | None) -> None:
@@ -1022,88 +852,79 @@ class Controller(JobQueries):
         self.store.set_state(job_id, S.SUCCEEDED, msg, **fields)
         self._wake.set()
 
-    def _attempt_failed(self, job_id: str, rt: Runtime, reason: str,
-                        retry: bool = True, in_place: bool = False) -> None:
-        """in_place: the agents are alive (a rank exited or hung), so the ranks may restart
-        on the same devices if the policy agrees."""
+    def _attempt_failed(self, job_id: str, rt: Runtime, failure: Failure) -> None:
+        """Decide retry or fail (policies.FailurePolicy), keep the placement when the
+        decision says in place and the backend can hold it, then record the outcome."""
         self._flush_progress(rt, force=True)
         self.runtimes.pop(job_id, None)
         job = self.store.get_job(job_id)
-        policy = job.spec.get("restart") or {}
-        max_restarts = int(policy.get("maxRestarts", 3))
-        streak = failure_streak(self._failure_streaks.get(job_id, 0), rt.progress)
-        restarts = retry and job.state not in TERMINAL and job.restarts < max_restarts
-        if not (restarts and in_place and self.restart_placement.keep(policy, streak)
-                and self._hold(rt)):
+        policy = restart_policy(job.spec.get("restart"))
+        d = self.failure_policy.decide(failure, policy, job.restarts,
+                                       self._failure_streaks.get(job_id, 0), rt.progress,
+                                       cancelled=job.state in TERMINAL)
+        held = d.in_place and self._hold(rt)
+        if not held:
             self._teardown(rt, failed=True)
-        self.store.end_attempt(job_id, rt.attempt, "failed", reason)
+        self.store.end_attempt(job_id, rt.attempt, "failed", failure.reason)
         job = self.store.get_job(job_id)
         if job.state in TERMINAL:
+            self._release_held(job_id, f"the job is {job.state}")
             return
-        self._failure_streaks[job_id] = streak
-        if restarts:
-            n = job.restarts + 1
-            delay = backoff_seconds(policy, streak)
-            in_a_row = f", {streak} failures in a row without a new checkpoint" if streak > 1 else ""
-            where = " in place" if job_id in self._held else ""
+        self._failure_streaks[job_id] = d.streak
+        if d.retry:
             self.store.set_state(job_id, S.RESTARTING,
-                                 f"attempt {rt.attempt} failed: {reason}; restart {n}/"
-                                 f"{max_restarts}{where} in {delay:.1f}s{in_a_row}",
-                                 restarts=n, not_before=time.time() + delay)
+                                 d.message(rt.attempt, failure.reason, held),
+                                 restarts=d.restart, not_before=self.clock() + d.delay)
         else:
             self._failure_streaks.pop(job_id, None)
             history = "; ".join(f"#{a.n} {a.status}: {a.reason}"
                                 for a in self.store.attempts(job_id))
-            why = "" if retry else " (not retryable: configuration or recipe error)"
+            why = "" if d.retryable else " (not retryable: configuration or recipe error)"
             self.store.set_state(job_id, S.FAILED,
-                                 f"failed after {job.restarts} restart(s){why}: {reason} "
-                                 f"[attempts: {history}]")
+                                 f"failed after {job.restarts} restart(s){why}: "
+                                 f"{failure.reason} [attempts: {history}]")
         self._wake.set()
 
     def _consider_growth(self) -> None:
-        """Grow a running elastic job when more devices are free and nobody waits.
-
-        Waiting jobs always come first: growth only uses devices the queue cannot.
-        The switch happens at a checkpoint the ranks are asked for at the next step (or,
-        where they cannot be asked, the next periodic one), so no step is lost.
-        """
+        """Grow a running elastic job when more devices are free and nobody waits
+        (policies.ScalingPolicy). The ranks are asked to save the next step and exit
+        (grow on request); where the backend cannot pass that on, the switch happens at
+        the job's next periodic checkpoint. Either way no step is lost."""
         with self.lock:
             candidates = [rt for rt in self.runtimes.values()
                           if rt.launched and rt.resize_to is None]
-            if not candidates or self._queued():
+            if not candidates:
                 return
+            waits = bool(self._queued())
+            if waits:
+                return
+            candidates = [rt for rt in candidates if rt.kind == "TrainJob" and
+                          rt.request is not None and rt.plan.devices < rt.request.max_devices]
+            if not candidates:
+                return
+            states = self.store.states({S.RUNNING})
             nodes = self._cluster_nodes()
             for rt in candidates:
-                job = self.store.get_job(rt.job_id)
-                if job is None or job.kind != "TrainJob" or job.state != S.RUNNING:
+                job = self.store.get_job(rt.job_id) if rt.job_id in states else None
+                if job is None:
                     continue
-                req = self._request(job)
-                if req is None or rt.plan.devices >= req.max_devices:
-                    continue
+                req = rt.request
                 pool = self._pool(nodes)
                 pool.give([s for s in rt.plan.slices if s.chips])  # its own chips count
                 better = pool.plan(req, req.candidates(self._job_topology(job)))
-                if better is None or better.devices <= rt.plan.devices:
+                grow = self.scaling.decide(rt.plan.devices, req.max_devices,
+                                           better.devices if better else None, waits)
+                if grow is None:
                     continue
-                rt.resize_to, rt.resize_after = better.devices, time.time()
-                rt.checkpoint_requested = self._request_checkpoint(rt)
+                rt.resize_to, rt.resize_after = grow.to_devices, self.clock()
                 self.store.add_event(job.id, "grow_wanted", {
-                    "from": rt.plan.devices, "to": better.devices,
-                    "note": "asked the ranks for a checkpoint at the next step"
-                    if rt.checkpoint_requested else "waiting for the next checkpoint"})
-
-    @staticmethod
-    def _request_checkpoint(rt: Runtime) -> bool:
-        """Ask every agent's ranks to stop at a checkpoint of the next step; False (the
-        resize waits for a periodic checkpoint) unless every agent asked all of its ranks."""
-        import ray
-
-        try:
-            return all(ray.get([a.request_checkpoint.remote() for a in rt.agents],
-                               timeout=10))
-        except Exception as e:  # noqa: BLE001 - any agent error: the periodic path remains
-            log.warning("job %s: no checkpoint request (%s)", rt.job_id, e)
-            return False
+                    "from": grow.from_devices, "to": grow.to_devices,
+                    "note": "asking the ranks to save the next step"})
+                asked = grow.via == ResizeVia.REQUEST and self.backend.request_checkpoint(rt)
+                rt.resize_via = ResizeVia.REQUEST if asked else ResizeVia.PERIODIC
+                if not asked:
+                    self.store.add_event(job.id, "checkpoint_request_unsupported", {
+                        "note": "waiting for the next periodic checkpoint"})
 
     def _wanted_devices(self) -> int:
         """Devices the queue needs to start (each job's minimum) or, when nothing
@@ -1124,9 +945,10 @@ class Controller(JobQueries):
 
     def _autoscale(self) -> None:
         """Ask Kubernetes for servers the jobs want; give back idle ones."""
-        if self.scaler is None or time.time() - self._autoscaled_at < AUTOSCALE_INTERVAL_S:
+        now = self.clock()
+        if self.scaler is None or now - self._autoscaled_at < AUTOSCALE_INTERVAL_S:
             return
-        self._autoscaled_at = time.time()
+        self._autoscaled_at = now
         with self.lock:
             nodes = self._cluster_nodes()
             pool = self._pool(nodes)
@@ -1137,12 +959,14 @@ class Controller(JobQueries):
                 log.info("kubernetes: %s %s", kind, data)
                 self.store.add_event("controller", kind, data)
 
-    def _resize(self, job_id: str, rt: Runtime) -> None:
+    def _resize(self, job_id: str, rt: Runtime, on_request: bool = False) -> None:
         self._flush_progress(rt, force=True)
         self.runtimes.pop(job_id, None)
         step = rt.progress.get("checkpoint_step")
-        why = (f"growing from {rt.plan.devices} to {rt.resize_to} devices at checkpoint "
-               f"step {step}")
+        how = "saved on request" if on_request else "the periodic checkpoint"
+        # the step stays the reason's last word: the fault suite reads it from there
+        why = (f"growing from {rt.plan.devices} to {rt.resize_to} devices ({how}) at "
+               f"checkpoint step {step}")
         self.store.set_state(job_id, S.RESIZING, why)
         self._teardown(rt)
         self.store.end_attempt(job_id, rt.attempt, "resized", why)
@@ -1154,28 +978,28 @@ class Controller(JobQueries):
             return
         rt = self.runtimes.pop(job_id, None)
         self._failure_streaks.pop(job_id, None)
-        self._release_held(job_id)
+        self._release_held(job_id, reason)
         if rt is not None:
             self._teardown(rt)
             self.store.end_attempt(job_id, rt.attempt, "cancelled", reason)
         self.store.set_state(job_id, S.CANCELLED, reason)
 
     def _hold(self, rt: Runtime) -> bool:
-        """Stop the ranks but keep the placement group, agents and standbys for a restart
-        in place; False (nothing kept) when an agent does not answer."""
-        import ray
-
+        """Stop the ranks but keep the placement, agents and standbys for a restart in
+        place; False (nothing kept) when an agent does not answer. The hold is written to
+        the store before the backend is asked, so a controller that dies in between finds
+        the row on restart and reattaches or releases the placement."""
         if rt.pg is None or not rt.agents:
             return False
-        try:
-            stopped = ray.get([a.stop.remote(3.0, "restarting in place", True, True)
-                               for a in rt.agents], timeout=20)
-        except Exception as e:  # noqa: BLE001 - any agent error means: start afresh
-            log.warning("job %s: no restart in place (%s)", rt.job_id, e)
+        self.store.put_hold(rt.job_id, rt.attempt, rt.pg_name, rt.plan.to_dict(),
+                            rt.next_port)
+        stopped = self.backend.hold(rt)
+        if stopped is None:
+            self.store.drop_hold(rt.job_id, "an agent did not answer the hold")
             return False
         self._note_last_words(rt.job_id, rt, stopped)
-        self._held[rt.job_id] = HeldPlacement(rt.plan, rt.pg, rt.pg_name, rt.agents,
-                                              rt.next_port)
+        self._held[rt.job_id] = HeldPlacement(rt.job_id, rt.attempt, rt.plan, rt.pg_name,
+                                              rt.pg, rt.agents, rt.next_port)
         return True
 
     def _note_last_words(self, job_id: str, rt: Runtime, results: list[dict | None]) -> None:
@@ -1187,95 +1011,57 @@ class Controller(JobQueries):
                 self.store.add_event(job_id, "last_words", {"attempt": rt.attempt,
                                                             "rank": r["last_words"]})
 
-    def _teardown(self, rt: Runtime, failed: bool = False) -> None:
-        """Stop ranks, kill agents, free the placement group. Best effort, bounded.
-        failed: the attempt failed, so a surviving rank first saves its last words."""
-        import ray
-        from ray.util import remove_placement_group
-
-        stops = []
-        for a in rt.agents:
-            with contextlib.suppress(Exception):
-                stops.append(a.stop.remote(3.0, "stopped", False, failed))
-        if stops:
-            with contextlib.suppress(Exception):
-                ray.wait(stops, num_returns=len(stops), timeout=20)
-        for a in rt.agents:
-            with contextlib.suppress(Exception):
-                ray.kill(a, no_restart=True)
-        if rt.pg is not None:
-            with contextlib.suppress(Exception):
-                remove_placement_group(rt.pg)
-        else:
-            self._remove_pg_by_name(rt.pg_name)
-
-    @staticmethod
-    def _remove_pg_by_name(name: str) -> None:
-        from ray.util import get_placement_group, remove_placement_group
-        with contextlib.suppress(Exception):
-            remove_placement_group(get_placement_group(name))
+    def _teardown(self, group: Runtime | HeldPlacement, failed: bool = False) -> None:
+        """Stop ranks, remove agents and placement (backend). failed: the attempt failed,
+        so a surviving rank first saves its last words."""
+        self.backend.teardown(group, failed=failed)
 
     # ---------------------------------------------------------------- workflows
     def _parent_running(self, parent_id: str) -> None:
-        p = self.store.get_job(parent_id)
-        if p.state == S.PENDING:
-            self.store.set_state(parent_id, S.SCHEDULING)
-        p = self.store.get_job(parent_id)
-        if p.state == S.SCHEDULING:
-            self.store.set_state(parent_id, S.RUNNING, "steps running")
+        for state in TO_RUNNING.get(self.store.state(parent_id), ()):
+            self.store.set_state(parent_id, state, "steps running")
 
     def _advance_workflows(self) -> None:
         with self.lock:
-            for wf in self.store.jobs({S.PENDING, S.SCHEDULING, S.RUNNING}):
-                if wf.kind != "Workflow":
-                    continue
+            for wf in self.store.jobs({S.PENDING, S.SCHEDULING, S.RUNNING}, kind="Workflow"):
                 with self._deciding(wf.id, "advancing the workflow"):
                     self._advance_workflow(wf)
 
     def _advance_workflow(self, wf: JobRow) -> None:
-        kids = self.store.jobs(parent=wf.id)
-        states = {k.step: k.state for k in kids}
-        if kids and all(s == S.SUCCEEDED for s in states.values()):
-            summary = {k.step: k.result for k in kids if k.result}
-            if wf.state == S.PENDING:
-                self.store.set_state(wf.id, S.SCHEDULING)
-            if self.store.get_job(wf.id).state == S.SCHEDULING:
-                self.store.set_state(wf.id, S.RUNNING)
+        decision = decide_workflow(self.store.jobs(parent=wf.id))
+        if isinstance(decision, WorkflowSucceeded):
+            self._parent_running(wf.id)
             self.store.set_state(wf.id, S.SUCCEEDED, "all steps succeeded",
-                                 result=summary)
-            return
-        bad = [k for k in kids if k.state in (S.FAILED, S.CANCELLED)]
-        if bad:
-            for k in kids:
-                if k.state not in TERMINAL:
-                    self._cancel_one(k.id, f"step {bad[0].step} {bad[0].state}")
-            self.store.set_state(
-                wf.id, S.FAILED,
-                f"step {bad[0].step} {bad[0].state}: {bad[0].message}")
+                                 result=decision.result)
+        elif isinstance(decision, WorkflowFailed):
+            for step in decision.cancel:
+                self._cancel_one(step, decision.why)
+            self.store.set_state(wf.id, S.FAILED, decision.message)
 
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:
-        """Rebuild runtimes after a (re)start: reattach to live agents or restart."""
-        import ray
-
+        """Rebuild runtimes after a (re)start: reattach to held and live groups, finish or
+        undo what the old controller was in the middle of."""
+        self._recover_holds()
+        held_or_gone = {h.job for h in self.store.holds()}
         for job in self.store.jobs({S.RESTARTING}):
-            # The old controller may have kept the job's devices for a restart in place;
-            # that is in memory only, so give them back and plan the job afresh.
             atts = self.store.attempts(job.id)
-            if atts and atts[-1].ended is not None:
-                last = atts[-1]
-                plan = Plan.from_dict(last.plan)
-                self._teardown(Runtime(job.id, last.n, plan, last.pg_name,
-                                       agents=self._find_agents(last.pg_name, len(plan.slices))))
+            if job.id in held_or_gone or not atts or atts[-1].ended is None:
+                continue
+            # Not held: the old controller tore the placement down before it ended the
+            # attempt; this removes what a crash in between may have left.
+            last = atts[-1]
+            rt = Runtime(job.id, last.n, Plan.from_dict(last.plan), last.pg_name)
+            self.backend.find(rt)
+            self._teardown(rt)
         for job in self.store.jobs(set(HOLDS_DEVICES)):
             att = self.store.open_attempt(job.id)
             if att is None:
                 continue
-            plan = Plan.from_dict(att.plan)
-            rt = Runtime(job.id, att.n, plan, att.pg_name)
+            rt = self._runtime(job, att.n, Plan.from_dict(att.plan), att.pg_name)
+            ok = self.backend.find(rt)
             if job.state == S.SCHEDULING:
                 # The start thread died with the old controller: undo and requeue.
-                rt.agents = self._find_agents(att.pg_name, len(plan.slices))
                 self._teardown(rt)
                 self.store.end_attempt(job.id, att.n, "interrupted",
                                        "controller restarted while scheduling")
@@ -1284,48 +1070,39 @@ class Controller(JobQueries):
             if job.state == S.RESIZING:
                 # The old controller died inside _resize, after it started stopping the ranks:
                 # finish the resize instead of reattaching to an attempt that is going away.
-                rt.agents = self._find_agents(att.pg_name, len(plan.slices))
                 self._teardown(rt)
                 self.store.end_attempt(job.id, att.n, "resized",
                                        "controller restarted while resizing")
                 continue
-            agents = self._find_agents(att.pg_name, len(plan.slices))
-            ok = len(agents) == len(plan.slices)
             if ok:
-                try:
-                    ray.get([a.info.remote() for a in agents], timeout=30)
-                except Exception:
-                    ok = False
-            rt.agents = agents
-            if ok:
-                with contextlib.suppress(Exception):
-                    from ray.util import get_placement_group
-                    rt.pg = get_placement_group(att.pg_name)
                 rt.launched = True
                 rt.progress = dict(job.progress)
                 self.runtimes[job.id] = rt
                 self.store.add_event(job.id, "reattached", {"attempt": att.n})
             else:
-                self._attempt_failed(job.id, rt, "agents lost while the controller was down")
+                self._attempt_failed(job.id, rt, Failure(
+                    FailureKind.RECOVERY, "agents lost while the controller was down"))
 
-    @staticmethod
-    def _find_agents(placement: str, n: int) -> list:
-        import ray
-        out = []
-        for i in range(n):
-            try:
-                out.append(ray.get_actor(agent_name(placement, i), namespace=NAMESPACE))
-            except ValueError:
-                break
-        return out
+    def _recover_holds(self) -> None:
+        """Each held placement of the store: reattached when the job still restarts and
+        every agent answers, else released, and the store says which."""
+        for row in self.store.holds():
+            held = HeldPlacement.from_row(row)
+            job = self.store.get_job(row.job)
+            found = self.backend.find(held)
+            if job is not None and job.state == S.RESTARTING and found:
+                self._held[row.job] = held
+                self.store.add_event(row.job, "hold_reattached", {"attempt": row.attempt,
+                                                                  "placement": row.pg_name})
+                continue
+            why = ("agents lost while the controller was down" if not found
+                   else f"the job is {job.state if job else 'gone'}")
+            self._teardown(held)
+            self.store.drop_hold(row.job, f"released after a controller restart: {why}")
 
 
 class _Aborted(Exception):
     """The job was cancelled or superseded while its attempt was starting."""
-
-
-class _Unplaceable(Exception):
-    """The placement group did not come up in time."""
 
 
 def actor_class():

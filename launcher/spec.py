@@ -214,6 +214,11 @@ class Checkpoint(_Model):
     keep: int = Field(3, ge=1, le=MAX_KEEP, description="keep the newest K (plus best)")
 
 
+# A restart in place keeps the devices while at most this many attempts in a row failed
+# without a new checkpoint; the next failure suggests a bad device: the job is planned afresh.
+IN_PLACE_MAX_FAILURES = 2
+
+
 class RestartPolicy(_Model):
     maxRestarts: int = Field(3, ge=0, le=MAX_RESTARTS, description="restarts are on by default")
     backoffSeconds: float = Field(2.0, ge=0, le=MAX_SECONDS)
@@ -225,7 +230,8 @@ class RestartPolicy(_Model):
         "joining the collective); the hang timeout counts only after that"))
     inPlace: bool = Field(True, description=(
         "restart after a rank exit or hang on the same devices, keeping the placement "
-        "(after 3 failures in a row without a new checkpoint the job is planned afresh)"))
+        f"(after {IN_PLACE_MAX_FAILURES + 1} failures in a row without a new checkpoint the "
+        "job is planned afresh)"))
     standby: bool = Field(True, description=(
         "keep one standby process per rank that has imported the workload (VOLO on CPU: "
         "and joined the next attempt's cluster and compiled), so that a restart in place "

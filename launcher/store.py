@@ -62,6 +62,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job);
 CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent);
+CREATE TABLE IF NOT EXISTS holds (  -- a failed attempt's placement kept for a restart in place
+    job        TEXT PRIMARY KEY,
+    attempt    INTEGER NOT NULL,   -- the attempt that failed
+    pg_name    TEXT NOT NULL,
+    plan       TEXT NOT NULL,
+    next_port  INTEGER,            -- the scheduler port its prejoined processes use
+    since      REAL NOT NULL
+);
 """
 
 # Events kept per job (the newest): a job in a long crash loop, or the controller's own
@@ -151,6 +159,16 @@ class AttemptRow:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class HoldRow:
+    job: str
+    attempt: int
+    pg_name: str
+    plan: dict
+    next_port: int | None
+    since: float
+
+
 def _job(r: sqlite3.Row) -> JobRow:
     return JobRow(id=r["id"], name=r["name"], kind=r["kind"], state=JobState(r["state"]),
                   priority=r["priority"], spec=json.loads(r["spec"]),
@@ -227,10 +245,26 @@ class Store:
             r = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _job(r) if r else None
 
+    def state(self, job_id: str) -> JobState | None:
+        """A job's state alone (the controller checks it between the steps of a start)."""
+        with self._lock:
+            r = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return JobState(r["state"]) if r else None
+
+    def states(self, states: set[JobState]) -> dict[str, JobState]:
+        """id -> state of the jobs in `states`, in one query (the loop's observation)."""
+        q = f"SELECT id, state FROM jobs WHERE state IN ({','.join('?' * len(states))})"  # noqa: S608
+        with self._lock:
+            return {r["id"]: JobState(r["state"]) for r in
+                    self._db.execute(q, [str(x) for x in states]).fetchall()}
+
     def jobs(self, states: set[JobState] | None = None, parent: str | None = None,
-             top_level: bool = False) -> list[JobRow]:
+             top_level: bool = False, kind: str | None = None) -> list[JobRow]:
         q, args = "SELECT * FROM jobs", []
         where = []
+        if kind is not None:
+            where.append("kind=?")
+            args.append(kind)
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             args += [str(s) for s in states]
@@ -273,34 +307,53 @@ class Store:
     def active_jobs(self) -> list[JobRow]:
         return self.jobs({s for s in JobState if s not in TERMINAL})
 
-    def set_state(self, job_id: str, dst: JobState, message: str | None = None,
-                  **fields: Any) -> JobRow:
-        """Checked transition; extra fields (restarts, not_before, result...) in the same tx."""
-        now = time.time()
+    def set_state(self, job_id: str, dst: JobState, message: str | None = None, *,
+                  events: tuple[tuple[str, dict], ...] = (), **fields: Any) -> JobRow:
+        """Checked transition; extra fields (restarts, not_before, result...) and events in
+        the same tx."""
         with self.tx() as db:
-            r = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if r is None:
-                raise KeyError(job_id)
-            src = JobState(r["state"])
-            if src != dst:
-                transition(src, dst)
-            sets = {"state": str(dst), "updated": now}
-            if message is not None:
-                sets["message"] = message
-            if dst == JobState.RUNNING and "started" not in fields:
-                db.execute("UPDATE jobs SET started=COALESCE(started, ?) WHERE id=?",
-                           (now, job_id))
-            if dst in TERMINAL:
-                sets["finished"] = now
-            for k, v in fields.items():
-                sets[k] = json.dumps(v) if k in ("progress", "result") else v
-            cols = ", ".join(f"{k}=?" for k in sets)
-            db.execute(f"UPDATE jobs SET {cols} WHERE id=?",  # noqa: S608 - fixed column names
-                       (*sets.values(), job_id))
-            if src != dst:
-                self._event(db, job_id, "state", {"from": str(src), "state": str(dst),
-                                                  "message": message or ""})
+            self._set_state(db, job_id, dst, message, fields)
+            for kind, data in events:
+                self._event(db, job_id, kind, data)
         return self.get_job(job_id)
+
+    def begin_attempt(self, job_id: str, plan: dict, pg_name: str, dst: JobState,
+                      message: str, events: tuple[tuple[str, dict], ...] = ()) -> AttemptRow:
+        """A new attempt, the job's move to `dst` and `events`, in one tx ("{n}" in the
+        message, the placement name and the events' string values: the attempt's number)."""
+        with self.tx() as db:
+            att = self._add_attempt(db, job_id, plan, pg_name)
+            self._set_state(db, job_id, dst, message.format(n=att.n), {})
+            for kind, data in events:
+                self._event(db, job_id, kind, {k: v.format(n=att.n) if isinstance(v, str)
+                                               else v for k, v in data.items()})
+        return att
+
+    def _set_state(self, db: sqlite3.Connection, job_id: str, dst: JobState,
+                   message: str | None, fields: dict[str, Any]) -> None:
+        now = time.time()
+        r = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if r is None:
+            raise KeyError(job_id)
+        src = JobState(r["state"])
+        if src != dst:
+            transition(src, dst)
+        sets = {"state": str(dst), "updated": now}
+        if message is not None:
+            sets["message"] = message
+        if dst == JobState.RUNNING and "started" not in fields:
+            db.execute("UPDATE jobs SET started=COALESCE(started, ?) WHERE id=?",
+                       (now, job_id))
+        if dst in TERMINAL:
+            sets["finished"] = now
+        for k, v in fields.items():
+            sets[k] = json.dumps(v) if k in ("progress", "result") else v
+        cols = ", ".join(f"{k}=?" for k in sets)
+        db.execute(f"UPDATE jobs SET {cols} WHERE id=?",  # noqa: S608 - fixed column names
+                   (*sets.values(), job_id))
+        if src != dst:
+            self._event(db, job_id, "state", {"from": str(src), "state": str(dst),
+                                              "message": message or ""})
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         allowed = {"progress", "result", "message", "restarts", "not_before", "paths"}
@@ -315,17 +368,30 @@ class Store:
             db.execute(f"UPDATE jobs SET {cols} WHERE id=?",  # noqa: S608 - fixed column names
                        (*sets.values(), job_id))
 
-    # -- attempts ----------------------------------------------------------
-    def add_attempt(self, job_id: str, plan: dict, pg_name: str) -> AttemptRow:
+    def update_progress(self, progress: dict[str, dict]) -> None:
+        """Several jobs' progress summaries in one tx (the loop folds them every tick)."""
+        if not progress:
+            return
         now = time.time()
         with self.tx() as db:
-            r = db.execute("SELECT COALESCE(MAX(n), 0) AS n FROM attempts WHERE job=?",
-                           (job_id,)).fetchone()
-            n = r["n"] + 1
-            pg_name = pg_name.format(n=n)
-            db.execute("INSERT INTO attempts (job, n, plan, pg_name, started) VALUES (?,?,?,?,?)",
-                       (job_id, n, json.dumps(plan), pg_name, now))
-            self._event(db, job_id, "attempt", {"n": n, "plan": plan})
+            db.executemany("UPDATE jobs SET progress=?, updated=? WHERE id=?",
+                           [(json.dumps(p), now, j) for j, p in progress.items()])
+
+    # -- attempts ----------------------------------------------------------
+    def add_attempt(self, job_id: str, plan: dict, pg_name: str) -> AttemptRow:
+        with self.tx() as db:
+            return self._add_attempt(db, job_id, plan, pg_name)
+
+    def _add_attempt(self, db: sqlite3.Connection, job_id: str, plan: dict,
+                     pg_name: str) -> AttemptRow:
+        now = time.time()
+        r = db.execute("SELECT COALESCE(MAX(n), 0) AS n FROM attempts WHERE job=?",
+                       (job_id,)).fetchone()
+        n = r["n"] + 1
+        pg_name = pg_name.format(n=n)
+        db.execute("INSERT INTO attempts (job, n, plan, pg_name, started) VALUES (?,?,?,?,?)",
+                   (job_id, n, json.dumps(plan), pg_name, now))
+        self._event(db, job_id, "attempt", {"n": n, "plan": plan})
         return AttemptRow(job_id, n, plan, pg_name, now)
 
     def end_attempt(self, job_id: str, n: int, status: str, reason: str = "") -> None:
@@ -345,6 +411,38 @@ class Store:
             r = self._db.execute("SELECT * FROM attempts WHERE job=? AND ended IS NULL "
                                  "ORDER BY n DESC LIMIT 1", (job_id,)).fetchone()
         return _attempt(r) if r else None
+
+    def open_plans(self, states: set[JobState]) -> list[dict]:
+        """The plans of the open attempts of jobs in `states`, in one query (the device
+        ledger reads them every tick)."""
+        q = ("SELECT a.plan FROM attempts a JOIN jobs j ON a.job = j.id WHERE "  # noqa: S608
+             f"a.ended IS NULL AND j.state IN ({','.join('?' * len(states))})")
+        with self._lock:
+            return [json.loads(r["plan"]) for r in
+                    self._db.execute(q, [str(x) for x in states]).fetchall()]
+
+    # -- holds -------------------------------------------------------------
+    def put_hold(self, job_id: str, attempt: int, pg_name: str, plan: dict,
+                 next_port: int | None) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO holds (job, attempt, pg_name, plan, next_port, "
+                       "since) VALUES (?,?,?,?,?,?)",
+                       (job_id, attempt, pg_name, json.dumps(plan), next_port, time.time()))
+            self._event(db, job_id, "hold", {"attempt": attempt, "placement": pg_name})
+
+    def drop_hold(self, job_id: str, why: str) -> bool:
+        """Forget a job's held placement (restarted on it, or released); False if none."""
+        with self.tx() as db:
+            gone = db.execute("DELETE FROM holds WHERE job=?", (job_id,)).rowcount
+            if gone:
+                self._event(db, job_id, "hold_end", {"why": why})
+        return bool(gone)
+
+    def holds(self) -> list[HoldRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM holds ORDER BY since").fetchall()
+        return [HoldRow(r["job"], r["attempt"], r["pg_name"], json.loads(r["plan"]),
+                        r["next_port"], r["since"]) for r in rows]
 
     # -- events ------------------------------------------------------------
     @staticmethod

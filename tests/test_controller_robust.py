@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launcher import controller as ctl
+from launcher import policies
 from launcher.lifecycle import JobState
 from launcher.planner import NodeSlice, Plan
 
@@ -68,8 +69,8 @@ FAILED_POLL = {"status": "failed", "reason": "rank-0 exited 1", "exit_code": 1, 
 
 def test_backoff_never_overflows():
     for streak in (1, 1024, 1025, 10**6):
-        assert ctl.backoff_seconds({"backoffSeconds": 0.0}, streak) == 0.0
-        d = ctl.backoff_seconds({"backoffSeconds": 2.0, "maxBackoffSeconds": 60.0}, streak)
+        assert policies.backoff_seconds({"backoffSeconds": 0.0}, streak) == 0.0
+        d = policies.backoff_seconds({"backoffSeconds": 2.0, "maxBackoffSeconds": 60.0}, streak)
         assert 2.0 <= d <= 60.0 * 1.25
 
 

@@ -300,16 +300,18 @@ def test_cancel_while_restarting_in_place_frees_everything(fleet):
     assert rank_pids(j) == []
 
 
-def test_controller_restart_while_restarting_in_place_plans_afresh(fleet):
-    """The held placement lives in the old controller's memory only: the new one gives
-    the devices back and plans the job like any other."""
+def test_controller_restart_while_restarting_in_place_keeps_the_hold(fleet):
+    """The held placement is in the store: the new controller finds its agents and
+    restarts the job in place on them."""
     f = fleet
     j, pg = _held_job(f, "heldover", 10)
     restart_controller(f)
-    assert _pg_state(pg) == ["REMOVED"]
+    assert _pg_state(pg) == ["CREATED"]  # kept, not torn down
     st = wait_for(f, j, state_is("SUCCEEDED", "FAILED"), timeout=120, what="heldover done")
     assert st["state"] == "SUCCEEDED", st["message"]
-    assert st["attempts"][1]["pg_name"] != pg
+    assert "hold_reattached" in [e["kind"] for e in st["events"]]
+    assert st["attempts"][1]["pg_name"] == pg
+    assert _launched(st, 2)["in_place"] is True
 
 
 def test_in_place_off_plans_the_restart_afresh(fleet):

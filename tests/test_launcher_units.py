@@ -198,7 +198,7 @@ def test_checkpoints_default_to_the_volume_every_pod_mounts(tmp_path, monkeypatc
 
 
 def test_backoff_grows_only_while_attempts_fail_without_a_new_checkpoint(monkeypatch):
-    from launcher import controller as ctl
+    from launcher import policies as ctl
 
     monkeypatch.setattr(ctl.random, "random", lambda: 0.0)  # no jitter
     policy = {"backoffSeconds": 2.0, "maxBackoffSeconds": 10.0}
@@ -296,9 +296,9 @@ def test_standby_key_ignores_only_what_is_read_at_launch():
 
 
 def test_restart_in_place_until_the_failures_in_a_row_suggest_a_bad_device():
-    from launcher.controller import RestartInPlace
+    from launcher.policies import RestartPlacementPolicy
 
-    policy = RestartInPlace(max_streak=2)
+    policy = RestartPlacementPolicy(max_streak=2)
     assert policy.keep({}, 1) and policy.keep({}, 2)
     assert not policy.keep({}, 3)
     assert not policy.keep({"inPlace": False}, 1)

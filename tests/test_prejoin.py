@@ -197,8 +197,11 @@ def _launch_setup(monkeypatch, tmp_path, holds, workload="volo", sched_port=None
     from launcher.store import JobRow
 
     monkeypatch.setattr(ray, "get", lambda x, timeout=None: x)
-    ctl = Controller.__new__(Controller)  # _launches needs only the fleet home
+    from launcher.backend_ray import RayBackend
+
+    ctl = Controller.__new__(Controller)  # _launches needs only the fleet home and backend
     ctl.home = tmp_path
+    ctl.backend = RayBackend()
     plan = Plan(2, 4, 1, (NodeSlice("a", (0,)), NodeSlice("b", (0,))))
     job = JobRow.__new__(JobRow)
     job.id, job.kind = "j-pj", "TrainJob"
