@@ -917,14 +917,16 @@ class Controller(JobQueries):
                 if grow is None:
                     continue
                 rt.resize_to, rt.resize_after = grow.to_devices, self.clock()
-                self.store.add_event(job.id, "grow_wanted", {
-                    "from": grow.from_devices, "to": grow.to_devices,
-                    "note": "asking the ranks to save the next step"})
                 asked = grow.via == ResizeVia.REQUEST and self.backend.request_checkpoint(rt)
                 rt.resize_via = ResizeVia.REQUEST if asked else ResizeVia.PERIODIC
-                if not asked:
+                self.store.add_event(job.id, "grow_wanted", {
+                    "from": grow.from_devices, "to": grow.to_devices,
+                    "note": "asked the ranks for a checkpoint at the next step" if asked
+                    else "waiting for the next periodic checkpoint"})
+                if grow.via == ResizeVia.REQUEST and not asked:
                     self.store.add_event(job.id, "checkpoint_request_unsupported", {
-                        "note": "waiting for the next periodic checkpoint"})
+                        "note": "the ranks cannot be asked to save; the grow waits for the "
+                                "next periodic checkpoint"})
 
     def _wanted_devices(self) -> int:
         """Devices the queue needs to start (each job's minimum) or, when nothing
