@@ -318,3 +318,42 @@ def test_bad_value_exits_2_before_the_scheduler_starts(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "'drop_overflow_update'" in r.stderr and str(bad) in r.stderr
 
+
+def test_export_writes_the_ema_weights_unless_raw_weights(tiny_weights, tmp_path):
+    """export.py takes a checkpoint's EMA, as validate.py does; --raw_weights the trained
+    weights. The EMA here is the trained weights with the head's bias moved by 1, so the two
+    exported networks' logits differ by exactly that."""
+    import json
+    import subprocess
+    import sys
+
+    import mindspore as ms
+    from train_env import train_env
+
+    from workloads.volo.ema import EMA_PREFIX
+
+    ema = {EMA_PREFIX + k: v + np.float32(k == "head.bias") for k, v in tiny_weights.items()}
+    ckpt = tmp_path / "model.ckpt"
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)}
+                        for k, v in {**tiny_weights, **ema}.items()], str(ckpt))
+    logits, which = {}, {}
+    for raw in ("False", "True"):
+        r = subprocess.run([sys.executable, "-m", "workloads.volo.export", "--ckpt_path",
+                            str(ckpt), "--model", "volo_tiny", "--out", str(tmp_path / raw),
+                            "--raw_weights", raw], cwd=ROOT, env=train_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        info = json.loads(r.stdout.strip().splitlines()[-1])
+        which[raw] = info["weights"]
+        run = ("import sys, json, numpy as np, mindspore as ms\n"
+               "ms.set_context(mode=ms.GRAPH_MODE)\n"
+               "net = ms.nn.GraphCell(ms.load(sys.argv[1]))\n"
+               "x = ms.Tensor(np.zeros((1, 3, int(sys.argv[2]), int(sys.argv[2])), np.float32))\n"
+               "print(json.dumps(net(x).asnumpy().tolist()))\n")
+        r = subprocess.run([sys.executable, "-c", run, info["out"], str(info["image_size"])],
+                           cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        logits[raw] = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert which == {"False": "ema", "True": "raw"}
+    np.testing.assert_allclose(logits["False"] - logits["True"], 1.0, atol=1e-4)
