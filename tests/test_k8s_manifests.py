@@ -650,3 +650,18 @@ def test_patch_guard_denies_anything_else_from_the_controller(rendered, patch_gu
     assert any(denied in m for m in messages), messages
     # An operator's own kubectl apply is not the controller's: the policy leaves it alone.
     assert _denials(policy, "kubernetes-admin", old, new) == []
+
+
+def test_every_pod_confines_spec_paths_to_its_mounted_volumes(rendered):
+    """The head (the controller checks specs) and the workers (the ranks) set a root for
+    data, checkpoints and exports, each a volume the pod mounts."""
+    for objects in rendered.values():
+        rc = one(objects, "RayCluster")
+        pods = [rc["spec"]["headGroupSpec"]["template"]["spec"],
+                *(g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"])]
+        for pod in pods:
+            c = pod["containers"][0]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            for root in ("FLEET_DATA_ROOT", "FLEET_CHECKPOINT_ROOT", "FLEET_EXPORT_ROOT"):
+                assert env.get(root) in mounts, (c["name"], root, env.get(root), mounts)
