@@ -29,10 +29,12 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from launcher import workloads
 from launcher.planner import Request, Topology, explain_infeasible, feasible_device_counts
 from launcher.ranks import CHECKPOINT_ROOT_ENV
 
@@ -243,9 +245,6 @@ class RestartPolicy(_Model):
         "memory, i.e. CPU ranks; on NPUs the restart resumes from the periodic checkpoint)"))
 
 
-# Modules that `data.create` may run (`python -m MODULE --out DIR`): each writes a dataset
-# into DIR and nothing else. A new maker is added here, in review.
-DATASET_MAKERS = frozenset({"workloads.volo.digits"})
 # What a dataset maker's environment keeps of the submitter's: enough to find Python and
 # a home, never tokens (GRAFANA_TOKEN, RAY_AUTH_TOKEN, cloud credentials...).
 MAKER_ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
@@ -266,11 +265,12 @@ class DataCreate(_Model):
     @field_validator("module")
     @classmethod
     def _mod(cls, v: str) -> str:
-        if v not in DATASET_MAKERS:
+        makers = workloads.dataset_makers()
+        if v not in makers:
             # it runs on the submitting machine before any cluster is involved: only the
-            # registered makers, never any importable module
+            # makers a workload's adapter declares, never any importable module
             raise ValueError(f"{v[:80]!r} is not a registered dataset maker; "
-                             f"data.create.module may be {', '.join(sorted(DATASET_MAKERS))}")
+                             f"data.create.module may be {', '.join(sorted(makers))}")
         return v
 
 
@@ -378,12 +378,24 @@ class CheckpointRef(_Model):
         return self
 
 
-WORKLOADS = ("volo", "smoke")
+DEFAULT_WORKLOAD = "volo"
+
+
+def _known_workload(name: str) -> str:
+    if name not in workloads.names():
+        raise ValueError(f"unknown workload {name[:80]!r}; known: {', '.join(workloads.names())}")
+    return name
+
+
+# A workload registered by its adapter (launcher/workloads.py); the schema lists the built-in ones.
+WorkloadName = Annotated[str, AfterValidator(_known_workload), WithJsonSchema(
+    {"type": "string", "enum": list(workloads.BUILTIN)})]
 
 
 class TrainSpec(_Model):
-    workload: Literal["volo", "smoke"] = Field(
-        "volo", description="volo: workloads.volo.train; smoke: model-free burn-in ranks")
+    workload: WorkloadName = Field(
+        DEFAULT_WORKLOAD, description="the workload whose ranks run the job: volo (the VOLO "
+        "train loop) or smoke (model-free burn-in ranks)")
     config: PathStr = Field(description="recipe YAML in MindCV's format")
     overrides: dict[str, Any] = _overrides_field("recipe flags, e.g. {epoch_size: 2}")
     data: Data
@@ -417,7 +429,7 @@ class TrainSpec(_Model):
 
 
 class ValidateSpec(_Model):
-    workload: Literal["volo", "smoke"] = "volo"
+    workload: WorkloadName = DEFAULT_WORKLOAD
     config: PathStr
     overrides: dict[str, Any] = _overrides_field()
     data: Data
@@ -437,7 +449,7 @@ class ValidateSpec(_Model):
 
 
 class ExportSpec(_Model):
-    workload: Literal["volo", "smoke"] = "volo"
+    workload: WorkloadName = DEFAULT_WORKLOAD
     model: ModelName = Field(description="model name, e.g. volo_tiny")
     checkpoint: CheckpointRef
     format: Literal["MINDIR", "AIR", "ONNX"] = "MINDIR"
@@ -1053,12 +1065,13 @@ def resolve_path(raw: str, base: Path, root: Path, field: str, file: str,
     return full
 
 
-def _recipe_problems(cfg: Path, overrides: dict[str, Any], field: str) -> list[tuple[str, str]]:
-    """The recipe's values as the train loop checks them before any rank starts."""
-    from workloads.volo.config import recipe_file_problems
-
+def _recipe_problems(spec: Any, cfg: Path, field: str) -> list[tuple[str, str]]:
+    """The recipe's values as the workload's ranks check them before they start."""
+    check = workloads.adapter(getattr(spec, "workload", DEFAULT_WORKLOAD)).check_recipe
+    if check is None:
+        return []
     return [(field, f"recipe {cfg}: key {key!r}: {why}" if key != "config" else why)
-            for key, why in recipe_file_problems(cfg, overrides)]
+            for key, why in check(cfg, getattr(spec, "overrides", {}))]
 
 
 def steps_of(job) -> list[tuple[str, str, Any]]:
@@ -1125,9 +1138,8 @@ def check_paths(job, spec_file: str | Path, root: Path | None = None,
         res = out[name]
         if "config" in res and not Path(res["config"]).is_file():
             problems.append((f"{prefix}.config", f"recipe file {res['config']} does not exist"))
-        elif "config" in res and getattr(spec, "workload", "volo") == "volo":
-            problems += _recipe_problems(Path(res["config"]), getattr(spec, "overrides", {}),
-                                         f"{prefix}.config")
+        elif "config" in res:
+            problems += _recipe_problems(spec, Path(res["config"]), f"{prefix}.config")
         if "data_dir" in res:
             d = Path(res["data_dir"])
             if not d.is_dir() and d not in created:

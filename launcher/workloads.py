@@ -22,6 +22,8 @@ TRAIN, VALIDATE, EXPORT = "TrainJob", "ValidateJob", "ExportJob"
 CheckpointSelector = Callable[[Path, str], Path | None]
 # recipe path, overrides -> what the dry run prints about the recipe's precision
 RecipeDescriber = Callable[[str, Mapping[str, Any]], dict[str, str]]
+# recipe path, overrides -> (key, what is wrong) per bad value, checked before any rank starts
+RecipeChecker = Callable[[Path, Mapping[str, Any]], list[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class WorkloadAdapter:
     select_checkpoint: CheckpointSelector
     warm_starts: WarmStarts = field(default_factory=WarmStarts)
     describe_recipe: RecipeDescriber | None = None
+    check_recipe: RecipeChecker | None = None
+    # modules that a spec's data.create may run for it (`python -m MODULE --out DIR`): each
+    # writes a dataset into DIR and nothing else
+    dataset_makers: frozenset[str] = frozenset()
     # whether its train ranks honour the CHECKPOINT REQUEST protocol (launcher/contract.py)
     checkpoint_on_request: bool = False
 
@@ -73,6 +79,11 @@ def register(adapter: WorkloadAdapter) -> None:
 
 def names() -> list[str]:
     return sorted(set(BUILTIN) | set(_loaded))
+
+
+def dataset_makers() -> frozenset[str]:
+    """Every dataset maker some known workload declares."""
+    return frozenset().union(*(adapter(n).dataset_makers for n in names()))
 
 
 def of_spec(spec: Mapping[str, Any]) -> WorkloadAdapter:

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_launcher_core_names_no_workload_module():
     """The launcher knows a workload only through its adapter: no module of one is named in
     the files that build, place and watch ranks."""
-    for name in ("ranks.py", "checkpoints.py", "cli.py", "controller.py", "agent.py"):
+    for name in ("ranks.py", "checkpoints.py", "cli.py", "controller.py", "agent.py",
+                 "spec.py", "policies.py"):
         src = (ROOT / "launcher" / name).read_text()
         assert not re.search(r"workloads\.volo|launcher\.smoke", src), name
         assert '"smoke"' not in src, name

@@ -276,3 +276,26 @@ def test_bad_override_value_is_a_spec_problem(proj):
     text = GOOD + "  overrides: {clip_value: -1}\n"
     p = problems(text, proj, paths=True)
     assert [loc for loc, _ in p] == ["spec.config"] and "clip_value" in p[0][1]
+
+
+def test_workload_names_and_recipe_checks_come_from_the_adapters(proj, monkeypatch):
+    from launcher import workloads
+
+    assert problems(GOOD.replace("spec:\n", "spec:\n  workload: nope\n")) == [
+        ("job.yaml:6 spec.workload", "unknown workload 'nope'; known: smoke, volo")]
+    seen = []
+    mine = workloads.WorkloadAdapter(
+        name="mine", modules={workloads.TRAIN: "mine.train"},
+        select_checkpoint=lambda d, how: None,
+        check_recipe=lambda cfg, ov: seen.append(cfg.name) or [("lr", "must be > 0")],
+        dataset_makers=frozenset({"mine.make_data"}))
+    monkeypatch.setitem(workloads._loaded, "mine", mine)
+    text = GOOD.replace("spec:\n", "spec:\n  workload: mine\n").replace(
+        "    dir: data\n", "    dir: data\n    create: {module: mine.make_data}\n")
+    f = write(proj, text)
+    job, _ = S.load_file(f)  # the adapter's name and dataset maker are known to the spec
+    with pytest.raises(S.SpecError) as e:
+        S.check_paths(job, f)
+    assert seen == ["recipe.yaml"]
+    assert e.value.problems == [("spec.config", f"recipe {proj / 'recipe.yaml'}: key 'lr': "
+                                                "must be > 0")]
