@@ -115,8 +115,9 @@ class Runtime:
     # Per rank: one hung rank is a hang even if the others still write (they
     # usually block in the next all-reduce, but not always at once).
     rank_heartbeat: dict[str, float] = field(default_factory=dict)
-    progress: dict = field(default_factory=dict)
-    fold: JobProgress = field(default_factory=JobProgress)  # progress is its summary()
+    progress: dict = field(default_factory=dict)  # read through summary()
+    fold: JobProgress = field(default_factory=JobProgress)
+    progress_stale: bool = False  # the fold has records `progress` does not show yet
     progress_dirty: bool = False
     progress_flushed: float = 0.0
     # Grow: set when more devices are free; acted on at the next checkpoint.
@@ -129,6 +130,14 @@ class Runtime:
     # onto prejoined processes), and the one fixed for the attempt after it
     sched_port: int | None = None
     next_port: int | None = None
+
+    def summary(self) -> dict:
+        """The attempt's progress as `fleet status` and the store show it. Summarised on
+        demand: the fold takes every rank's every line, a summary is only read per flush."""
+        if self.progress_stale:
+            self.progress.update(self.fold.summary())
+            self.progress_stale = False
+        return self.progress
 
 
 class JobQueries:
@@ -150,8 +159,8 @@ class JobQueries:
         if job.kind == "Workflow":
             d["steps"] = [self.status(c.id) for c in self.store.jobs(parent=job_id)]
         rt = self.runtimes.get(job_id)
-        if rt is not None and rt.progress:
-            d["progress"] = dict(rt.progress)
+        if rt is not None and rt.summary():
+            d["progress"] = dict(rt.summary())
         return d
 
     def list_jobs(self, include_done: bool = True) -> list[dict[str, Any]]:
@@ -170,8 +179,8 @@ class JobQueries:
         d = j.to_dict()
         d.pop("spec", None)
         rt = self.runtimes.get(j.id)
-        if rt is not None and rt.progress:
-            d["progress"] = dict(rt.progress)
+        if rt is not None and rt.summary():
+            d["progress"] = dict(rt.summary())
         att = self.store.open_attempt(j.id) or next(
             iter(reversed(self.store.attempts(j.id))), None)
         d["devices"] = att.plan.get("devices") if att else None
@@ -813,8 +822,7 @@ class Controller(JobQueries):
         fold = rt.fold
         for ev in records:
             fold.apply_record(ev)
-        rt.progress.update(fold.summary())
-        rt.progress_dirty = True
+        rt.progress_stale = rt.progress_dirty = True
         for rank, ts in fold.last_heartbeat.items():
             rt.rank_heartbeat[f"rank-{rank}"] = ts
         ck = fold.last_checkpoint_ok
@@ -827,14 +835,14 @@ class Controller(JobQueries):
         now = self.clock()
         due = [rt for rt in rts if rt.progress_dirty and
                now - rt.progress_flushed > PROGRESS_FLUSH_S]
-        self.store.update_progress({rt.job_id: rt.progress for rt in due})
+        self.store.update_progress({rt.job_id: rt.summary() for rt in due})
         for rt in due:
             rt.progress_dirty, rt.progress_flushed = False, now
 
     def _flush_progress(self, rt: Runtime, force: bool = False) -> None:
         now = self.clock()
         if rt.progress_dirty and (force or now - rt.progress_flushed > PROGRESS_FLUSH_S):
-            self.store.update_job(rt.job_id, progress=rt.progress)
+            self.store.update_job(rt.job_id, progress=rt.summary())
             rt.progress_dirty = False
             rt.progress_flushed = now
 
@@ -860,7 +868,7 @@ class Controller(JobQueries):
         job = self.store.get_job(job_id)
         policy = restart_policy(job.spec.get("restart"))
         d = self.failure_policy.decide(failure, policy, job.restarts,
-                                       self._failure_streaks.get(job_id, 0), rt.progress,
+                                       self._failure_streaks.get(job_id, 0), rt.summary(),
                                        cancelled=job.state in TERMINAL)
         held = d.in_place and self._hold(rt)
         if not held:
@@ -964,7 +972,7 @@ class Controller(JobQueries):
     def _resize(self, job_id: str, rt: Runtime, on_request: bool = False) -> None:
         self._flush_progress(rt, force=True)
         self.runtimes.pop(job_id, None)
-        step = rt.progress.get("checkpoint_step")
+        step = rt.summary().get("checkpoint_step")
         how = "saved on request" if on_request else "the periodic checkpoint"
         # the step stays the reason's last word: the fault suite reads it from there
         why = (f"growing from {rt.plan.devices} to {rt.resize_to} devices ({how}) at "

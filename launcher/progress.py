@@ -108,9 +108,16 @@ _NON_FINITE = {"nan", "inf", "-inf", "infinity", "-infinity"}
 
 
 def _num(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    if key not in obj:
-        raise HeartbeatError(f"{where}: missing field {key!r}")
-    value = obj[key]
+    try:
+        value = obj[key]
+    except KeyError:
+        raise HeartbeatError(f"{where}: missing field {key!r}") from None
+    # The common case first: the controller folds every rank's every line.
+    t = type(value)
+    if t is kind:
+        return value
+    if t is int and kind is float:
+        return float(value)
     # JSON has no NaN/inf, so the train loop writes a diverged loss as a string;
     # it must still show up (as NaN) rather than vanish as a bad line.
     if kind is float and isinstance(value, str) and value.lower() in _NON_FINITE:
@@ -362,6 +369,7 @@ class JobProgress:
     _step_attempt: dict[int, int] = field(default_factory=dict)
     first_ts: float | None = None
     last_ts: float | None = None
+    _lead: int | None = None  # the lowest rank that sent a start line
 
     @staticmethod
     def _newer(a: Event, b: Event | None) -> bool:
@@ -392,6 +400,8 @@ class JobProgress:
         if isinstance(event, StartEvent):
             if info.start is None or event.rank < info.start.rank:
                 info.start = event
+            if self._lead is None or event.rank < self._lead:
+                self._lead = event.rank
         elif isinstance(event, StepEvent):
             self._apply_step(info, event)
         elif isinstance(event, CheckpointEvent):
@@ -431,9 +441,8 @@ class JobProgress:
 
     @property
     def lead_rank(self) -> int:
-        """Rank 0 reports job-level values; fall back to the lowest rank seen."""
-        ranks = [s.rank for a in self.attempts.values() if (s := a.start) is not None]
-        return min(ranks) if ranks else 0
+        """Rank 0 reports job-level values; fall back to the lowest rank that started."""
+        return 0 if self._lead is None else self._lead
 
     @property
     def lead_step(self) -> StepEvent | None:

@@ -198,9 +198,9 @@ def test_fleet_status_and_metrics_agree(tmp_path, monkeypatch):
                     return
                 assert store.get_job(job).state == S.RUNNING, store.get_job(job).message
                 time.sleep(0.1)
-            raise AssertionError(f"agent: {agent.poll()}, progress: {rt.progress}")
+            raise AssertionError(f"agent: {agent.poll()}, progress: {rt.summary()}")
 
-        follow(lambda: rt.progress.get("val_top1") is not None)
+        follow(lambda: rt.summary().get("val_top1") is not None)
         served = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310
         check_agreement(home, job, served, 6, "running", rt.rank_heartbeat)
         assert rt.progress["checkpoint_step"] == 6 and rt.progress["resumed_step"] == 3
