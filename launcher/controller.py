@@ -112,9 +112,6 @@ class Runtime:
     policy: specmod.RestartPolicy = field(default_factory=specmod.RestartPolicy)
     request: Request | None = None
     started: float = field(default_factory=time.time)
-    # Per rank: one hung rank is a hang even if the others still write (they
-    # usually block in the next all-reduce, but not always at once).
-    rank_heartbeat: dict[str, float] = field(default_factory=dict)
     progress: dict = field(default_factory=dict)  # read through summary()
     fold: JobProgress = field(default_factory=JobProgress)
     progress_stale: bool = False  # the fold has records `progress` does not show yet
@@ -793,7 +790,8 @@ class Controller(JobQueries):
             self._resize(job_id, rt, action.on_request)
 
     def _attempt_view(self, rt: Runtime, state: JobState) -> AttemptView:
-        return AttemptView(rt.kind, state, rt.policy, rt.plan.devices, rt.started, dict(rt.rank_heartbeat),
+        return AttemptView(rt.kind, state, rt.policy, rt.plan.devices, rt.started,
+                           rt.fold.last_heartbeat,
                            rt.resize_via, rt.checkpoint_ready_at, self.clock())
 
     def _lost_failure(self, rt: Runtime, index: int, failure: Failure) -> Failure:
@@ -809,7 +807,7 @@ class Controller(JobQueries):
     def _hung(job: Any, rt: Runtime, now: float | None = None) -> str | None:
         """Why the attempt counts as hung, or None (policies.Watchdog)."""
         hung = Watchdog().decide(restart_policy(job.spec.get("restart")), rt.plan.devices,
-                                 rt.started, rt.rank_heartbeat,
+                                 rt.started, rt.fold.last_heartbeat,
                                  time.time() if now is None else now)
         return None if hung is None else hung.reason
 
@@ -823,8 +821,6 @@ class Controller(JobQueries):
         for ev in records:
             fold.apply_record(ev)
         rt.progress_stale = rt.progress_dirty = True
-        for rank, ts in fold.last_heartbeat.items():
-            rt.rank_heartbeat[f"rank-{rank}"] = ts
         ck = fold.last_checkpoint_ok
         if ck is not None and rt.resize_to and ck.ts >= rt.resize_after \
                 and rt.checkpoint_ready_at is None:

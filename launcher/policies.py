@@ -143,10 +143,10 @@ class Watchdog:
     than a step: until then it is held to the startup timeout, not to the hang timeout."""
 
     def decide(self, policy: specmod.RestartPolicy, ranks: int, started: float,
-               rank_heartbeat: dict[str, float], now: float) -> Failure | None:
+               rank_heartbeat: dict[int, float], now: float) -> Failure | None:
         hang, startup = policy.hangTimeoutSeconds, policy.startupTimeoutSeconds
         for r in range(max(ranks, 1)):
-            seen = rank_heartbeat.get(f"rank-{r}")
+            seen = rank_heartbeat.get(r)
             if seen is None and now - started > startup:
                 return Failure(FailureKind.STARTUP, (
                     f"rank-{r} sent no heartbeat in {now - started:.0f}s since launch "

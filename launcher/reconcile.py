@@ -27,7 +27,7 @@ class AttemptView:
     policy: specmod.RestartPolicy
     devices: int
     started: float
-    rank_heartbeat: dict[str, float]
+    rank_heartbeat: dict[int, float]  # rank -> its newest heartbeat line (JobProgress)
     resize_via: ResizeVia | None        # a grow is wanted, and how it was asked for
     checkpoint_ready_at: float | None   # an ok checkpoint since the grow was wanted
     now: float

@@ -317,7 +317,7 @@ def test_watchdog_gives_a_rank_its_startup_time_before_the_hang_timeout(monkeypa
     monkeypatch.setattr(ctl.time, "time", lambda: now[0])
     # 10 s after launch, no heartbeat yet: a slow cold start, not a hang
     assert ctl.Controller._hung(job, rt) is None
-    rt.rank_heartbeat["rank-0"] = now[0]
+    rt.fold.last_heartbeat[0] = now[0]
     assert ctl.Controller._hung(job, rt) is None
     # rank 0 goes silent past the hang timeout while rank 1 still starts up
     now[0] += 4
@@ -325,7 +325,7 @@ def test_watchdog_gives_a_rank_its_startup_time_before_the_hang_timeout(monkeypa
         ctl.Controller._hung(job, rt)
     # rank 1 never says a word: held to the startup timeout
     now[0] = rt.started + 61
-    rt.rank_heartbeat["rank-0"] = now[0]
+    rt.fold.last_heartbeat[0] = now[0]
     assert "rank-1 sent no heartbeat in 61s since launch (startupTimeoutSeconds=60)" in \
         ctl.Controller._hung(job, rt)
 

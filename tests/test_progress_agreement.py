@@ -114,7 +114,7 @@ def fleet_status(home: Path, job: str) -> tuple[dict, str]:
 
 
 def check_agreement(home: Path, job: str, served: str, want_step: int, want_state: str,
-                    rank_heartbeat: dict[str, float]) -> None:
+                    rank_heartbeat: dict[int, float]) -> None:
     st, line = fleet_status(home, job)
     p = st["progress"]
     devices = progress_view.layout(st)[0]
@@ -130,7 +130,7 @@ def check_agreement(home: Path, job: str, served: str, want_step: int, want_stat
         assert got["state"] == CONTROLLER_STATES[st["state"]] == want_state
         # the hang watchdog's view of rank 0 is the exporter's
         assert got[("fleet_rank_last_heartbeat_timestamp_seconds", "0")] == \
-            rank_heartbeat["rank-0"]
+            rank_heartbeat[0]
     assert f"step {want_step}/{TOTAL}" in line and f"loss {p['loss']:.4f}" in line
     assert "[1 dev," in line
 
@@ -202,14 +202,14 @@ def test_fleet_status_and_metrics_agree(tmp_path, monkeypatch):
 
         follow(lambda: rt.summary().get("val_top1") is not None)
         served = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310
-        check_agreement(home, job, served, 6, "running", rt.rank_heartbeat)
+        check_agreement(home, job, served, 6, "running", rt.fold.last_heartbeat)
         assert rt.progress["checkpoint_step"] == 6 and rt.progress["resumed_step"] == 3
 
         go.touch()
         follow(lambda: store.get_job(job).state == S.SUCCEEDED)  # the controller's decision
         assert store.get_job(job).progress["done"] == "ok"
         served = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310
-        check_agreement(home, job, served, 8, "succeeded", rt.rank_heartbeat)
+        check_agreement(home, job, served, 8, "succeeded", rt.fold.last_heartbeat)
     finally:
         agent.stop(grace=1.0)
         exporter.close()

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import Fleet, S, train_doc
+from decisions_harness import Fleet, S, train_doc
 
 from launcher.backend_fake import Fail, FakeBackend, Run
 

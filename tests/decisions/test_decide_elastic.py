@@ -5,7 +5,7 @@ the next periodic checkpoint."""
 from __future__ import annotations
 
 import pytest
-from conftest import S, train_doc
+from decisions_harness import S, train_doc
 
 from launcher.contract import EXIT_CHECKPOINTED
 from launcher.controller import SUSPECT_NODE_S

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import S, train_doc
+from decisions_harness import S, train_doc
 
 from launcher.backend_fake import Fail, Hang, NoPlace, Run, Silent, StartFails, Succeed
 

@@ -52,8 +52,8 @@ def test_backoff_is_capped_with_jitter_and_defaults_from_the_spec(monkeypatch):
 WATCH = [
     ("starting, inside the startup timeout", {}, 599, None),
     ("no first heartbeat", {}, 601, P.FailureKind.STARTUP),
-    ("beating", {"rank-0": -1}, 700, None),
-    ("stalled", {"rank-0": -601}, 700, P.FailureKind.HANG),
+    ("beating", {0: -1}, 700, None),
+    ("stalled", {0: -601}, 700, P.FailureKind.HANG),
 ]
 
 

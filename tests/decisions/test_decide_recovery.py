@@ -4,7 +4,7 @@ in place, or releases it and records why; never torn down without a word."""
 from __future__ import annotations
 
 import pytest
-from conftest import S, train_doc
+from decisions_harness import S, train_doc
 
 from launcher.backend_fake import Fail, Succeed
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import S, train_doc
+from decisions_harness import S, train_doc
 
 from launcher.backend_fake import Fail, Succeed
 
