@@ -33,6 +33,8 @@ DEFAULT_NPUS = 8
 PROBE_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_ENV = "FLEET_CONNECT_TIMEOUT_S"
 CONNECT_TIMEOUT_S = 30.0
+# How long a signal can wait for the main thread while it waits on ray.init.
+SIGNAL_POLL_S = 0.1
 
 
 def connect_timeout() -> float:
@@ -219,7 +221,12 @@ def init_bounded(timeout: float, **kw: Any) -> None:
 
     t = threading.Thread(target=run, daemon=True, name="fleet-ray-init")
     t.start()
-    t.join(timeout)
+    # Joined in slices: the kernel may hand Ctrl-C or SIGTERM to any of the process's
+    # threads (Ray's own among them), and Python runs its handler only once the main thread
+    # is back in the interpreter, which one long join would delay to the end of `timeout`.
+    deadline = time.monotonic() + timeout
+    while t.is_alive() and time.monotonic() < deadline:
+        t.join(min(SIGNAL_POLL_S, max(0.0, deadline - time.monotonic())))
     if t.is_alive():
         raise Unreachable(f"no Ray cluster answered at {kw.get('address')} within "
                           f"{timeout:g}s ({CONNECT_TIMEOUT_ENV}); check --address / "

@@ -2,6 +2,7 @@
 cluster session (fleet up -> submit --wait -> status/list/logs -> cancel -> down)
 run as subprocesses, the way a user runs them."""
 
+import ctypes
 import json
 import os
 import signal
@@ -278,13 +279,26 @@ def test_a_listener_that_is_not_ray_fails_within_the_connect_bound(tmp_path, sil
     assert "within 2s (FLEET_CONNECT_TIMEOUT_S)" in err and "Traceback" not in err
 
 
+def _thread_kill(pid: int, sig: int) -> None:
+    """Send `sig` to one of the process's threads other than its main thread, as the kernel
+    may do with a signal sent to the process."""
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert tids, "the command runs no thread besides its main one"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.tgkill(pid, tids[-1], sig) == 0, os.strerror(ctypes.get_errno())
+
+
+@pytest.mark.parametrize("to_thread", [False, True], ids=["to-process", "to-a-thread"])
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signals_end_a_command_stuck_connecting(tmp_path, silent_port, sig, code):
+def test_signals_end_a_command_stuck_connecting(tmp_path, silent_port, sig, code, to_thread):
     p = cli_proc(tmp_path, "--address", f"127.0.0.1:{silent_port}", "list")
     time.sleep(3)  # past the TCP probe, inside ray.init's connection retries
     assert p.poll() is None, p.communicate()
     t0 = time.monotonic()
-    p.send_signal(sig)
+    if to_thread:
+        _thread_kill(p.pid, sig)
+    else:
+        p.send_signal(sig)
     out, err = p.communicate(timeout=30)
     assert time.monotonic() - t0 < 3, err
     assert p.returncode == code, out + err
