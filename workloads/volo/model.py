@@ -31,6 +31,8 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, TruncatedNormal, Uniform, initializer
 from mindspore.nn.utils import no_init_parameters
 
+from workloads.volo import cpu_ops
+
 __all__ = ["VoloConfig", "VOLO", "create_model", "list_models", "model_config"]
 
 
@@ -123,14 +125,19 @@ def _dense(in_dim: int, out_dim: int, bias: bool = True) -> nn.Dense:
     return nn.Dense(in_dim, out_dim, weight_init=TruncatedNormal(0.02), bias_init="zeros", has_bias=bias)
 
 
+def _on_cpu() -> bool:
+    return ms.get_context("device_target") == "CPU"
+
+
+# On CPU, the norm and GELU are cpu_ops' equivalents with cheaper backward passes.
 def _layer_norm(dim: int) -> nn.LayerNorm:
     # MindSpore's default epsilon is 1e-7; the reference uses torch's 1e-5.
-    return nn.LayerNorm((dim,), epsilon=1e-5)
+    return cpu_ops.LayerNorm(dim, 1e-5) if _on_cpu() else nn.LayerNorm((dim,), epsilon=1e-5)
 
 
 def _gelu() -> nn.GELU:
     # MindSpore defaults to the tanh approximation; torch's nn.GELU is the exact erf form.
-    return nn.GELU(approximate=False)
+    return cpu_ops.GELU() if _on_cpu() else nn.GELU(approximate=False)
 
 
 class DropPath(nn.Cell):
@@ -173,7 +180,7 @@ class Conv2d(nn.Cell):
         if bias:
             self.bias = Parameter(initializer(Uniform(1 / math.sqrt(in_channels * k * k)), (out_channels,)),
                                   name="bias")
-        self.use_matmul = ms.get_context("device_target") == "CPU"
+        self.use_matmul = _on_cpu()
         if not self.use_matmul:
             self.conv = ops.Conv2D(out_channels, k, pad_mode="pad", pad=padding, stride=stride)
 
@@ -279,13 +286,16 @@ class Attention(nn.Cell):
         self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj = _dense(dim, dim)
         self.softmax = nn.Softmax(axis=-1)
+        self.q_kt = ops.BatchMatMul(transpose_b=True)
 
     def construct(self, x):
         b, height, width, c = x.shape
-        heads = self.num_heads
-        qkv = self.qkv(x).reshape(b, height * width, 3, heads, c // heads).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = self.attn_drop(self.softmax(ops.matmul(q, k.swapaxes(-2, -1)) * self.scale))
+        heads, n = self.num_heads, height * width
+        qkv = self.qkv(x).reshape(b, n, 3, heads, c // heads).transpose(2, 0, 3, 1, 4)
+        # q, k, v by one Split of the leading axis: indexing qkv[i] is a StridedSlice each,
+        # ~11 ms apiece on CPU at D1's shapes. Scaling q (not q @ k^T) is the smaller multiply.
+        q, k, v = ops.split(qkv.reshape(3 * b, heads, n, c // heads), b)
+        attn = self.attn_drop(self.softmax(self.q_kt(q * self.scale, k)))
         out = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, height, width, c)
         return self.proj(out)
 
@@ -307,14 +317,15 @@ class ClassAttention(nn.Cell):
         self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj = _dense(dim, dim)
         self.softmax = nn.Softmax(axis=-1)
+        self.q_kt = ops.BatchMatMul(transpose_b=True)
 
     def construct(self, x):
         b, n, _ = x.shape
         heads, hd = self.num_heads, self.head_dim
         kv = self.kv(x).reshape(b, n, 2, heads, hd).transpose(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]
+        k, v = ops.split(kv.reshape(2 * b, heads, n, hd), b)  # as in Attention
         q = self.q(x[:, :1, :]).reshape(b, heads, 1, hd)
-        attn = self.attn_drop(self.softmax(ops.matmul(q * self.scale, k.swapaxes(-2, -1))))
+        attn = self.attn_drop(self.softmax(self.q_kt(q * self.scale, k)))
         cls_embed = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, 1, heads * hd)
         return self.proj(cls_embed)
 
